@@ -1,0 +1,323 @@
+"""Typed configuration: defaults, YAML recipes, `section.key=value` overrides, validation, derived values.
+
+The dataclass defaults are the DeiT ImageNet recipe with SHAKE (what `configs/deit_tiny_shake_in1k.yaml` runs); a
+recipe YAML holds only its deltas. Unknown keys and wrong types are errors that name the key and the nearest valid one.
+"""
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from .losses import METHODS
+
+
+class ConfigError(ValueError):
+    """A configuration value the trainer cannot run with; the message says which and how to fix it."""
+
+
+@dataclass
+class DataConfig:
+    name: str = 'imagefolder'  # imagefolder | digits | cifar10 | cifar100 | fake
+    root: Optional[str] = None  # imagefolder: holds train/ and val/; cifar: the torchvision root
+    download: bool = False  # cifar: fetch when missing (needs internet)
+    img_size: int = 224
+    num_classes: int = 10  # fake only; every other data set reads its class count from the data
+    fake_size: List[int] = field(default_factory=lambda: [512, 128])  # fake: train and val image counts
+    val_fraction: float = 0.2  # digits: held-out share when num_folds == 0
+    num_folds: int = 0  # digits: k-fold cross-validation when > 1 (fold picks the held-out fold)
+    fold: int = 0
+    split_seed: int = 0  # digits: seeds the split, so teacher and students see the same one
+    num_workers: int = 8
+    pin_memory: bool = True
+
+
+@dataclass
+class AugConfig:
+    """Train-time augmentation; the defaults are DeiT's (see README, "Traps")."""
+
+    auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1'  # timm policy string; null disables
+    interpolation: str = 'bicubic'
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
+    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    color_jitter: float = 0.3  # timm ignores it whenever auto_augment is set, as DeiT does
+    re_prob: float = 0.25
+    re_mode: str = 'pixel'
+    re_count: int = 1
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre crop
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = 'batch'
+    smoothing: float = 0.1
+    repeated_aug: int = 3  # copies of each image per epoch, spread over processes; 1 disables
+
+
+@dataclass
+class ModelConfig:
+    """The student: any timm model with a distillation token (`deit_*_distilled_*`)."""
+
+    name: str = 'deit_tiny_distilled_patch16_224'
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
+    drop_path_rate: float = 0.1
+    shadow_head: str = 'linear'  # linear | mlp
+    shadow_hidden_dim: int = 0  # mlp hidden width; 0 = the embedding width
+    predict: str = 'avg'  # what the student outputs in eval mode: avg (DeiT) | cls (SHAKE's deliverable)
+
+
+@dataclass
+class TeacherFitConfig:
+    """Fitting a teacher on the training split when no checkpoint is given."""
+
+    epochs: int = 30
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: int = 1
+
+
+@dataclass
+class TeacherConfig:
+    name: str = 'regnety_160'
+    checkpoint: Optional[str] = None  # a local timm state dict (.pth/.pt/.bin/.safetensors); null: fit one first
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)
+
+
+@dataclass
+class LossConfig:
+    method: str = 'shake'  # shake | deit_hard | deit_soft | kd | none
+    temperature: Optional[float] = None  # null: the method's published default (shake 4, kd 4, deit_soft 1)
+    mutual: float = 1.0  # shake: lambda, the weight of both mutual terms
+    teacher_weight: float = 1.0  # shake: weight of the shadow head's teacher term
+    teacher_loss: str = 'kl'  # shake: kl (paper) | mse (authors' code)
+    standardize: bool = False  # shake: standardise logits first (authors' code)
+    shadow_ce: float = 0.0  # shake: ground truth on the shadow head (authors' code: 1)
+    direct_kd: float = 0.0  # shake: direct KL_T(s -> t)
+    deit_alpha: float = 0.5  # deit_hard / deit_soft: weight of the distillation term
+    kd_alpha: float = 0.9  # kd: weight of the KL term (CRD protocol)
+
+
+@dataclass
+class OptimConfig:
+    opt: str = 'adamw'  # any timm optimizer name
+    lr: Optional[float] = None  # absolute lr; null: base_lr * global_batch / lr_base_size (DeiT's rule)
+    base_lr: float = 5e-4
+    lr_base_size: int = 512
+    weight_decay: float = 0.05  # never on biases, norms, cls/dist tokens or position embeddings
+    momentum: float = 0.9
+    clip_grad: Optional[float] = None
+    sched: str = 'cosine'
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 300
+    batch_size: int = 128  # per process
+    grad_accum: int = 1
+    mixed_precision: str = 'no'  # no | bf16 | fp16
+    seed: int = 0
+    output_dir: str = 'runs/default'
+    log_interval: int = 50  # updates between TensorBoard points (losses are summed on device in between)
+    max_updates_per_epoch: int = 0  # > 0 cuts every epoch short (smoke tests)
+    ema: bool = False
+    ema_decay: float = 0.99996
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 256
+    interval: int = 1  # evaluate every N epochs (and always after the last)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+FREE_FORM = ('model.kwargs', 'teacher.kwargs')
+DEFAULT_TEMPERATURE = {'shake': 4.0, 'kd': 4.0, 'deit_soft': 1.0}
+CHOICES = {
+    'data.name': ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake'),
+    'loss.method': METHODS,
+    'loss.teacher_loss': ('kl', 'mse'),
+    'model.shadow_head': ('linear', 'mlp'),
+    'model.predict': ('avg', 'cls'),
+    'train.mixed_precision': ('no', 'bf16', 'fp16'),
+    'aug.re_mode': ('pixel', 'const', 'rand'),
+    'aug.mixup_mode': ('batch', 'pair', 'elem'),
+}
+
+
+def _all_keys(node: Any, prefix: str = '') -> List[str]:
+    keys = []
+    for k, v in node.items():
+        full = f'{prefix}{k}'
+        keys.append(full)
+        if isinstance(v, DictConfig) and OmegaConf.get_type(v) not in (dict, None):
+            keys.extend(_all_keys(v, full + '.'))
+    return keys
+
+
+def _explain(err: OmegaConfBaseException, base: DictConfig, source: str) -> ConfigError:
+    key = getattr(err, 'full_key', None) or getattr(err, 'key', None) or '?'
+    if isinstance(err, ConfigKeyError):
+        close = difflib.get_close_matches(str(key), _all_keys(base), n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ' `python train.py --print-config` lists every key.'
+        return ConfigError(f"Unknown config key '{key}' (from {source}).{hint}")
+    if isinstance(err, ValidationError):
+        msg = str(err).splitlines()[0]
+        return ConfigError(f"Bad value for '{key}' (from {source}): {msg}.")
+    return ConfigError(f'Could not read the configuration from {source}: {str(err).splitlines()[0]}')
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults, then the recipe at `path`, then `section.key=value` overrides; validated."""
+    cfg = OmegaConf.structured(Config)
+    OmegaConf.set_struct(cfg, True)
+    for key in FREE_FORM:  # timm keyword arguments: any key is allowed there
+        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError(f"Config file '{path}' does not exist. Recipes live in configs/, e.g. "
+                              'configs/quickstart.yaml.')
+        try:
+            recipe = OmegaConf.load(path)
+            cfg = OmegaConf.merge(cfg, recipe)
+        except OmegaConfBaseException as err:
+            raise _explain(err, cfg, path) from None
+    for item in overrides:
+        if '=' not in item:
+            raise ConfigError(f"Override '{item}' is not of the form section.key=value (e.g. train.epochs=10).")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _explain(err, cfg, f"override '{item}'") from None
+    validate(cfg)
+    return cfg
+
+
+def _check(ok: bool, key: str, value: Any, need: str) -> None:
+    if not ok:
+        raise ConfigError(f"'{key}' is {value!r}; it must be {need}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express; each failure names the key and the fix."""
+    for key, choices in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ''
+            raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(choices)}.{hint}")
+    t, o, a, d = cfg.train, cfg.optim, cfg.aug, cfg.data
+    _check(t.epochs >= 1, 'train.epochs', t.epochs, 'at least 1')
+    _check(t.batch_size >= 1, 'train.batch_size', t.batch_size, 'at least 1')
+    _check(t.grad_accum >= 1, 'train.grad_accum', t.grad_accum, 'at least 1')
+    _check(t.log_interval >= 1, 'train.log_interval', t.log_interval, 'at least 1')
+    _check(0 < t.ema_decay < 1, 'train.ema_decay', t.ema_decay, 'between 0 and 1')
+    _check(o.lr is None or o.lr > 0, 'optim.lr', o.lr, 'positive (or null for the DeiT scaling rule)')
+    _check(o.base_lr > 0, 'optim.base_lr', o.base_lr, 'positive')
+    _check(o.weight_decay >= 0, 'optim.weight_decay', o.weight_decay, 'zero or positive')
+    _check(o.warmup_epochs >= 0, 'optim.warmup_epochs', o.warmup_epochs, 'zero or positive')
+    _check(o.clip_grad is None or o.clip_grad > 0, 'optim.clip_grad', o.clip_grad, 'positive or null')
+    _check(cfg.loss.temperature is None or cfg.loss.temperature > 0, 'loss.temperature', cfg.loss.temperature,
+           'positive (or null for the method default)')
+    _check(d.img_size >= 8, 'data.img_size', d.img_size, 'at least 8 pixels')
+    _check(0 < d.val_fraction < 1, 'data.val_fraction', d.val_fraction, 'between 0 and 1')
+    _check(d.num_folds == 0 or d.num_folds >= 2, 'data.num_folds', d.num_folds, '0 (a holdout split) or >= 2')
+    _check(d.num_folds == 0 or 0 <= d.fold < d.num_folds, 'data.fold', d.fold,
+           f'in [0, data.num_folds={d.num_folds})')
+    _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, 'aug.scale', list(a.scale),
+           'two fractions lo <= hi in (0, 1]')
+    _check(0 < a.crop_pct <= 1, 'aug.crop_pct', a.crop_pct, 'in (0, 1]')
+    _check(a.repeated_aug >= 1, 'aug.repeated_aug', a.repeated_aug, 'at least 1 (1 disables it)')
+    _check(0 <= a.smoothing < 1, 'aug.smoothing', a.smoothing, 'in [0, 1)')
+    if mixup_active(cfg):
+        _check(t.batch_size % 2 == 0, 'train.batch_size', t.batch_size,
+               'even when mixup or cutmix is on (timm Mixup pairs each sample with its mirror in the batch); '
+               'set aug.mixup=0 aug.cutmix=0 to train with an odd batch')
+
+
+def mixup_active(cfg: DictConfig) -> bool:
+    return cfg.aug.mixup_prob > 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
+
+
+def temperature(cfg: DictConfig) -> float:
+    """The KD temperature in force: the configured one, else the method's published default."""
+    if cfg.loss.temperature is not None:
+        return float(cfg.loss.temperature)
+    return DEFAULT_TEMPERATURE.get(cfg.loss.method, 1.0)
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Values that follow from the config, the process count and the data set size."""
+
+    num_processes: int
+    global_batch: int
+    lr: float
+    updates_per_epoch: int
+    total_updates: int
+    warmup_updates: int
+
+    def describe(self) -> str:
+        return (f'processes {self.num_processes}, global batch {self.global_batch}, lr {self.lr:.3g}, '
+                f'{self.updates_per_epoch} updates/epoch, {self.total_updates} updates, '
+                f'{self.warmup_updates} warmup updates')
+
+
+def derive(cfg: DictConfig, num_processes: int, batches_per_epoch: int) -> Derived:
+    """Global batch, the DeiT learning-rate rule and the update counts.
+
+    Args:
+        num_processes: data-parallel processes.
+        batches_per_epoch: batches each process draws per epoch (the sampler's share, drop_last).
+    """
+    t, o = cfg.train, cfg.optim
+    global_batch = t.batch_size * num_processes * t.grad_accum
+    lr = o.lr if o.lr is not None else o.base_lr * global_batch / o.lr_base_size
+    updates = batches_per_epoch // t.grad_accum
+    if t.max_updates_per_epoch > 0:
+        updates = min(updates, t.max_updates_per_epoch)
+    if updates < 1:
+        raise ConfigError(
+            f'An epoch holds {batches_per_epoch} batches per process, fewer than one update of train.grad_accum='
+            f'{t.grad_accum} x train.batch_size={t.batch_size}: lower the batch size or use more data.')
+    return Derived(num_processes=num_processes, global_batch=global_batch, lr=lr, updates_per_epoch=updates,
+                   total_updates=updates * t.epochs, warmup_updates=math.floor(o.warmup_epochs * updates))
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    path.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def flat_hparams(cfg: DictConfig) -> Dict[str, Any]:
+    """`section.key -> value` with only bool/str/int/float values, as the TensorBoard tracker requires."""
+    flat = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for k, v in node.items():
+            if isinstance(v, dict):
+                walk(v, f'{prefix}{k}.')
+            elif isinstance(v, (bool, str, int, float)):
+                flat[f'{prefix}{k}'] = v
+            else:  # None, lists
+                flat[f'{prefix}{k}'] = str(v)
+
+    walk(OmegaConf.to_container(cfg, resolve=True), '')
+    return flat

@@ -1,0 +1,180 @@
+"""The training and evaluation loops on Accelerate. Method-agnostic: a step is whatever the TrainingTask returns."""
+import sys
+import time
+from itertools import islice
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from timm.data import Mixup
+from timm.scheduler.scheduler import Scheduler
+from timm.task import TrainingTask
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .optim import current_lr
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A progress bar that redraws at most every 30 s when stderr is a log file rather than a terminal."""
+    return tqdm(iterable, leave=False, dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30, **kwargs)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite; the message names the term and the update."""
+
+
+class Trainer:
+    """Runs optimizer updates of a `TrainingTask`.
+
+    Loss terms are summed on the device between log points, so no step waits on the host; every `log_interval`
+    updates the sums are averaged over processes and logged under their names with the lr and images/s.
+
+    Args:
+        accelerator: the run's Accelerator.
+        task: the step; `task.trainable_module` is the prepared (DDP) model.
+        optimizer: the prepared optimizer.
+        schedule: timm scheduler stepped with the update index, or None for a constant lr.
+        mixup: timm Mixup applied to every batch before the step (the teacher sees the mixed batch too).
+        ema: an EMA of the unwrapped trainable module, updated after every update.
+        clip_grad: max gradient norm, or None.
+        log_interval: updates between log points.
+        tag: prefix of the logged names ('train', 'teacher_fit').
+    """
+
+    def __init__(self, accelerator: Accelerator, task: TrainingTask, optimizer: torch.optim.Optimizer,
+                 schedule: Optional[Scheduler], *, mixup: Optional[Mixup] = None, ema: Optional[ModelEmaV3] = None,
+                 clip_grad: Optional[float] = None, log_interval: int = 50, tag: str = 'train'):
+        self.accelerator, self.task, self.optimizer, self.schedule = accelerator, task, optimizer, schedule
+        self.mixup, self.ema, self.clip_grad, self.log_interval, self.tag = mixup, ema, clip_grad, log_interval, tag
+        self.update = 0  # optimizer updates done; the lr is a function of it
+        self.should_stop: Callable[[], bool] = lambda: False
+        self._reset_sums()
+
+    def _reset_sums(self) -> None:
+        self._sums: Dict[str, torch.Tensor] = {}
+        self._steps = 0
+        self._images = 0
+        self._since = time.perf_counter()
+
+    def _accumulate(self, out: Dict[str, torch.Tensor], batch: int) -> None:
+        for name, value in out.items():
+            if value.ndim == 0:  # scalars are loss terms; logits are left to evaluation
+                value = value.detach().float()
+                self._sums[name] = self._sums[name] + value if name in self._sums else value
+        self._steps += 1
+        self._images += batch * self.accelerator.num_processes
+
+    def flush(self) -> Dict[str, float]:
+        """Average the summed terms over steps and processes, check them, log them, and start new sums."""
+        if not self._steps:
+            return {}
+        names = sorted(self._sums)
+        means = self.accelerator.reduce(torch.stack([self._sums[n] for n in names]), 'mean') / self._steps
+        values = dict(zip(names, means.tolist()))  # the one host sync of the interval
+        bad = [n for n in names if not torch.isfinite(torch.tensor(values[n]))]
+        if bad:
+            raise NonFiniteLoss(
+                f"Loss term(s) {', '.join(bad)} became NaN or infinite in the {self._steps} steps before update "
+                f'{self.update} ({self.tag}). The last checkpoint was saved before this; lower the lr '
+                '(optim.lr / optim.base_lr), enable optim.clip_grad, or use train.mixed_precision=bf16 instead of fp16.')
+        elapsed = time.perf_counter() - self._since
+        values['lr'] = current_lr(self.optimizer)
+        values['images_per_sec'] = self._images / max(elapsed, 1e-9)
+        self.accelerator.log({f'{self.tag}/{k}': v for k, v in values.items()}, step=self.update)
+        self._reset_sums()
+        return values
+
+    def train_epoch(self, loader: DataLoader, epoch: int, num_updates: int, skip_batches: int = 0) -> Dict[str, float]:
+        """Run `num_updates` updates of one epoch (minus `skip_batches` batches already done before a resume).
+
+        Returns:
+            the last log point's values, or {} when the epoch was stopped early through `should_stop`.
+        """
+        acc, task = self.accelerator, self.task
+        task.train()
+        loader.sampler.set_epoch(epoch)
+        num_batches = num_updates * acc.gradient_accumulation_steps  # whole updates only: the lr stays exact
+        if skip_batches:
+            from accelerate import skip_first_batches
+            loader = skip_first_batches(loader, skip_batches)
+        bar = progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
+                       disable=not acc.is_local_main_process)
+        last: Dict[str, float] = {}
+        for x, y in islice(loader, num_batches - skip_batches):
+            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
+            if self.mixup is not None:
+                x, y = self.mixup(x, y)
+            with acc.accumulate(task.trainable_module):
+                with acc.autocast():
+                    out = task(x, y)
+                acc.backward(out['loss'])
+                if acc.sync_gradients and self.clip_grad:
+                    acc.clip_grad_norm_(task.trainable_module.parameters(), self.clip_grad)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            self._accumulate(out, x.shape[0])
+            bar.update()
+            if not acc.sync_gradients:
+                continue
+            self.update += 1
+            if self.schedule is not None:
+                self.schedule.step_update(num_updates=self.update)
+            if self.ema is not None:
+                self.ema.update(acc.unwrap_model(task.trainable_module), step=self.update)
+            if self.update % self.log_interval == 0:
+                last = self.flush()
+                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+            if self.should_stop():
+                bar.close()
+                return {}
+        bar.close()
+        return self.flush() or last
+
+
+# Pairs of heads whose top-1 agreement is reported.
+AGREEMENT = (('cls', 'shadow'), ('cls', 'teacher'), ('shadow', 'teacher'))
+
+
+def _metric_name(head: str, metric: str) -> str:
+    return f'teacher_{metric}' if head == 'teacher' else f'{metric}_{head}'
+
+
+@torch.no_grad()
+def evaluate(predict: Callable[[torch.Tensor], Dict[str, torch.Tensor]], loader: DataLoader,
+             accelerator: Accelerator, desc: str = 'eval') -> Dict[str, float]:
+    """Top-1/top-5 and loss of every head `predict` returns, plus the heads' top-1 agreement.
+
+    Each process scores its shard per sample; `gather_for_metrics` collects the per-sample scores and drops the
+    padding of the last shard, so the counts are exact with any number of processes.
+
+    Args:
+        predict: images [B, C, H, W] -> {head name: logits [B, K]} (heads: cls, shadow, avg, teacher, ...).
+        loader: a prepared, sequential eval loader yielding (images, class indices).
+    """
+    names, total, count = None, None, 0
+    start = time.perf_counter()
+    for x, y in progress(loader, desc=desc, disable=not accelerator.is_local_main_process):
+        with accelerator.autocast():
+            logits = {k: v.float() for k, v in predict(x).items()}
+        columns, batch_names = [], []
+        for head, z in logits.items():
+            hits = z.topk(min(5, z.shape[-1]), dim=-1).indices.eq(y[:, None])  # [B, 5]
+            columns += [hits[:, 0], hits.any(dim=-1), F.cross_entropy(z, y, reduction='none')]
+            batch_names += [_metric_name(head, m) for m in ('top1', 'top5', 'loss')]
+        top1 = {head: z.argmax(dim=-1) for head, z in logits.items()}
+        for a, b in AGREEMENT:
+            if a in top1 and b in top1:
+                columns.append(top1[a].eq(top1[b]))
+                batch_names.append(f'agree_{a}_{b}')
+        per_sample = accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1))  # [B, M]
+        total = per_sample.sum(dim=0) if total is None else total + per_sample.sum(dim=0)
+        count += per_sample.shape[0]
+        names = batch_names
+    means = (total / max(count, 1)).tolist()
+    result = {n: (v if 'loss' in n else 100 * v) for n, v in zip(names, means)}  # accuracies in percent
+    result['num_samples'] = count
+    result['images_per_sec'] = count / max(time.perf_counter() - start, 1e-9)
+    return result

@@ -1,0 +1,126 @@
+"""Distillation losses as pure functions on logits.
+
+Every function takes logits shaped [B, K] (K classes) and returns a dict of *weighted* loss terms whose sum is the
+training loss, so every term reaches TensorBoard under its own name and `sum(terms.values())` is what backpropagates.
+Nothing here owns parameters, runs a model, or knows about the training loop.
+
+Notation follows `docs/method.md`: `s` are the student's classification-head logits, `h` the shadow head's, `t` the
+frozen teacher's, `y` the labels (class indices [B] or mixup soft targets [B, K]).
+"""
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Terms = Dict[str, torch.Tensor]
+
+METHODS = ('shake', 'deit_hard', 'deit_soft', 'kd', 'none')
+
+
+def kl_t(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`KL_T(student -> target) = T^2 * KL(softmax(target / T) || softmax(student / T))`, averaged over the batch.
+
+    The reduction is timm's `batchmean` (sum over classes, mean over samples), the textbook KL. DeiT's soft loss uses
+    `sum / numel`, which is this value divided by the class count; `tests/test_losses.py` pins the difference.
+    Gradients flow into both arguments: callers detach the side that must not move.
+    """
+    log_p_student = F.log_softmax(student / temperature, dim=-1)
+    log_p_target = F.log_softmax(target / temperature, dim=-1)
+    kl = F.kl_div(log_p_student, log_p_target, reduction='batchmean', log_target=True)
+    return kl * temperature ** 2
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """The SHAKE authors' logit standardisation: `pi * (z - mean(z)) / std(z)` over the class dimension.
+
+    Their code hard-codes 100 classes in a LayerNorm; this reads the class count from the tensor.
+    """
+    return math.pi * F.layer_norm(logits, logits.shape[-1:], eps=eps)
+
+
+@dataclass(frozen=True)
+class ShakeWeights:
+    """Switches of the SHAKE loss; the defaults are the paper's Eq. 5 with lambda = 1, T = 4.
+
+    Attributes:
+        temperature: T of every KL term.
+        mutual: lambda, the weight of both mutual terms (shadow <- cls and cls <- shadow).
+        teacher: weight of the shadow head's pull toward the teacher.
+        teacher_loss: 'kl' (paper) or 'mse' (authors' code) toward the teacher.
+        standardize: standardise all logits before any term (authors' code).
+        shadow_ce: weight of ground truth on the shadow head (authors' code 1, paper 0).
+        direct_kd: weight of a direct student <- teacher KL (authors' code has it at 0).
+    """
+
+    temperature: float = 4.0
+    mutual: float = 1.0
+    teacher: float = 1.0
+    teacher_loss: str = 'kl'
+    standardize: bool = False
+    shadow_ce: float = 0.0
+    direct_kd: float = 0.0
+
+
+def shake_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ce: Criterion,
+               w: ShakeWeights = ShakeWeights()) -> Terms:
+    """SHAKE: the shadow head follows the teacher while it and the classification head distill each other.
+
+    Paper form (Eq. 5):
+        shadow:  KL_T(h -> t) + lambda * KL_T(h -> sg(s))
+        student: CE(s, y)     + lambda * KL_T(s -> sg(h))
+    The authors'-code form is the same loss with `standardize=True, teacher_loss='mse', shadow_ce=1`.
+    """
+    if w.standardize:
+        s, h, t = standardize(s), standardize(h), standardize(t)
+    T = w.temperature
+    terms = {'ce_cls': ce(s, y)}
+    if w.teacher_loss == 'mse':
+        terms['mse_shadow_teacher'] = w.teacher * F.mse_loss(h, t)
+    else:
+        terms['kl_shadow_teacher'] = w.teacher * kl_t(h, t, T)
+    # Reversed distillation: the shadow head (proxy teacher) learns from the student; sg(s) keeps it one-way.
+    terms['kl_shadow_cls'] = w.mutual * kl_t(h, s.detach(), T)
+    terms['kl_cls_shadow'] = w.mutual * kl_t(s, h.detach(), T)
+    if w.shadow_ce:
+        terms['ce_shadow'] = w.shadow_ce * ce(h, y)
+    if w.direct_kd:
+        terms['kl_cls_teacher'] = w.direct_kd * kl_t(s, t, T)
+    return terms
+
+
+def deit_hard_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ce: Criterion,
+                   alpha: float = 0.5) -> Terms:
+    """DeiT hard distillation: `(1 - a) * CE(s, y) + a * CE(h, argmax t)`, no label smoothing on the teacher side."""
+    return {
+        'ce_cls': (1 - alpha) * ce(s, y),
+        'ce_shadow_teacher': alpha * F.cross_entropy(h, t.argmax(dim=-1)),
+    }
+
+
+def deit_soft_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ce: Criterion,
+                   alpha: float = 0.5, temperature: float = 1.0) -> Terms:
+    """DeiT soft distillation: `(1 - a) * CE(s, y) + a * KL_T(h -> t)` with the batch-mean KL (see `kl_t`)."""
+    return {
+        'ce_cls': (1 - alpha) * ce(s, y),
+        'kl_shadow_teacher': alpha * kl_t(h, t, temperature),
+    }
+
+
+def kd_loss(s: torch.Tensor, h: Optional[torch.Tensor], t: torch.Tensor, y: torch.Tensor, ce: Criterion,
+            alpha: float = 0.9, temperature: float = 4.0) -> Terms:
+    """Hinton KD on the classification head: `(1 - a) * CE(s, y) + a * KL_T(s -> t)`; the shadow head is unused.
+
+    The defaults are the CRD protocol's (`-r 0.1 -a 0.9`, T = 4) that the SHAKE paper's KD rows use.
+    """
+    return {
+        'ce_cls': (1 - alpha) * ce(s, y),
+        'kl_cls_teacher': alpha * kl_t(s, t, temperature),
+    }
+
+
+def label_loss(s: torch.Tensor, h: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, ce: Criterion) -> Terms:
+    """No distillation: both heads learn from the labels (DeiT's distilled architecture without a teacher)."""
+    return {'ce_cls': ce(s, y), 'ce_shadow': ce(h, y)}

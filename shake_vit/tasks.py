@@ -1,0 +1,81 @@
+"""The training step of every distillation method as a timm `TrainingTask`: student, frozen teacher, named terms."""
+from functools import partial
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+from timm.task import DistillationTeacher, TrainingTask
+
+from . import losses
+from .config import temperature
+
+LossFn = Callable[..., Dict[str, torch.Tensor]]  # (s, h, t, y, ce) -> weighted terms
+
+
+def loss_fn(cfg: DictConfig) -> LossFn:
+    """The configured method's loss with its weights bound."""
+    c, T = cfg.loss, temperature(cfg)
+    if c.method == 'shake':
+        return partial(losses.shake_loss, w=losses.ShakeWeights(
+            temperature=T, mutual=c.mutual, teacher=c.teacher_weight, teacher_loss=c.teacher_loss,
+            standardize=c.standardize, shadow_ce=c.shadow_ce, direct_kd=c.direct_kd))
+    if c.method == 'deit_hard':
+        return partial(losses.deit_hard_loss, alpha=c.deit_alpha)
+    if c.method == 'deit_soft':
+        return partial(losses.deit_soft_loss, alpha=c.deit_alpha, temperature=T)
+    if c.method == 'kd':
+        return partial(losses.kd_loss, alpha=c.kd_alpha, temperature=T)
+    return losses.label_loss
+
+
+def needs_teacher(cfg: DictConfig) -> bool:
+    return cfg.loss.method != 'none'
+
+
+def trains_shadow(cfg: DictConfig) -> bool:
+    """Hinton KD acts on the cls head alone; every other method trains the shadow head."""
+    return cfg.loss.method != 'kd'
+
+
+class DistillationTask(TrainingTask):
+    """Student forward, teacher forward on the same (augmented, mixed) batch, and the method's named loss terms.
+
+    The teacher stays outside the optimizer and outside DDP: only `trainable_module` is handed to Accelerate.
+
+    Args:
+        student: module whose training-mode forward returns (cls logits [B, K], shadow logits [B, K]).
+        teacher: frozen teacher, or None for methods without one.
+        loss: the method's loss, `(s, h, t, y, ce) -> {term: weighted value}`.
+        criterion: label loss on class indices or mixup soft targets.
+        mean: the student's input normalisation mean, re-applied for a teacher normalised differently.
+        std: likewise the std.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[DistillationTeacher], loss: LossFn,
+                 criterion: nn.Module, mean, std):
+        super().__init__(verbose=False)
+        self.trainable_module = student
+        self.teacher = teacher
+        self.loss = loss
+        self.criterion = criterion
+        self.register_buffer('student_mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer('student_std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> 'DistillationTask':
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # BatchNorm statistics of the teacher must never move
+        return self
+
+    @torch.no_grad()
+    def teacher_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.teacher is None:
+            return None
+        return self.teacher(self.teacher.normalize_input(x, self.student_mean, self.student_std))
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s, h = self.trainable_module(input)
+        t = self.teacher_logits(input)
+        terms = self.loss(s, h, t, target, self.criterion)
+        return {'loss': sum(terms.values()), **terms, 'logits_cls': s, 'logits_shadow': h}

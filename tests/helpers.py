@@ -1,0 +1,55 @@
+"""Helpers shared by the end-to-end tests: run train.py as a user would, in one or two processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A student and teacher small enough for a CPU test; one teacher epoch and three updates per epoch.
+TINY = [
+    'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=1', 'model.kwargs.num_heads=2',
+    'teacher.name=test_byobnet', 'teacher.fit.epochs=1', 'train.epochs=1', 'train.max_updates_per_epoch=3',
+    'train.log_interval=1', 'eval.batch_size=100',
+]
+
+
+def launch(args: Sequence[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
+           env: Dict[str, str] = None) -> subprocess.CompletedProcess:
+    """`accelerate launch [--multi_gpu --num_processes N] train.py ARGS` on the CPU, from the repository root."""
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--num_machines', '1', '--mixed_precision', 'no',
+           '--dynamo_backend', 'no', '--num_processes', str(num_processes)]
+    if num_processes > 1:
+        cmd += ['--multi_gpu']
+    cmd += ['train.py', *args]
+    full_env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1', **(env or {}))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{" ".join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+    return proc
+
+
+def python_train(args: Sequence[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """`python train.py ARGS`: one process without the launcher."""
+    proc = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+    if check and proc.returncode != 0:
+        raise AssertionError(f'train.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+    return proc
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / 'results.json').read_text())
+
+
+def scalar_tags(out: Path) -> List[str]:
+    """Every scalar tag in the run's TensorBoard event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = set()
+    for events in out.rglob('events.out.tfevents.*'):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        tags.update(acc.Tags()['scalars'])
+    return sorted(tags)

@@ -1,0 +1,64 @@
+"""shake-vit: distill a DeiT student with SHAKE (shadow knowledge distillation) on timm and Accelerate.
+
+    accelerate launch train.py                                    # the quick start (digits, fits its own teacher)
+    accelerate launch train.py --config configs/NAME.yaml [section.key=value ...]
+    python train.py --config configs/NAME.yaml --print-config     # resolved config and derived values, no training
+
+`python train.py ...` does the same in one process.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from shake_vit.config import ConfigError, load_config
+
+QUICKSTART = Path(__file__).resolve().parent / 'configs' / 'quickstart.yaml'
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--config', help=f'recipe YAML (default: {QUICKSTART.relative_to(QUICKSTART.parents[1])})')
+    p.add_argument('--print-config', action='store_true', help='print the resolved config and derived values, exit')
+    p.add_argument('--debug', action='store_true', help='show full tracebacks for configuration errors')
+    p.add_argument('overrides', nargs='*', metavar='section.key=value', help='config overrides, applied last')
+    return p.parse_args(argv)
+
+
+def print_config(cfg) -> None:
+    from accelerate import PartialState
+    from omegaconf import OmegaConf
+
+    from shake_vit import data
+    from shake_vit.config import derive
+    state = PartialState()
+    splits = data.build_splits(cfg)
+    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index)
+    derived = derive(cfg, state.num_processes, len(sampler) // cfg.train.batch_size)
+    if state.is_main_process:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        print(f'# derived: {derived.describe()}')
+        print(f'# data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val images, '
+              f'{len(splits.classes)} classes')
+
+
+def main(argv=None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    try:
+        cfg = load_config(args.config or str(QUICKSTART), args.overrides)
+        if args.print_config:
+            print_config(cfg)
+            return 0
+        from shake_vit.runner import train
+        train(cfg)
+    except ConfigError as err:
+        if args.debug:
+            raise
+        print(f'error: {err}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
