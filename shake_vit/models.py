@@ -103,7 +103,7 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
 def freeze(model: nn.Module) -> DistillationTeacher:
     """Wrap a trained classifier as a frozen teacher: eval mode, no gradients, input re-normalisation."""
     model.requires_grad_(False)
-    return DistillationTeacher(model.eval())
+    return DistillationTeacher(model).eval()
 
 
 def load_teacher(cfg: DictConfig, num_classes: int, path: Optional[str] = None) -> DistillationTeacher:

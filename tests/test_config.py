@@ -1,0 +1,63 @@
+"""Typed config: recipes, overrides, errors that name the key, derived values."""
+import pytest
+import yaml
+
+from shake_vit.config import ConfigError, derive, flat_hparams, load_config
+
+
+def test_defaults_are_the_deit_recipe():
+    cfg = load_config()
+    assert cfg.optim.opt == 'adamw' and cfg.optim.weight_decay == 0.05 and cfg.train.epochs == 300
+    assert cfg.aug.auto_augment == 'rand-m9-mstd0.5-inc1' and cfg.aug.re_mode == 'pixel'
+    assert cfg.aug.interpolation == 'bicubic' and cfg.aug.crop_pct == 0.875 and cfg.aug.repeated_aug == 3
+    assert cfg.loss.method == 'shake'
+
+
+def test_recipe_then_overrides(tmp_path):
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text(yaml.safe_dump({'train': {'epochs': 7}, 'model': {'kwargs': {'depth': 2}}}))
+    cfg = load_config(str(recipe), ['train.epochs=9', 'model.kwargs.embed_dim=48', 'optim.lr=0.002'])
+    assert cfg.train.epochs == 9 and cfg.model.kwargs == {'depth': 2, 'embed_dim': 48}
+    assert cfg.optim.lr == pytest.approx(0.002)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('train.epoch=3', "Unknown config key 'train.epoch'.*Did you mean 'train.epochs'"),
+    ('optimm.lr=1', "Unknown config key 'optimm'"),
+    ('train.epochs=abc', "Bad value for 'train.epochs'"),
+    ('loss.method=shak', "'loss.method' is 'shak'.*Did you mean 'shake'"),
+    ('optim.lr=-1', "'optim.lr' is -1.0; it must be positive"),
+    ('train.epochs', 'is not of the form section.key=value'),
+])
+def test_bad_values_are_errors_that_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_key_in_a_recipe_names_the_file(tmp_path):
+    recipe = tmp_path / 'bad.yaml'
+    recipe.write_text('aug:\n  mixupp: 0.2\n')
+    with pytest.raises(ConfigError, match=r"Unknown config key 'aug.mixupp' \(from .*bad.yaml\).*'aug.mixup'"):
+        load_config(str(recipe))
+
+
+def test_odd_batch_with_mixup_is_refused():
+    with pytest.raises(ConfigError, match='even when mixup'):
+        load_config(None, ['train.batch_size=63'])
+    load_config(None, ['train.batch_size=63', 'aug.mixup=0', 'aug.cutmix=0'])
+
+
+def test_deit_lr_rule_and_update_counts():
+    cfg = load_config(None, ['train.batch_size=128', 'train.grad_accum=2', 'optim.warmup_epochs=5',
+                             'train.epochs=300'])
+    d = derive(cfg, num_processes=4, batches_per_epoch=1001)
+    assert d.global_batch == 1024 and d.lr == pytest.approx(5e-4 * 1024 / 512)
+    assert d.updates_per_epoch == 500 and d.total_updates == 150_000 and d.warmup_updates == 2500
+    fixed = derive(load_config(None, ['optim.lr=0.01']), 1, 10)
+    assert fixed.lr == 0.01
+
+
+def test_hparams_for_tensorboard_are_flat_scalars():
+    flat = flat_hparams(load_config(None, ['model.kwargs.depth=2']))
+    assert flat['model.kwargs.depth'] == 2 and flat['optim.lr'] == 'None'
+    assert all(isinstance(v, (bool, str, int, float)) for v in flat.values())

@@ -1,0 +1,94 @@
+"""The student factory, its two heads, and the frozen teacher."""
+import pytest
+import timm
+import torch
+from omegaconf import OmegaConf
+
+from shake_vit.config import ConfigError, load_config
+from shake_vit.models import Student, build_student, freeze, load_teacher
+from shake_vit.optim import build_optimizer
+
+TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=2',
+        'model.kwargs.num_heads=2']
+
+
+def test_vit_keyword_arguments_pass_through_from_the_config():
+    cfg = load_config(None, [*TINY, 'model.drop_path_rate=0.2'])
+    student = build_student(cfg, num_classes=7)
+    m = student.model
+    assert type(m).__name__ == 'VisionTransformerDistilled'
+    assert m.embed_dim == 32 and len(m.blocks) == 2 and m.patch_embed.grid_size == (4, 4)
+    assert m.pos_embed.shape == (1, 16 + 2, 32)  # [cls, dist, patches]
+    assert m.blocks[1].drop_path1.drop_prob == pytest.approx(0.2)
+    assert m.head.out_features == 7 and m.head_dist.out_features == 7
+
+
+def test_training_yields_both_heads_and_eval_the_deit_average_or_the_cls_head():
+    cfg = load_config(None, TINY)
+    student = build_student(cfg, num_classes=5)
+    x = torch.randn(3, 3, 32, 32)
+    student.train()
+    s, h = student(x)
+    assert s.shape == h.shape == (3, 5)
+    student.eval()
+    s, h = student.forward_heads(x)
+    assert torch.allclose(student(x), (s + h) / 2)
+    # timm's own eval forward is the same average: the shadow head is timm's head_dist.
+    assert torch.allclose(student.model(x), (s + h) / 2, atol=1e-6)
+    student.predict = 'cls'
+    assert torch.allclose(student(x), s)
+
+
+def test_mlp_shadow_head_option():
+    cfg = load_config(None, [*TINY, 'model.shadow_head=mlp', 'model.shadow_hidden_dim=48'])
+    student = build_student(cfg, num_classes=4)
+    layers = list(student.model.head_dist)
+    assert layers[0].in_features == 32 and layers[0].out_features == 48 and layers[-1].out_features == 4
+    student.train()
+    assert student(torch.randn(2, 3, 32, 32))[1].shape == (2, 4)
+
+
+def test_a_student_without_distillation_token_is_refused_with_the_fix():
+    cfg = load_config(None, [*TINY, 'model.name=vit_tiny_patch16_224'])
+    with pytest.raises(ConfigError, match='distilled DeiT'):
+        build_student(cfg, num_classes=3)
+
+
+def test_weight_decay_skips_biases_norms_tokens_and_position_embedding():
+    cfg = load_config(None, TINY)
+    student = build_student(cfg, num_classes=3)
+    opt = build_optimizer(cfg.optim, student, lr=1e-3)
+    names = {id(p): n for n, p in student.named_parameters()}
+    no_decay = {names[id(p)] for g in opt.param_groups if g['weight_decay'] == 0 for p in g['params']}
+    decay = {names[id(p)] for g in opt.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert {'model.cls_token', 'model.dist_token', 'model.pos_embed', 'model.head.bias', 'model.norm.weight',
+            'model.blocks.0.norm1.weight'} <= no_decay
+    assert {'model.head.weight', 'model.head_dist.weight', 'model.blocks.0.attn.qkv.weight',
+            'model.patch_embed.proj.weight'} <= decay
+    assert all(g['weight_decay'] == pytest.approx(0.05) for g in opt.param_groups if g['weight_decay'] > 0)
+
+
+def test_teacher_loads_a_saved_timm_state_dict_and_is_frozen(tmp_path):
+    from safetensors.torch import save_file
+    cfg = load_config(None, ['teacher.name=test_byobnet'])
+    reference = timm.create_model('test_byobnet', num_classes=6)
+    for suffix, save in (('.pth', lambda sd, p: torch.save({'state_dict': sd}, p)),
+                         ('.safetensors', lambda sd, p: save_file(sd, p))):
+        path = str(tmp_path / f'teacher{suffix}')
+        save({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
+        teacher = load_teacher(cfg, 6, path)
+        assert not teacher.training and not teacher.model.training
+        assert all(not p.requires_grad for p in teacher.parameters())
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(teacher(x), reference.eval()(x), atol=1e-6)
+
+
+def test_frozen_teacher_stays_in_eval_mode_inside_the_task():
+    from shake_vit.tasks import DistillationTask
+    from shake_vit.losses import shake_loss
+    cfg = load_config(None, TINY)
+    student = build_student(cfg, num_classes=3)
+    teacher = freeze(timm.create_model('test_byobnet', num_classes=3))
+    task = DistillationTask(student, teacher, shake_loss, torch.nn.CrossEntropyLoss(), (0.5,) * 3, (0.5,) * 3)
+    task.train()
+    assert student.training and not teacher.model.training

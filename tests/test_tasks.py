@@ -1,0 +1,70 @@
+"""The training step: named terms that sum to the loss, gradients only into the student."""
+import pytest
+import timm
+import torch
+
+from shake_vit.config import load_config
+from shake_vit.models import build_student, freeze
+from shake_vit.tasks import DistillationTask, loss_fn, trains_shadow
+
+TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=1',
+        'model.kwargs.num_heads=2']
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def make_task(method, **overrides):
+    cfg = load_config(None, [*TINY, f'loss.method={method}', *[f'{k}={v}' for k, v in overrides.items()]])
+    torch.manual_seed(0)
+    student = build_student(cfg, num_classes=4)
+    student.set_shadow_trainable(trains_shadow(cfg))
+    teacher = freeze(timm.create_model('test_byobnet', num_classes=4))
+    return DistillationTask(student, teacher, loss_fn(cfg), torch.nn.CrossEntropyLoss(), MEAN, STD).train()
+
+
+@pytest.mark.parametrize('method, terms', [
+    ('shake', {'ce_cls', 'kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'}),
+    ('deit_hard', {'ce_cls', 'ce_shadow_teacher'}),
+    ('deit_soft', {'ce_cls', 'kl_shadow_teacher'}),
+    ('kd', {'ce_cls', 'kl_cls_teacher'}),
+    ('none', {'ce_cls', 'ce_shadow'}),
+])
+def test_step_returns_named_terms_that_sum_to_the_loss(method, terms):
+    task = make_task(method)
+    out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    scalars = {k for k, v in out.items() if v.ndim == 0 and k != 'loss'}
+    assert scalars == terms
+    assert out['loss'].item() == pytest.approx(sum(out[k].item() for k in terms), rel=1e-6)
+    assert out['logits_cls'].shape == out['logits_shadow'].shape == (4, 4)
+
+
+def test_teacher_receives_no_gradient_and_student_does():
+    task = make_task('shake')
+    task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))['loss'].backward()
+    assert all(p.grad is None for p in task.teacher.parameters())
+    student = task.trainable_module
+    assert student.model.head.weight.grad is not None and student.model.head_dist.weight.grad is not None
+    assert student.model.dist_token.grad is not None
+
+
+def test_kd_freezes_the_unused_shadow_head():
+    task = make_task('kd')
+    task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))['loss'].backward()
+    assert task.trainable_module.model.head_dist.weight.grad is None
+    assert not task.trainable_module.model.head_dist.weight.requires_grad
+
+
+def test_teacher_input_is_renormalised_when_its_mean_and_std_differ():
+    task = make_task('shake')
+    task.teacher.mean_kd.fill_(0.5)
+    task.teacher.std_kd.fill_(0.5)
+    pixels = torch.rand(2, 3, 32, 32)
+    student_input = (pixels - task.student_mean) / task.student_std
+    expected = task.teacher.model((pixels - 0.5) / 0.5)
+    assert torch.allclose(task.teacher_logits(student_input), expected, atol=1e-5)
+
+
+def test_default_temperatures_follow_each_method():
+    from shake_vit.config import temperature
+    assert temperature(load_config(None, ['loss.method=shake'])) == 4.0
+    assert temperature(load_config(None, ['loss.method=deit_soft'])) == 1.0
+    assert temperature(load_config(None, ['loss.method=deit_soft', 'loss.temperature=3'])) == 3.0
