@@ -2,6 +2,7 @@
 
     accelerate launch train.py                                    # the quick start (digits, fits its own teacher)
     accelerate launch train.py --config configs/NAME.yaml [section.key=value ...]
+    python train.py --config configs/NAME.yaml --config configs/smoke.yaml data.root=...   # a few CPU steps
     python train.py --config configs/NAME.yaml --print-config     # resolved config and derived values, no training
 
 `python train.py ...` does the same in one process.
@@ -18,7 +19,9 @@ QUICKSTART = Path(__file__).resolve().parent / 'configs' / 'quickstart.yaml'
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--config', help=f'recipe YAML (default: {QUICKSTART.relative_to(QUICKSTART.parents[1])})')
+    p.add_argument('--config', action='append', metavar='YAML',
+                   help=f'recipe YAML; repeat to layer files, later ones win '
+                        f'(default: {QUICKSTART.relative_to(QUICKSTART.parents[1])})')
     p.add_argument('--print-config', action='store_true', help='print the resolved config and derived values, exit')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for configuration errors')
     p.add_argument('overrides', nargs='*', metavar='section.key=value', help='config overrides, applied last')
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     try:
-        cfg = load_config(args.config or str(QUICKSTART), args.overrides)
+        cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
         if args.print_config:
             print_config(cfg)
             return 0

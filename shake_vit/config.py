@@ -7,7 +7,7 @@ import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -82,10 +82,11 @@ class TeacherFitConfig:
 
 @dataclass
 class TeacherConfig:
-    name: str = 'regnety_160'
-    checkpoint: Optional[str] = None  # a local timm state dict (.pth/.pt/.bin/.safetensors); null: fit one first
+    name: str = 'regnety_160.deit_in1k'  # DeiT's RegNetY-16GF teacher (82.9% top-1), a timm model[.tag] name
+    pretrained: bool = False  # download timm's weights for `name` (needs internet); see `checkpoint` for local files
+    checkpoint: Optional[str] = None  # a local timm state dict (.pth/.pt/.bin/.safetensors)
     kwargs: Dict[str, Any] = field(default_factory=dict)
-    fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)
+    fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)  # used when neither pretrained nor checkpoint
 
 
 @dataclass
@@ -185,13 +186,14 @@ def _explain(err: OmegaConfBaseException, base: DictConfig, source: str) -> Conf
     return ConfigError(f'Could not read the configuration from {source}: {str(err).splitlines()[0]}')
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then the recipe at `path`, then `section.key=value` overrides; validated."""
+def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Defaults, then each recipe in `paths` in order (e.g. a recipe, then `configs/smoke.yaml`), then
+    `section.key=value` overrides; validated."""
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     for key in FREE_FORM:  # timm keyword arguments: any key is allowed there
         OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
-    if path is not None:
+    for path in [paths] if isinstance(paths, str) else (paths or []):
         if not Path(path).is_file():
             raise ConfigError(f"Config file '{path}' does not exist. Recipes live in configs/, e.g. "
                               'configs/quickstart.yaml.')

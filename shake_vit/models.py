@@ -65,7 +65,7 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
     m = cfg.model
     kwargs: Dict[str, Any] = OmegaConf.to_container(m.kwargs, resolve=True)
     kwargs.setdefault('img_size', cfg.data.img_size)
-    if m.name not in timm.list_models():
+    if not timm.is_model(m.name):
         raise ConfigError(_unknown_model(m.name, 'model.name'))
     model = timm.create_model(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **kwargs)
     if m.shadow_head == 'mlp' and hasattr(model, 'head_dist'):
@@ -80,13 +80,25 @@ def _unknown_model(name: str, key: str) -> str:
     return f"'{key}' is '{name}', which timm does not know.{hint}"
 
 
-def build_teacher_model(cfg: DictConfig, num_classes: int) -> nn.Module:
-    """The teacher architecture, randomly initialised (weights come from `load_teacher` or from fitting)."""
+def build_teacher_model(cfg: DictConfig, num_classes: int, pretrained: bool = False) -> nn.Module:
+    """The teacher architecture; with `pretrained`, timm's hub weights for `teacher.name` (needs internet)."""
     t = cfg.teacher
-    if t.name not in timm.list_models():
+    if not timm.is_model(t.name):
         raise ConfigError(_unknown_model(t.name, 'teacher.name'))
     kwargs = OmegaConf.to_container(t.kwargs, resolve=True)
-    return timm.create_model(t.name, num_classes=num_classes, **kwargs)
+    if not pretrained:
+        return timm.create_model(t.name, num_classes=num_classes, **kwargs)
+    try:
+        model = timm.create_model(t.name, pretrained=True, **kwargs)
+    except Exception as err:  # hub errors come as many types: offline, unknown tag, HTTP
+        raise ConfigError(f"Could not fetch timm's pretrained weights for teacher.name='{t.name}' ({type(err).__name__}: "
+                          f'{str(err).splitlines()[0][:200]}). Offline, download them elsewhere and set '
+                          'teacher.checkpoint=/path/to/weights instead of teacher.pretrained=true.') from None
+    if model.num_classes != num_classes:
+        raise ConfigError(f"The pretrained teacher '{t.name}' predicts {model.num_classes} classes but the data has "
+                          f'{num_classes}: give a teacher trained on these classes (teacher.checkpoint) or let the '
+                          'trainer fit one (teacher.pretrained=false, no checkpoint).')
+    return model
 
 
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
@@ -107,6 +119,10 @@ def freeze(model: nn.Module) -> DistillationTeacher:
 
 
 def load_teacher(cfg: DictConfig, num_classes: int, path: Optional[str] = None) -> DistillationTeacher:
+    """The configured teacher from a local file (`path`, else `teacher.checkpoint`) or timm's hub, frozen."""
+    path = path or cfg.teacher.checkpoint
+    if path is None:
+        return freeze(build_teacher_model(cfg, num_classes, pretrained=True))
     model = build_teacher_model(cfg, num_classes)
-    model.load_state_dict(read_state_dict(path or cfg.teacher.checkpoint))
+    model.load_state_dict(read_state_dict(path))
     return freeze(model)

@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from . import data
-from .config import Derived, derive, flat_hparams, mixup_active, save_config
+from .config import derive, flat_hparams, mixup_active, save_config
 from .engine import Trainer, evaluate
 from .models import Student, build_student, build_teacher_model, freeze, load_teacher, read_state_dict
 from .optim import build_optimizer, build_schedule
@@ -72,6 +72,13 @@ def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: data.Splits, stude
     train = data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index)
     val = acc.prepare(data.eval_loader(cfg, splits.val, val_tf))
     return Pipeline(splits, train, val, mean, std)
+
+
+def build_optimization(cfg: DictConfig, student: nn.Module, num_processes: int, batches_per_epoch: int):
+    """The optimizer and the per-update lr schedule of the student, with the derived update counts."""
+    d = derive(cfg, num_processes, batches_per_epoch)
+    optimizer = build_optimizer(cfg.optim, student, lr=d.lr)
+    return optimizer, build_schedule(cfg.optim, optimizer, cfg.train.epochs, d.updates_per_epoch), d
 
 
 def criterion(cfg: DictConfig) -> nn.Module:
@@ -128,8 +135,9 @@ def fit_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> Distillati
 def get_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> Optional[DistillationTeacher]:
     if not needs_teacher(cfg):
         return None
-    if cfg.teacher.checkpoint:
-        return load_teacher(cfg, pipe.num_classes).to(acc.device)
+    if cfg.teacher.checkpoint or cfg.teacher.pretrained:
+        with acc.main_process_first():  # one hub download per machine
+            return load_teacher(cfg, pipe.num_classes).to(acc.device)
     return fit_teacher(cfg, acc, pipe)
 
 
@@ -179,11 +187,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     pipe = build_pipeline(cfg, acc, splits, student)
     teacher = get_teacher(cfg, acc, pipe)
 
-    d: Derived = derive(cfg, acc.num_processes, len(pipe.train_loader))
+    optimizer, schedule, d = build_optimization(cfg, student, acc.num_processes, len(pipe.train_loader))
     log(acc, f'{cfg.loss.method}: {cfg.model.name} student, {len(splits.train)} train / {len(splits.val)} val images, '
              f'{pipe.num_classes} classes; {d.describe()}')
-    optimizer = build_optimizer(cfg.optim, student, lr=d.lr)
-    schedule = build_schedule(cfg.optim, optimizer, cfg.train.epochs, d.updates_per_epoch)
     prepared, optimizer = acc.prepare(student, optimizer)
     ema = ModelEmaV3(student, decay=cfg.train.ema_decay) if cfg.train.ema else None
     task = DistillationTask(prepared, teacher, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std).to(acc.device)

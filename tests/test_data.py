@@ -1,0 +1,110 @@
+"""Data sets, the seeded augmentation stream, and repeated augmentation as two real processes see it."""
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+
+import pytest
+import torch
+
+from helpers import ROOT
+from shake_vit import data
+from shake_vit.config import ConfigError, load_config
+
+
+def test_repeated_augmentation_loader_in_two_processes(tmp_path):
+    out = tmp_path / 'ra.json'
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', 'tests/ra_probe.py', str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    probe = json.loads(out.read_text())
+    assert probe['num_processes'] == 2
+    n = probe['train_size']  # 1,437 digits
+    deit_per_process = n // 256 * 256 // 2  # DeiT's RASampler epoch: 640 samples per process
+    orders = []
+    for epoch in probe['epochs']:
+        by_rank = {entry['rank']: entry['keys'] for entry in epoch}
+        assert sorted(by_rank) == [0, 1]
+        ranks_of = defaultdict(set)
+        for rank, keys in by_rank.items():
+            assert len(keys) == deit_per_process // 16 * 16  # whole batches of 16 (drop_last)
+            for index, _ in keys:
+                ranks_of[index].add(rank)
+            seeds = [seed for _, seed in keys]
+            assert len(set(seeds)) == len(seeds)  # every copy gets its own augmentation
+        # The three copies of an image are interleaved over the processes: both see nearly every drawn image.
+        shared = sum(len(r) == 2 for r in ranks_of.values()) / len(ranks_of)
+        assert shared > 0.95, shared
+        # The two processes' streams are not the same stream sharded twice: together they cover ~640/3*2 images.
+        assert len(ranks_of) == pytest.approx(2 * deit_per_process / 3, rel=0.05)
+        orders.append([index for index, _ in by_rank[0]])
+    assert orders[0] != orders[1]  # a new order every epoch
+
+
+def test_seeded_augmentation_is_a_function_of_the_key_not_of_call_order():
+    cfg = load_config(None, ['data.name=digits', 'data.img_size=32', 'aug.repeated_aug=1'])
+    splits = data.build_splits(cfg)
+    train_tf, _ = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)
+    ds = data.Transformed(splits.train, train_tf)
+    a = ds[(3, 12345)][0]
+    torch.rand(10)  # disturb the global RNGs in between
+    ds[(4, 999)]
+    assert torch.equal(ds[(3, 12345)][0], a)
+    assert not torch.equal(ds[(3, 54321)][0], a)
+    # The caller's RNG state is untouched (mixup and drop path draw from it in the main process).
+    state = torch.get_rng_state()
+    ds[(5, 1)]
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_loader_order_and_augmentation_do_not_depend_on_worker_count():
+    cfg = load_config(None, ['data.name=digits', 'data.img_size=32', 'aug.repeated_aug=1', 'train.batch_size=32'])
+    splits = data.build_splits(cfg)
+    train_tf, _ = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)
+    batches = []
+    for workers in (0, 2):
+        cfg.data.num_workers = workers
+        loader = data.train_loader(cfg, splits.train, train_tf, num_replicas=1, rank=0)
+        loader.sampler.set_epoch(3)
+        batches.append([x for x, _ in zip(loader, range(3))])
+    for (x0, y0), (x2, y2) in zip(*batches):
+        assert torch.equal(x0, x2) and torch.equal(y0, y2)
+
+
+def test_digits_split_is_stratified_fixed_and_kfold_covers_everything():
+    cfg = load_config(None, ['data.name=digits'])
+    a, b = data.build_splits(cfg), data.build_splits(cfg)
+    assert len(a.train) == 1437 and len(a.val) == 360 and a.classes == [str(i) for i in range(10)]
+    assert (a.val.targets == b.val.targets).all()
+    seen = []
+    for fold in range(5):
+        s = data.build_splits(load_config(None, ['data.name=digits', 'data.num_folds=5', f'data.fold={fold}']))
+        seen += [img.tobytes() for img in s.val.images]
+        assert len(s.train) + len(s.val) == 1797
+    assert len(seen) == 1797
+
+
+def test_imagefolder_errors_name_the_problem(tmp_path, imagefolder):
+    with pytest.raises(ConfigError, match='data.root is not set'):
+        data.build_splits(load_config(None, ['data.name=imagefolder']))
+    with pytest.raises(ConfigError, match="has no 'train/' folder"):
+        data.build_splits(load_config(None, [f'data.root={tmp_path}']))
+    splits = data.build_splits(load_config(None, [f'data.root={imagefolder}']))
+    assert len(splits.train) == 48 and len(splits.val) == 20 and len(splits.classes) == 4
+
+
+def test_cifar_offline_without_files_says_where_to_put_them(tmp_path):
+    with pytest.raises(ConfigError, match='data.download=true'):
+        data.build_splits(load_config(None, ['data.name=cifar100', f'data.root={tmp_path}']))
+
+
+def test_deit_randaugment_survives_its_strongest_posterize():
+    """rand-m9-mstd0.5-inc1 reaches magnitude 10, where PosterizeIncreasing keeps 0 bits (requirements.txt pin)."""
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    op = AugmentOp('PosterizeIncreasing', prob=1.0, magnitude=10)
+    out = op(Image.new('RGB', (8, 8), (200, 100, 50)))
+    assert out.getextrema() == ((0, 0), (0, 0), (0, 0))  # every bit dropped: black, as in the TF reference

@@ -1,0 +1,119 @@
+"""Every recipe's smoke variant runs, and the ImageNet SHAKE recipe builds exactly the DeiT pipeline."""
+from pathlib import Path
+
+import pytest
+from timm.data import Mixup
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision import transforms as T
+
+from helpers import ROOT, launch, python_train, results
+
+RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if p.name != 'smoke.yaml')
+IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
+
+
+def smoke_data_args(recipe: str, imagefolder: Path):
+    text = (ROOT / 'configs' / recipe).read_text()
+    if 'name: imagefolder' in text:
+        return [f'data.root={imagefolder}']
+    if 'name: cifar' in text:  # torchvision checks the archive's md5, so CIFAR itself cannot be generated
+        return ['data.name=fake', 'data.num_classes=100', 'data.fake_size=[64,32]']
+    return []
+
+
+def test_every_recipe_starts_with_the_command_that_runs_it():
+    for recipe in RECIPES:
+        first = (ROOT / 'configs' / recipe).read_text().splitlines()[0]
+        assert first.startswith(('# accelerate launch', '# python train.py')), recipe
+        assert recipe in first or recipe == 'quickstart.yaml', recipe
+
+
+@pytest.mark.parametrize('recipe', RECIPES)
+def test_smoke_variant_of_every_recipe_runs(recipe, imagefolder, tmp_path):
+    out = tmp_path / 'run'
+    python_train(['--config', f'configs/{recipe}', '--config', 'configs/smoke.yaml',
+                  *smoke_data_args(recipe, imagefolder), f'train.output_dir={out}'])
+    r = results(out)
+    assert r['epochs'] == 2 and r['num_samples'] > 0
+
+
+def test_imagenet_recipe_smoke_runs_in_two_processes(imagefolder, tmp_path):
+    out = tmp_path / 'ddp'
+    proc = launch(['--config', IMAGENET_SHAKE, '--config', 'configs/smoke.yaml', f'data.root={imagefolder}',
+                   f'train.output_dir={out}'], num_processes=2)
+    assert 'processes 2, global batch 16' in proc.stdout
+    assert results(out)['num_samples'] == 4 * 5  # every generated val image counted once
+
+
+def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
+    """The full recipe (only the data root changed): transforms, mixup, lr schedule, weight-decay groups."""
+    from accelerate import Accelerator
+
+    from shake_vit import data
+    from shake_vit.config import load_config
+    from shake_vit.models import build_student
+    from shake_vit.runner import build_optimization, build_pipeline
+    cfg = load_config([str(ROOT / IMAGENET_SHAKE)], [f'data.root={imagefolder}'])
+    acc = Accelerator(cpu=True)
+    splits = data.build_splits(cfg)
+    student = build_student(cfg, len(splits.classes))
+    pipe = build_pipeline(cfg, acc, splits, student)
+
+    train_tf = pipe.train_loader.dataset.transform.transforms
+    crop = train_tf[0]
+    assert isinstance(crop, RandomResizedCropAndInterpolation) and crop.size == (224, 224)
+    assert crop.scale == (0.08, 1.0) and str(crop.interpolation).endswith('BICUBIC')
+    assert isinstance(train_tf[1], T.RandomHorizontalFlip) and train_tf[1].p == 0.5
+    ra = train_tf[2]
+    assert isinstance(ra, RandAugment) and ra.num_layers == 2
+    assert all(op.magnitude == 9 and op.magnitude_std == 0.5 for op in ra.ops)
+    assert 'SolarizeIncreasing' in {op.name for op in ra.ops}  # the 'inc1' variant
+    assert not any(isinstance(t, T.ColorJitter) for t in train_tf)  # ignored under RandAugment, as in DeiT
+    erase = train_tf[-1]
+    assert isinstance(erase, RandomErasing) and erase.probability == 0.25 and erase.mode == 'pixel'
+
+    val_tf = pipe.val_loader.dataset.transform.transforms
+    assert isinstance(val_tf[0], T.Resize) and val_tf[0].size == 256  # 224 / 0.875
+    assert str(val_tf[0].interpolation).endswith('BICUBIC')
+    assert isinstance(val_tf[1], T.CenterCrop) and val_tf[1].size == (224, 224)
+
+    mixup = data.build_mixup(cfg, len(splits.classes))
+    assert isinstance(mixup, Mixup)
+    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing) == \
+        (0.8, 1.0, 1.0, 0.5, 0.1)
+
+    # The lr on the recipe's own scale: 8 processes x 128, 1,281,167 images, DeiT's RA epoch of 160,128 per process.
+    batches = (1_281_167 // 256 * 256 // 8) // 128
+    optimizer, schedule, d = build_optimization(cfg, student, num_processes=8, batches_per_epoch=batches)
+    assert d.global_batch == 1024 and d.lr == pytest.approx(1e-3)
+    assert d.updates_per_epoch == 1251 and d.warmup_updates == 5 * 1251 and d.total_updates == 300 * 1251
+
+    def lr_at(update):
+        schedule.step_update(num_updates=update)
+        return optimizer.param_groups[0]['lr']
+    assert lr_at(0) == pytest.approx(1e-6)
+    assert lr_at(d.warmup_updates // 2) == pytest.approx(1e-6 + (1e-3 - 1e-6) / 2, rel=1e-3)
+    assert lr_at(d.warmup_updates) == pytest.approx(1e-3, rel=1e-3)  # cosine has barely started
+    assert lr_at(d.total_updates - 1) == pytest.approx(1e-5, rel=1e-3)
+
+    names = {id(p): n for n, p in student.named_parameters()}
+    groups = {g['weight_decay']: {names[id(p)] for p in g['params']} for g in optimizer.param_groups}
+    assert set(groups) == {0.0, 0.05}
+    assert {'model.cls_token', 'model.dist_token', 'model.pos_embed', 'model.blocks.11.norm2.bias',
+            'model.head_dist.bias'} <= groups[0.0]
+    assert {'model.blocks.11.mlp.fc2.weight', 'model.head_dist.weight'} <= groups[0.05]
+    assert all(p.ndim > 1 for p in optimizer.param_groups[[g['weight_decay'] for g in optimizer.param_groups]
+                                                          .index(0.05)]['params'])
+
+
+def test_print_config_shows_the_derived_values_and_trains_nothing(imagefolder, tmp_path):
+    out = tmp_path / 'never'
+    proc = python_train(['--config', IMAGENET_SHAKE, f'data.root={imagefolder}', 'train.batch_size=8',
+                         f'train.output_dir={out}', '--print-config'])
+    assert 'name: regnety_160.deit_in1k' in proc.stdout and 'auto_augment: rand-m9-mstd0.5-inc1' in proc.stdout
+    # 48 images, one process: 6 batches of 8; lr = 5e-4 * 8 / 512; 5 of 300 epochs of warmup.
+    assert '# derived: processes 1, global batch 8, lr 7.81e-06, 6 updates/epoch, 1800 updates, 30 warmup updates' \
+        in proc.stdout
+    assert not out.exists()
