@@ -2,8 +2,11 @@
 
     accelerate launch train.py                                    # the quick start (digits, fits its own teacher)
     accelerate launch train.py --config configs/NAME.yaml [section.key=value ...]
+    accelerate launch train.py --config configs/NAME.yaml --resume auto          # continue the newest checkpoint
     python train.py --config configs/NAME.yaml --config configs/smoke.yaml data.root=...   # a few CPU steps
     python train.py --config configs/NAME.yaml --print-config     # resolved config and derived values, no training
+    accelerate launch train.py --eval runs/NAME                   # evaluate a run, checkpoint, export or file
+    python train.py --export runs/NAME [--export-head cls|both]   # a plain timm model (model.safetensors)
 
 `python train.py ...` does the same in one process.
 """
@@ -21,8 +24,17 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--config', action='append', metavar='YAML',
                    help=f'recipe YAML; repeat to layer files, later ones win '
-                        f'(default: {QUICKSTART.relative_to(QUICKSTART.parents[1])})')
+                        f'(default: {QUICKSTART.relative_to(QUICKSTART.parents[1])}; with --eval/--export: the '
+                        "checkpoint's own config.yaml)")
     p.add_argument('--print-config', action='store_true', help='print the resolved config and derived values, exit')
+    p.add_argument('--resume', metavar='auto|PATH', help="continue from the newest checkpoint ('auto'; starts "
+                   'fresh when there is none) or from a checkpoint folder')
+    p.add_argument('--eval', metavar='PATH', help='evaluate a run folder, checkpoint folder, export folder or file')
+    p.add_argument('--export', metavar='PATH', help='export a run/checkpoint as a plain timm model')
+    p.add_argument('--export-head', choices=('cls', 'both'), default='cls',
+                   help="cls: SHAKE's classification head alone (default); both: the DeiT with its two heads")
+    p.add_argument('--export-dir', metavar='DIR', help='where to export (default: next to the checkpoint)')
+    p.add_argument('--export-ema', action='store_true', help='export the EMA weights')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for configuration errors')
     p.add_argument('overrides', nargs='*', metavar='section.key=value', help='config overrides, applied last')
     return p.parse_args(argv)
@@ -48,14 +60,23 @@ def print_config(cfg) -> None:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
+    from shake_vit.checkpoint import CheckpointError
     try:
+        if args.eval:
+            from shake_vit.evaluation import evaluate_checkpoint
+            evaluate_checkpoint(args.eval, args.config, args.overrides)
+            return 0
+        if args.export:
+            from shake_vit.export import export
+            export(args.export, args.config, args.overrides, args.export_head, args.export_dir, args.export_ema)
+            return 0
         cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
         if args.print_config:
             print_config(cfg)
             return 0
         from shake_vit.runner import train
-        train(cfg)
-    except ConfigError as err:
+        train(cfg, resume=args.resume)
+    except (ConfigError, CheckpointError) as err:
         if args.debug:
             raise
         print(f'error: {err}', file=sys.stderr)

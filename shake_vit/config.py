@@ -68,6 +68,7 @@ class ModelConfig:
     shadow_head: str = 'linear'  # linear | mlp
     shadow_hidden_dim: int = 0  # mlp hidden width; 0 = the embedding width
     predict: str = 'avg'  # what the student outputs in eval mode: avg (DeiT) | cls (SHAKE's deliverable)
+    pretrained: Optional[str] = None  # fine-tune from: a local file (timm / DeiT / .safetensors) or a timm name.tag
 
 
 @dataclass
@@ -133,6 +134,14 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval_updates: int = 0  # also save every N updates mid-epoch (0: only at epoch ends)
+    keep_last: int = 3  # newest checkpoints kept; the best one is always kept too
+    metric: str = 'top1_cls'  # evaluation entry that picks the best checkpoint (higher is better)
+    stop_check_every: int = 10  # updates between the processes' agreement on a SIGTERM/SIGINT stop
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 256
     interval: int = 1  # evaluate every N epochs (and always after the last)
@@ -147,6 +156,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -231,6 +241,9 @@ def validate(cfg: DictConfig) -> None:
     _check(t.batch_size >= 1, 'train.batch_size', t.batch_size, 'at least 1')
     _check(t.grad_accum >= 1, 'train.grad_accum', t.grad_accum, 'at least 1')
     _check(t.log_interval >= 1, 'train.log_interval', t.log_interval, 'at least 1')
+    _check(cfg.ckpt.interval_updates >= 0, 'ckpt.interval_updates', cfg.ckpt.interval_updates, '0 (off) or positive')
+    _check(cfg.ckpt.keep_last >= 1, 'ckpt.keep_last', cfg.ckpt.keep_last, 'at least 1')
+    _check(cfg.ckpt.stop_check_every >= 1, 'ckpt.stop_check_every', cfg.ckpt.stop_check_every, 'at least 1')
     _check(0 < t.ema_decay < 1, 'train.ema_decay', t.ema_decay, 'between 0 and 1')
     _check(o.lr is None or o.lr > 0, 'optim.lr', o.lr, 'positive (or null for the DeiT scaling rule)')
     _check(o.base_lr > 0, 'optim.base_lr', o.base_lr, 'positive')

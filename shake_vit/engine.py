@@ -50,7 +50,7 @@ class Trainer:
         self.accelerator, self.task, self.optimizer, self.schedule = accelerator, task, optimizer, schedule
         self.mixup, self.ema, self.clip_grad, self.log_interval, self.tag = mixup, ema, clip_grad, log_interval, tag
         self.update = 0  # optimizer updates done; the lr is a function of it
-        self.should_stop: Callable[[], bool] = lambda: False
+        self.after_update: Callable[[], bool] = lambda: False  # checkpointing hook; True stops the epoch
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -91,7 +91,7 @@ class Trainer:
         """Run `num_updates` updates of one epoch (minus `skip_batches` batches already done before a resume).
 
         Returns:
-            the last log point's values, or {} when the epoch was stopped early through `should_stop`.
+            the last log point's values, or {} when `after_update` stopped the epoch early.
         """
         acc, task = self.accelerator, self.task
         task.train()
@@ -127,7 +127,7 @@ class Trainer:
             if self.update % self.log_interval == 0:
                 last = self.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            if self.should_stop():
+            if self.after_update():
                 bar.close()
                 return {}
         bar.close()

@@ -13,7 +13,7 @@ from accelerate.utils import gather_object
 from shake_vit import data
 from shake_vit.config import load_config
 from shake_vit.models import build_student
-from shake_vit.runner import build_pipeline
+from shake_vit.build import build_pipeline
 
 
 def main(out_path: str, *overrides: str) -> None:

@@ -54,7 +54,7 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     from shake_vit import data
     from shake_vit.config import load_config
     from shake_vit.models import build_student
-    from shake_vit.runner import build_optimization, build_pipeline
+    from shake_vit.build import build_optimization, build_pipeline
     cfg = load_config([str(ROOT / IMAGENET_SHAKE)], [f'data.root={imagefolder}'])
     acc = Accelerator(cpu=True)
     splits = data.build_splits(cfg)

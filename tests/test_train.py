@@ -44,7 +44,7 @@ def test_run_directory_holds_config_weights_and_every_loss_term_in_tensorboard(t
 def test_one_process_with_plain_python_reuses_the_fitted_teacher(tmp_path):
     out = tmp_path / 'one'
     first = python_train([*TINY, f'train.output_dir={out}'])
-    assert 'fitting test_byobnet' in first.stdout
+    assert 'fitting the teacher test_byobnet' in first.stdout
     second = python_train([*TINY, f'train.output_dir={out}', 'loss.method=deit_hard'])
     assert 'reusing the teacher fitted earlier' in second.stdout
     r = results(out)

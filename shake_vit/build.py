@@ -1,0 +1,79 @@
+"""Builders shared by training, evaluation and export: the Accelerator, the data pipeline, loss and optimiser."""
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from timm.data import resolve_model_data_config
+from timm.loss import create_classification_loss
+from torch.utils.data import DataLoader
+
+from . import data
+from .config import derive, flat_hparams, mixup_active, save_config
+from .models import Student
+from .optim import build_optimizer, build_schedule
+
+
+def make_accelerator(cfg: DictConfig, trackers: bool = True) -> Accelerator:
+    """The run's Accelerator; with `trackers`, also the output directory, `config.yaml` and TensorBoard."""
+    out = Path(cfg.train.output_dir)
+    world_size = int(os.environ.get('WORLD_SIZE', '1'))
+    # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes, but Accelerate joins them into
+    # one (gloo) group only when told to use the CPU; otherwise each process would silently train alone.
+    cpu = world_size > 1 and not torch.cuda.is_available()
+    acc = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
+                      gradient_accumulation_steps=cfg.train.grad_accum,
+                      log_with='tensorboard' if trackers else None, project_dir=str(out))
+    if acc.num_processes != world_size:
+        raise RuntimeError(f'The launcher started {world_size} processes but Accelerate joined {acc.num_processes}; '
+                           'check the accelerate config (`accelerate env`).')
+    if trackers:
+        if acc.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / 'config.yaml')
+        acc.init_trackers('tensorboard', config=flat_hparams(cfg))
+    return acc
+
+
+def log(acc: Accelerator, message: str) -> None:
+    acc.print(f'[shake-vit] {message}')
+
+
+@dataclass
+class Pipeline:
+    """Everything the data side gives the loops."""
+
+    splits: data.Splits
+    train_loader: DataLoader  # this process's share, never prepared (see data.train_sampler)
+    val_loader: DataLoader  # prepared: sharded over processes
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.classes)
+
+
+def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: data.Splits, student: nn.Module) -> Pipeline:
+    model_cfg = resolve_model_data_config(student.model if isinstance(student, Student) else student)
+    mean, std = tuple(model_cfg['mean']), tuple(model_cfg['std'])
+    train_tf, val_tf = data.build_transforms(cfg, mean, std)
+    train = data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index)
+    val = acc.prepare(data.eval_loader(cfg, splits.val, val_tf))
+    return Pipeline(splits, train, val, mean, std)
+
+
+def criterion(cfg: DictConfig) -> nn.Module:
+    """Label loss: soft-target CE under mixup (which already smooths), else label-smoothing CE."""
+    return create_classification_loss(smoothing=cfg.aug.smoothing, soft_targets=mixup_active(cfg))
+
+
+def build_optimization(cfg: DictConfig, student: nn.Module, num_processes: int, batches_per_epoch: int):
+    """The optimizer and the per-update lr schedule of the student, with the derived update counts."""
+    d = derive(cfg, num_processes, batches_per_epoch)
+    optimizer = build_optimizer(cfg.optim, student, lr=d.lr)
+    return optimizer, build_schedule(cfg.optim, optimizer, cfg.train.epochs, d.updates_per_epoch), d

@@ -1,0 +1,162 @@
+"""Checkpoints: Accelerate's `save_state` plus the EMA weights and a human-readable state file, written atomically.
+
+A checkpoint is `OUTPUT/checkpoints/update_XXXXXXXX/` holding what `accelerator.save_state` writes (student,
+optimizer, grad scaler, every process's RNG states) plus `ema.safetensors` and `trainer_state.json` (epoch, batches
+done in it, update count, metrics, best metric). It is written under a temporary name and renamed when complete:
+Accelerate writes in place, so a crash mid-save would otherwise leave a half checkpoint where the newest should be.
+Everything is read back with `weights_only=True` or from `.safetensors`.
+"""
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
+
+STATE_FILE = 'trainer_state.json'
+EMA_FILE = 'ema.safetensors'
+PREFIX = 'update_'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or used; earlier checkpoints are untouched."""
+
+
+@dataclass
+class Progress:
+    """Where a run is: the next batch to train is batch `batches_done` of epoch `epoch`."""
+
+    epoch: int = 0
+    batches_done: int = 0  # per process, in the current epoch
+    update: int = 0  # optimizer updates so far
+    metrics: Dict[str, float] = field(default_factory=dict)  # the latest evaluation
+    best: Optional[float] = None  # best value of the tracked metric so far
+    run: Dict[str, Any] = field(default_factory=dict)  # what must match on resume (architecture, classes, ...)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_progress(path: Path) -> Progress:
+    return Progress(**json.loads((Path(path) / STATE_FILE).read_text()))
+
+
+def complete_checkpoints(root: Path) -> List[Path]:
+    """Finished checkpoints under `root`, oldest first (temporary `.tmp-*` folders never count)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.glob(f'{PREFIX}*'):
+        try:
+            found.append((read_progress(d).update, d))
+        except (OSError, ValueError, TypeError):
+            continue  # unreadable state file: not a usable checkpoint
+    return [d for _, d in sorted(found)]
+
+
+class Checkpointer:
+    """Saves and restores the training state of one run.
+
+    Args:
+        acc: the run's Accelerator (every process calls `save` and `load`).
+        root: the checkpoint folder, `OUTPUT/checkpoints`.
+        ema: the EMA of the student, saved beside it, or None.
+        keep_last: how many of the newest checkpoints to keep (the best one is kept as well).
+        metric: the `Progress.metrics` entry that defines the best checkpoint (higher is better).
+    """
+
+    def __init__(self, acc: Accelerator, root: Path, ema: Optional[ModelEmaV3], keep_last: int, metric: str):
+        self.acc, self.root, self.ema, self.keep_last, self.metric = acc, Path(root), ema, keep_last, metric
+
+    def save(self, progress: Progress) -> Path:
+        acc = self.acc
+        final = self.root / f'{PREFIX}{progress.update:08d}'
+        tmp = self.root / f'.tmp-{final.name}'
+        if acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        error = None
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            acc.save_state(str(tmp), safe_serialization=True)
+            if acc.is_main_process:
+                if self.ema is not None:
+                    save_file({k: v.contiguous() for k, v in self.ema.module.state_dict().items()}, str(tmp / EMA_FILE))
+                state_path = tmp / STATE_FILE
+                with open(state_path, 'w') as f:
+                    json.dump(asdict(progress), f, indent=2)
+                    f.flush()
+                    os.fsync(f.fileno())
+        except OSError as err:  # a full disk, a quota, a vanished mount
+            error = err
+        # Every process learns whether any failed, so none waits forever for a rename that will not come.
+        failed = acc.reduce(torch.tensor([float(error is not None)], device=acc.device), 'sum').item() > 0
+        if failed:
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+            acc.wait_for_everyone()
+            newest = complete_checkpoints(self.root)
+            raise CheckpointError(
+                f'Saving the checkpoint of update {progress.update} failed ({error or "on another process"}); '
+                f"the partial files were removed and the newest complete checkpoint is "
+                f"{newest[-1] if newest else 'none'}. Free disk space in {self.root} (or point "
+                'train.output_dir elsewhere) and resume with --resume auto.')
+        if acc.is_main_process:
+            if final.exists():  # the same update saved again (e.g. after a resume): the new one replaces it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            self._prune()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune(self) -> None:
+        checkpoints = complete_checkpoints(self.root)
+        keep = set(checkpoints[-self.keep_last:]) if self.keep_last > 0 else set(checkpoints)
+        scored = [(read_progress(d).metrics.get(self.metric), d) for d in checkpoints]
+        scored = [(v, d) for v, d in scored if v is not None]
+        if scored:
+            keep.add(max(scored, key=lambda item: item[0])[1])
+        for d in checkpoints:
+            if d not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+        for stale in self.root.glob('.tmp-*'):  # left by a crash during an earlier save
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def latest(self) -> Optional[Path]:
+        found = complete_checkpoints(self.root)
+        return found[-1] if found else None
+
+    def best(self) -> Optional[Path]:
+        scored = [(read_progress(d).metrics.get(self.metric), d) for d in complete_checkpoints(self.root)]
+        scored = [(v, d) for v, d in scored if v is not None]
+        return max(scored, key=lambda item: item[0])[1] if scored else None
+
+    def load(self, path: Path) -> Progress:
+        """Restore student, optimizer, scaler, RNG states and EMA; returns where to continue."""
+        path = Path(path)
+        progress = read_progress(path)
+        rng_file = path / f'random_states_{self.acc.process_index}.pkl'
+        if progress.run.get('num_processes', self.acc.num_processes) != self.acc.num_processes or not rng_file.exists():
+            raise CheckpointError(
+                f"Checkpoint {path} was written by {progress.run.get('num_processes')} processes and this run has "
+                f'{self.acc.num_processes}: resume with the same number of processes (the data position, the RNG '
+                f'streams and the global batch depend on it), or start a new run from its weights with '
+                f'model.pretrained={path / "model.safetensors"}.')
+        self.acc.load_state(str(path))
+        if self.ema is not None:
+            if not (path / EMA_FILE).exists():
+                raise CheckpointError(f'{path} holds no EMA weights but train.ema is on; resume with train.ema=false.')
+            self.ema.module.load_state_dict(load_file(str(path / EMA_FILE), device=str(self.acc.device)))
+        return progress

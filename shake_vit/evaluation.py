@@ -1,0 +1,152 @@
+"""Evaluating a student: every head, its EMA, the teacher; and `train.py --eval` on any saved or exported model."""
+import json
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+from timm.models import clean_state_dict
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader
+
+from . import data
+from .build import build_pipeline, log, make_accelerator
+from .checkpoint import EMA_FILE, STATE_FILE, complete_checkpoints
+from .config import ConfigError, load_config
+from .engine import evaluate
+from .models import Student, build_student, read_state_dict
+from .tasks import DistillationTask
+from .teacher import get_teacher
+
+Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
+StateDict = Dict[str, torch.Tensor]
+
+
+def head_predictor(student: Student, teacher_logits: Callable, with_shadow: bool = True) -> Predict:
+    """Eval-mode logits of every head: cls, shadow, their DeiT average, and the teacher's when there is one."""
+    def predict(x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        s, h = student.forward_heads(x)
+        heads = {'cls': s, 'shadow': h, 'avg': (s + h) / 2} if with_shadow else {'cls': s}
+        t = teacher_logits(x)
+        if t is not None:
+            heads['teacher'] = t
+        return heads
+    return predict
+
+
+def evaluate_student(student: Student, ema: Optional[ModelEmaV3], task: DistillationTask, loader: DataLoader,
+                     acc: Accelerator, with_shadow: bool = True) -> Dict[str, float]:
+    """The live student's metrics, plus `ema_`-prefixed ones for its EMA weights."""
+    student.eval()
+    metrics = evaluate(head_predictor(student, task.teacher_logits, with_shadow), loader, acc)
+    if ema is not None:
+        ema_metrics = evaluate(head_predictor(ema.module, task.teacher_logits, with_shadow), loader, acc,
+                               desc='eval EMA')
+        metrics.update({f'ema_{k}': v for k, v in ema_metrics.items() if 'teacher' not in k and k != 'num_samples'})
+    return metrics
+
+
+def format_table(metrics: Dict[str, float]) -> str:
+    rows = [('student cls head', 'cls'), ('shadow head', 'shadow'), ('average (DeiT)', 'avg')]
+    lines = [f"{'head':<20}{'top-1':>8}{'top-5':>8}", '-' * 36]
+    for label, head in rows:
+        for prefix, tag in (('', ''), ('ema_', '  EMA ')):
+            if f'{prefix}top1_{head}' in metrics:
+                lines.append(f"{tag + label:<20}{metrics[f'{prefix}top1_{head}']:>8.2f}"
+                             f"{metrics[f'{prefix}top5_{head}']:>8.2f}")
+    if 'teacher_top1' in metrics:
+        lines.append(f"{'teacher':<20}{metrics['teacher_top1']:>8.2f}{metrics['teacher_top5']:>8.2f}")
+    agree = f"; cls/shadow agreement {metrics['agree_cls_shadow']:.2f}%" if 'agree_cls_shadow' in metrics else ''
+    lines.append(f"{metrics['num_samples']} images, {metrics['images_per_sec']:.0f} images/s{agree}")
+    return '\n'.join(lines)
+
+
+def _student_keys(state: StateDict) -> StateDict:
+    """Keys of a `Student` (`model.` + timm's) from our checkpoints, DDP saves, exports or plain timm weights."""
+    state = clean_state_dict(state)  # strips DDP's `module.`
+    if not all(k.startswith('model.') for k in state):
+        state = {f'model.{k}': v for k, v in state.items()}
+    if 'model.reg_token' in state:  # a single-head export: its register token is the distillation token
+        state['model.dist_token'] = state.pop('model.reg_token')
+    return state
+
+
+def read_weights(path: Path) -> Tuple[StateDict, Optional[StateDict], Path]:
+    """Student weights (and EMA weights, if any) from a checkpoint folder, a run folder, an export folder or a file.
+
+    Returns:
+        (weights, EMA weights or None, the folder where `eval.json` goes)
+    """
+    path = Path(path)
+    if path.is_dir() and (path / 'checkpoints').is_dir():
+        found = complete_checkpoints(path / 'checkpoints')
+        if not found:
+            raise ConfigError(f'{path}/checkpoints holds no complete checkpoint.')
+        path = found[-1]
+    if path.is_dir():
+        weights = path / 'model.safetensors'
+        if not weights.is_file():
+            raise ConfigError(f'{path} holds no model.safetensors: pass a checkpoint folder (OUTPUT/checkpoints/'
+                              'update_N), a run folder, an export folder, or a weights file.')
+        ema = path / EMA_FILE
+        return (_student_keys(load_file(str(weights))),
+                _student_keys(load_file(str(ema))) if ema.is_file() else None, path)
+    if not path.is_file():
+        raise ConfigError(f"Nothing to evaluate at '{path}'.")
+    return _student_keys(read_state_dict(str(path))), None, path.parent
+
+
+def find_config(path: Path) -> Optional[Path]:
+    """The `config.yaml` of the run a checkpoint belongs to: next to it, or up to three folders above."""
+    path = Path(path).resolve()
+    for folder in [path if path.is_dir() else path.parent, *list(path.parents)[:3]]:
+        if (folder / 'config.yaml').is_file():
+            return folder / 'config.yaml'
+    return None
+
+
+def config_for(path: str, configs, overrides) -> DictConfig:
+    """The explicit `--config` files, else the checkpoint's own run config, then the overrides."""
+    if configs:
+        return load_config(configs, overrides)
+    found = find_config(Path(path))
+    if found is None:
+        raise ConfigError(f"No config.yaml next to or above '{path}': pass the recipe it was trained with, "
+                          '--config configs/NAME.yaml.')
+    cfg = load_config([str(found)], overrides)
+    cfg.train.output_dir = str(found.parent)  # the run folder, wherever the command is started from
+    return cfg
+
+
+def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]:
+    """`train.py --eval PATH`: the configured validation set, every head, EMA and teacher; a table and eval.json."""
+    cfg = config_for(path, configs, overrides)
+    acc = make_accelerator(cfg, trackers=False)
+    set_seed(cfg.train.seed)
+    splits = data.build_splits(cfg)
+    student = build_student(cfg, len(splits.classes))
+    weights, ema_weights, where = read_weights(Path(path))
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    with_shadow = not any(k.startswith('model.head_dist') for k in missing)
+    if unexpected or [k for k in missing if not k.startswith('model.head_dist')]:
+        raise ConfigError(f"The weights in '{path}' do not fit the configured student {cfg.model.name} "
+                          f'(missing {missing[:5]}, unexpected {unexpected[:5]}): pass the config it was trained with.')
+    ema = None
+    if ema_weights is not None:
+        ema = ModelEmaV3(student)
+        ema.module.load_state_dict(ema_weights)
+    student.to(acc.device)
+    pipe = build_pipeline(cfg, acc, splits, student)
+    teacher = get_teacher(cfg, acc, pipe, fit=False)
+    task = DistillationTask(student, teacher, None, None, pipe.mean, pipe.std).to(acc.device)
+    metrics = evaluate_student(student, ema, task, pipe.val_loader, acc, with_shadow=with_shadow)
+    metrics['checkpoint'] = str(path)
+    if (where / STATE_FILE).is_file():
+        metrics['update'] = json.loads((where / STATE_FILE).read_text())['update']
+    if acc.is_main_process:
+        (where / 'eval.json').write_text(json.dumps(metrics, indent=2))
+    log(acc, f'evaluation of {path} ({where}/eval.json):\n' + format_table(metrics))
+    return metrics
