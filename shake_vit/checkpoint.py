@@ -158,5 +158,5 @@ class Checkpointer:
         if self.ema is not None:
             if not (path / EMA_FILE).exists():
                 raise CheckpointError(f'{path} holds no EMA weights but train.ema is on; resume with train.ema=false.')
-            self.ema.module.load_state_dict(load_file(str(path / EMA_FILE), device=str(self.acc.device)))
+            self.ema.module.load_state_dict(load_file(str(path / EMA_FILE)))  # copied onto the EMA's device
         return progress

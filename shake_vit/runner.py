@@ -64,6 +64,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     student.set_shadow_trainable(trains_shadow(cfg))
     pipe = build_pipeline(cfg, acc, splits, student)
     teacher = get_teacher(cfg, acc, pipe)
+    set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
+    # fitted in this invocation or loaded
 
     optimizer, schedule, d = build_optimization(cfg, student, acc.num_processes, len(pipe.train_loader))
     log(acc, f'{cfg.loss.method}: {cfg.model.name} student, {len(splits.train)} train / {len(splits.val)} val images, '

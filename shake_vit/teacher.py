@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from accelerate import Accelerator
+from accelerate.utils import broadcast
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
@@ -64,6 +65,9 @@ def fit_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> Distillati
     for epoch in range(f.epochs):
         trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch)
     model = acc.unwrap_model(model)
+    # DDP syncs BatchNorm statistics from process 0 at the start of each forward, so after the last step every
+    # process holds its own; all must distill from one teacher, the one saved: process 0's.
+    model.load_state_dict(broadcast({k: v.contiguous() for k, v in model.state_dict().items()}, from_process=0))
     model.eval()
     metrics = evaluate(lambda x: {'teacher': model(x)}, pipe.val_loader, acc, desc='teacher eval')
     log(acc, f"fitted teacher: top-1 {metrics['teacher_top1']:.2f}% on {metrics['num_samples']} held-out images")

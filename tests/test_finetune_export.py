@@ -1,0 +1,126 @@
+"""Fine-tuning from saved timm ViT/DeiT weights of another size and class count, and export to plain timm."""
+import json
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from helpers import TINY, python_train, results
+from shake_vit.config import load_config
+from shake_vit.models import build_student, load_pretrained
+
+# Source weights: 64 px, 8-pixel patches (8x8 grid), 7 classes. The student: 32 px (4x4 grid), 10 digit classes.
+SOURCE = dict(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=7)
+STUDENT = ['data.name=digits', 'data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32',
+           'model.kwargs.depth=1', 'model.kwargs.num_heads=2']
+
+
+@pytest.fixture(scope='module')
+def saved_weights(tmp_path_factory):
+    """A real timm ViT saved as DeiT does ({'model': state dict}) and a distilled DeiT as .safetensors."""
+    root = tmp_path_factory.mktemp('weights')
+    torch.manual_seed(0)
+    vit = timm.create_model('deit_tiny_patch16_224', **SOURCE)
+    torch.save({'model': vit.state_dict(), 'epoch': 299}, root / 'vit.pth')
+    deit = timm.create_model('deit_tiny_distilled_patch16_224', **SOURCE)
+    save_file({k: v.contiguous() for k, v in deit.state_dict().items()}, str(root / 'deit.safetensors'))
+    return {'vit': (root / 'vit.pth', vit.state_dict()), 'deit': (root / 'deit.safetensors', deit.state_dict())}
+
+
+def test_plain_vit_weights_seed_the_distillation_token_and_shadow_head(saved_weights):
+    path, source = saved_weights['vit']
+    student = build_student(load_config(None, STUDENT), num_classes=10)
+    notes = load_pretrained(student, str(path))
+    m = student.model
+    assert torch.equal(m.dist_token, source['cls_token'])
+    assert m.pos_embed.shape == (1, 2 + 16, 32)
+    assert torch.equal(m.pos_embed[:, 0], m.pos_embed[:, 1])  # the dist token reuses the cls position
+    assert torch.allclose(m.pos_embed[:, 0], source['pos_embed'][:, 0])
+    assert torch.equal(m.blocks[0].attn.qkv.weight, source['blocks.0.attn.qkv.weight'])
+    assert m.head.out_features == 10  # 7 pretrained classes: heads start fresh
+    text = ' '.join(notes)
+    assert 'no distillation token' in text and 'position embedding resampled from a 8x8' in text
+    assert 'head re-initialised (7 pretrained outputs, 10 classes here)' in text
+
+
+def test_distilled_weights_keep_both_prefix_tokens_when_resampled(saved_weights):
+    path, source = saved_weights['deit']
+    student = build_student(load_config(None, STUDENT), num_classes=7)
+    notes = load_pretrained(student, str(path))
+    m = student.model
+    assert torch.equal(m.dist_token, source['dist_token'])
+    assert torch.equal(m.pos_embed[:, :2], source['pos_embed'][:, :2])  # prefix positions untouched
+    assert torch.equal(m.head_dist.weight, source['head_dist.weight'])  # same 7 classes: heads kept
+    assert not any('re-initialised' in n for n in notes)
+
+
+@pytest.mark.parametrize('which', ['vit', 'deit'])
+def test_finetuning_with_shake_from_saved_weights_trains_and_evaluates(saved_weights, which, tmp_path):
+    path, _ = saved_weights[which]
+    proc = python_train([*TINY, f'model.pretrained={path}', f'train.output_dir={tmp_path}'])
+    assert 'fine-tuning from' in proc.stdout and 'position embedding resampled' in proc.stdout
+    r = results(tmp_path)
+    assert r['num_samples'] == 360 and 'top1_cls' in r and 'teacher_top1' in r
+
+
+PLAIN_TIMM = '''
+import json, sys, timm, torch
+try:
+    import shake_vit
+    sys.exit('shake_vit must not be importable here')
+except ImportError:
+    pass
+d, x_path, out_path = sys.argv[1:]
+cfg = json.load(open(d + '/config.json'))
+overlay = dict(cfg['pretrained_cfg'], file=d + '/model.safetensors')  # its num_classes keeps the head
+model = timm.create_model(cfg['architecture'], pretrained=True, pretrained_cfg_overlay=overlay,
+                          **cfg['model_args']).eval()
+also = timm.create_model('local-dir:' + d, pretrained=True).eval()
+x = torch.load(x_path)
+with torch.no_grad():
+    torch.save({'logits': model(x), 'local_dir': also(x)}, out_path)
+'''
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp('trained')
+    python_train([*TINY, f'train.output_dir={out}'])
+    return out
+
+
+@pytest.mark.parametrize('head', ['cls', 'both'])
+def test_export_loads_in_plain_timm_with_the_trainers_logits(trained, head, tmp_path):
+    from safetensors.torch import load_file
+    export_dir = tmp_path / f'export_{head}'
+    proc = python_train(['--export', str(trained), '--export-head', head, '--export-dir', str(export_dir)])
+    assert 'exported' in proc.stdout
+    config = json.loads((export_dir / 'config.json').read_text())
+    assert config['architecture'] == ('deit_tiny_distilled_patch16_224' if head == 'both' else 'deit_tiny_patch16_224')
+    # The trainer's eval model: the saved student, cls head (SHAKE) or the DeiT average.
+    cfg = load_config([str(trained / 'config.yaml')])
+    student = build_student(cfg, 10)
+    student.load_state_dict(load_file(str(trained / 'student.safetensors')))
+    student.eval()
+    x = torch.randn(4, 3, 32, 32)
+    torch.save(x, tmp_path / 'x.pt')
+    with torch.no_grad():
+        s, h = student.forward_heads(x)
+    expected = s if head == 'cls' else (s + h) / 2
+    # A separate interpreter, isolated (-I) and run elsewhere: only timm, no shake_vit.
+    subprocess.run([sys.executable, '-I', '-c', PLAIN_TIMM, str(export_dir), str(tmp_path / 'x.pt'),
+                    str(tmp_path / 'out.pt')], cwd=tmp_path, check=True)
+    got = torch.load(tmp_path / 'out.pt')
+    assert torch.allclose(got['logits'], expected, atol=1e-5)
+    assert torch.allclose(got['local_dir'], expected, atol=1e-5)
+
+
+def test_eval_accepts_an_export(trained, tmp_path):
+    export_dir = tmp_path / 'exported'
+    python_train(['--export', str(trained), '--export-dir', str(export_dir)])
+    python_train(['--eval', str(export_dir)])
+    evaluated = json.loads((export_dir / 'eval.json').read_text())
+    assert evaluated['top1_cls'] == results(trained)['top1_cls'] and 'top1_shadow' not in evaluated
