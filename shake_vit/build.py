@@ -26,8 +26,12 @@ def make_accelerator(cfg: DictConfig, trackers: bool = True) -> Accelerator:
     # one (gloo) group only when told to use the CPU; otherwise each process would silently train alone.
     cpu = world_size > 1 and not torch.cuda.is_available()
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
-                      gradient_accumulation_steps=cfg.train.grad_accum,
-                      log_with='tensorboard' if trackers else None, project_dir=str(out))
+                      gradient_accumulation_steps=cfg.train.grad_accum, dynamo_backend='inductor' if
+                      cfg.train.compile else 'no', log_with='tensorboard' if trackers else None, project_dir=str(out))
+    if cfg.train.cpu_threads >= 0 and acc.device.type == 'cpu':
+        # `accelerate launch` sets OMP_NUM_THREADS=1 on machines without GPUs unless told otherwise.
+        local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        torch.set_num_threads(cfg.train.cpu_threads or max(1, (os.cpu_count() or 1) // local))
     if acc.num_processes != world_size:
         raise RuntimeError(f'The launcher started {world_size} processes but Accelerate joined {acc.num_processes}; '
                            'check the accelerate config (`accelerate env`).')

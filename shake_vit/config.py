@@ -88,6 +88,10 @@ class TeacherConfig:
     checkpoint: Optional[str] = None  # a local timm state dict (.pth/.pt/.bin/.safetensors)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)  # used when neither pretrained nor checkpoint
+    inference_mode: bool = True  # run the teacher under torch.inference_mode (else no_grad)
+    precision: str = 'auto'  # auto: follow train.mixed_precision | fp32 | bf16 | fp16 (teacher weights cast)
+    channels_last: bool = False  # channels-last memory format (CNN teachers on GPUs)
+    compile: bool = False  # torch.compile the teacher
 
 
 @dataclass
@@ -113,6 +117,7 @@ class OptimConfig:
     weight_decay: float = 0.05  # never on biases, norms, cls/dist tokens or position embeddings
     momentum: float = 0.9
     clip_grad: Optional[float] = None
+    fused: bool = True  # fused AdamW/Adam kernels when training on CUDA
     sched: str = 'cosine'
     warmup_epochs: float = 5
     warmup_lr: float = 1e-6
@@ -131,6 +136,8 @@ class TrainConfig:
     max_updates_per_epoch: int = 0  # > 0 cuts every epoch short (smoke tests)
     ema: bool = False
     ema_decay: float = 0.99996
+    compile: bool = False  # torch.compile the student (Accelerate's dynamo backend 'inductor')
+    cpu_threads: int = 0  # CPU-only runs: 0 = the machine's cores shared by its processes, -1 = leave as launched
 
 
 @dataclass
@@ -169,6 +176,7 @@ CHOICES = {
     'model.shadow_head': ('linear', 'mlp'),
     'model.predict': ('avg', 'cls'),
     'train.mixed_precision': ('no', 'bf16', 'fp16'),
+    'teacher.precision': ('auto', 'fp32', 'bf16', 'fp16'),
     'aug.re_mode': ('pixel', 'const', 'rand'),
     'aug.mixup_mode': ('batch', 'pair', 'elem'),
 }
@@ -219,6 +227,8 @@ def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequen
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _explain(err, cfg, f"override '{item}'") from None
+    if cfg.train.mixed_precision in ('False', 'false', 'off'):  # YAML and the command line read a bare `no` as false
+        cfg.train.mixed_precision = 'no'
     validate(cfg)
     return cfg
 

@@ -6,7 +6,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, skip_first_batches
 from timm.data import Mixup
 from timm.scheduler.scheduler import Scheduler
 from timm.task import TrainingTask
@@ -87,6 +87,33 @@ class Trainer:
         self._reset_sums()
         return values
 
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """One batch on the device: mixup, forward, backward, and every `grad_accum` batches an optimizer update.
+
+        Returns:
+            whether an update happened (then the lr, the EMA and the update count have moved).
+        """
+        acc, task = self.accelerator, self.task
+        if self.mixup is not None:
+            x, y = self.mixup(x, y)
+        with acc.accumulate(task.trainable_module):
+            with acc.autocast():
+                out = task(x, y)
+            acc.backward(out['loss'])
+            if acc.sync_gradients and self.clip_grad:
+                acc.clip_grad_norm_(task.trainable_module.parameters(), self.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self._accumulate(out, x.shape[0])
+        if not acc.sync_gradients:
+            return False
+        self.update += 1
+        if self.schedule is not None:
+            self.schedule.step_update(num_updates=self.update)
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(task.trainable_module), step=self.update)
+        return True
+
     def train_epoch(self, loader: DataLoader, epoch: int, num_updates: int, skip_batches: int = 0) -> Dict[str, float]:
         """Run `num_updates` updates of one epoch (minus `skip_batches` batches already done before a resume).
 
@@ -98,32 +125,15 @@ class Trainer:
         loader.sampler.set_epoch(epoch)
         num_batches = num_updates * acc.gradient_accumulation_steps  # whole updates only: the lr stays exact
         if skip_batches:
-            from accelerate import skip_first_batches
             loader = skip_first_batches(loader, skip_batches)
         bar = progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
                        disable=not acc.is_local_main_process)
         last: Dict[str, float] = {}
         for x, y in islice(loader, num_batches - skip_batches):
-            x, y = x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
-            if self.mixup is not None:
-                x, y = self.mixup(x, y)
-            with acc.accumulate(task.trainable_module):
-                with acc.autocast():
-                    out = task(x, y)
-                acc.backward(out['loss'])
-                if acc.sync_gradients and self.clip_grad:
-                    acc.clip_grad_norm_(task.trainable_module.parameters(), self.clip_grad)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self._accumulate(out, x.shape[0])
+            updated = self.step(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
             bar.update()
-            if not acc.sync_gradients:
+            if not updated:
                 continue
-            self.update += 1
-            if self.schedule is not None:
-                self.schedule.step_update(num_updates=self.update)
-            if self.ema is not None:
-                self.ema.update(acc.unwrap_model(task.trainable_module), step=self.update)
             if self.update % self.log_interval == 0:
                 last = self.flush()
                 bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")

@@ -19,7 +19,7 @@ from .config import ConfigError, load_config
 from .engine import evaluate
 from .models import Student, build_student, read_state_dict
 from .tasks import DistillationTask
-from .teacher import get_teacher
+from .teacher import get_teacher, speed_up, teacher_options
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 StateDict = Dict[str, torch.Tensor]
@@ -140,8 +140,8 @@ def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]
         ema.module.load_state_dict(ema_weights)
     student.to(acc.device)
     pipe = build_pipeline(cfg, acc, splits, student)
-    teacher = get_teacher(cfg, acc, pipe, fit=False)
-    task = DistillationTask(student, teacher, None, None, pipe.mean, pipe.std).to(acc.device)
+    teacher = speed_up(get_teacher(cfg, acc, pipe, fit=False), cfg)
+    task = DistillationTask(student, teacher, None, None, pipe.mean, pipe.std, **teacher_options(cfg)).to(acc.device)
     metrics = evaluate_student(student, ema, task, pipe.val_loader, acc, with_shadow=with_shadow)
     metrics['checkpoint'] = str(path)
     if (where / STATE_FILE).is_file():

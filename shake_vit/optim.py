@@ -14,7 +14,11 @@ def build_optimizer(o: DictConfig, model: nn.Module, lr: float,
     """timm's optimizer factory; `filter_bias_and_bn` plus the model's `no_weight_decay()` keep weight decay off
     biases, norm weights, the cls/dist tokens and the position embeddings."""
     wd = o.weight_decay if weight_decay is None else weight_decay
-    return create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=wd, momentum=o.momentum, filter_bias_and_bn=True)
+    extra = {}
+    if o.fused and torch.cuda.is_available() and o.opt.lower() in ('adamw', 'adam'):
+        extra['fused'] = True  # one kernel per step instead of one per parameter tensor
+    return create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=wd, momentum=o.momentum, filter_bias_and_bn=True,
+                               **extra)
 
 
 def build_schedule(o: DictConfig, optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int,

@@ -17,7 +17,7 @@ from .evaluation import evaluate_student, format_table
 from .models import build_student, load_pretrained, student_kwargs
 from .preemption import StopRequest
 from .tasks import DistillationTask, loss_fn, trains_shadow
-from .teacher import get_teacher
+from .teacher import get_teacher, speed_up, teacher_options
 
 
 def run_identity(cfg: DictConfig, num_classes: int, num_processes: int) -> Dict[str, Any]:
@@ -63,7 +63,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
             log(acc, f'fine-tuning from {cfg.model.pretrained}: {note}')
     student.set_shadow_trainable(trains_shadow(cfg))
     pipe = build_pipeline(cfg, acc, splits, student)
-    teacher = get_teacher(cfg, acc, pipe)
+    teacher = speed_up(get_teacher(cfg, acc, pipe), cfg)
     set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
     # fitted in this invocation or loaded
 
@@ -72,7 +72,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
              f'{pipe.num_classes} classes; {d.describe()}')
     prepared, optimizer = acc.prepare(student, optimizer)
     ema = ModelEmaV3(student, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    task = DistillationTask(prepared, teacher, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std).to(acc.device)
+    task = DistillationTask(prepared, teacher, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std,
+                            **teacher_options(cfg)).to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes), ema=ema,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
     ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, cfg.ckpt.metric)

@@ -50,17 +50,27 @@ class DistillationTask(TrainingTask):
         criterion: label loss on class indices or mixup soft targets.
         mean: the student's input normalisation mean, re-applied for a teacher normalised differently.
         std: likewise the std.
+        inference_mode: run the teacher under `torch.inference_mode` rather than `no_grad`.
+        teacher_dtype: the teacher's own precision (its weights already cast), outside autocast; None follows autocast.
+        channels_last: feed the teacher channels-last inputs (its weights already converted).
     """
 
     def __init__(self, student: nn.Module, teacher: Optional[DistillationTeacher], loss: LossFn,
-                 criterion: nn.Module, mean, std):
+                 criterion: nn.Module, mean, std, inference_mode: bool = True,
+                 teacher_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
         super().__init__(verbose=False)
+        self.inference_mode, self.teacher_dtype, self.channels_last = inference_mode, teacher_dtype, channels_last
         self.trainable_module = student
         self.teacher = teacher
         self.loss = loss
         self.criterion = criterion
-        self.register_buffer('student_mean', torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('student_std', torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        self.register_buffer('student_mean', mean, persistent=False)
+        self.register_buffer('student_std', std, persistent=False)
+        # Decided once here: DistillationTeacher.normalize_input compares the tensors on every call, a host-device
+        # synchronisation per step on a GPU.
+        self.renormalize = teacher is not None and not (
+            torch.equal(mean, teacher.mean_kd.cpu()) and torch.equal(std, teacher.std_kd.cpu()))
 
     def train(self, mode: bool = True) -> 'DistillationTask':
         super().train(mode)
@@ -68,11 +78,23 @@ class DistillationTask(TrainingTask):
             self.teacher.eval()  # BatchNorm statistics of the teacher must never move
         return self
 
-    @torch.no_grad()
     def teacher_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Teacher logits [B, K] for student-normalised images [B, C, H, W]; never part of the autograd graph."""
         if self.teacher is None:
             return None
-        return self.teacher(self.teacher.normalize_input(x, self.student_mean, self.student_std))
+        with torch.inference_mode() if self.inference_mode else torch.no_grad():
+            if self.renormalize:  # from the student's normalisation to the teacher's
+                x = (x * self.student_std + self.student_mean - self.teacher.mean_kd) / self.teacher.std_kd
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.teacher_dtype is None:
+                t = self.teacher(x)
+            else:
+                with torch.autocast(x.device.type, enabled=False):
+                    t = self.teacher(x.to(self.teacher_dtype))
+            t = t.float()
+        # An inference-mode tensor cannot be saved for the student's backward: a normal copy ([B, K], cheap) can.
+        return t.clone() if self.inference_mode else t
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         s, h = self.trainable_module(input)

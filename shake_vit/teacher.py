@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
 from omegaconf import DictConfig, OmegaConf
@@ -77,6 +78,30 @@ def fit_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> Distillati
     acc.wait_for_everyone()
     acc.free_memory()  # drop Accelerate's references so the student's checkpoints hold the student alone
     return freeze(model).to(acc.device)
+
+
+DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def teacher_options(cfg: DictConfig) -> Dict[str, Any]:
+    """The DistillationTask arguments that set how the teacher runs."""
+    t = cfg.teacher
+    return {'inference_mode': t.inference_mode, 'teacher_dtype': DTYPES.get(t.precision),
+            'channels_last': t.channels_last}
+
+
+def speed_up(teacher: Optional[DistillationTeacher], cfg: DictConfig) -> Optional[DistillationTeacher]:
+    """Apply the configured fast path to a frozen teacher: precision, memory format, torch.compile."""
+    if teacher is None:
+        return None
+    t = cfg.teacher
+    if t.precision in DTYPES:
+        teacher.model.to(DTYPES[t.precision])
+    if t.channels_last:
+        teacher.model.to(memory_format=torch.channels_last)
+    if t.compile:
+        teacher.compile()
+    return teacher
 
 
 def get_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = True) -> Optional[DistillationTeacher]:

@@ -61,3 +61,10 @@ def test_hparams_for_tensorboard_are_flat_scalars():
     flat = flat_hparams(load_config(None, ['model.kwargs.depth=2']))
     assert flat['model.kwargs.depth'] == 2 and flat['optim.lr'] == 'None'
     assert all(isinstance(v, (bool, str, int, float)) for v in flat.values())
+
+
+def test_mixed_precision_no_survives_yaml_reading_it_as_false(tmp_path):
+    assert load_config(None, ['train.mixed_precision=no']).train.mixed_precision == 'no'
+    recipe = tmp_path / 'r.yaml'
+    recipe.write_text('train:\n  mixed_precision: no\n')
+    assert load_config(str(recipe)).train.mixed_precision == 'no'

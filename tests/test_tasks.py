@@ -54,13 +54,17 @@ def test_kd_freezes_the_unused_shadow_head():
 
 
 def test_teacher_input_is_renormalised_when_its_mean_and_std_differ():
-    task = make_task('shake')
-    task.teacher.mean_kd.fill_(0.5)
-    task.teacher.std_kd.fill_(0.5)
+    cfg = load_config(None, TINY)
+    teacher = freeze(timm.create_model('test_byobnet', num_classes=4))
+    teacher.mean_kd.fill_(0.5)
+    teacher.std_kd.fill_(0.5)
+    task = DistillationTask(build_student(cfg, num_classes=4), teacher, loss_fn(cfg), None, MEAN, STD)
+    assert task.renormalize
     pixels = torch.rand(2, 3, 32, 32)
     student_input = (pixels - task.student_mean) / task.student_std
-    expected = task.teacher.model((pixels - 0.5) / 0.5)
+    expected = teacher.model((pixels - 0.5) / 0.5)
     assert torch.allclose(task.teacher_logits(student_input), expected, atol=1e-5)
+    assert not make_task('shake').renormalize  # same ImageNet statistics: the input goes through untouched
 
 
 def test_default_temperatures_follow_each_method():

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One prepared GPU run, under 8 minutes: the training-step table of docs/benchmarks.md on the DeiT setting (DeiT-S
+# student, RegNetY-16GF teacher, 224 px, bf16, batch 256) with model FLOPs utilisation, each fast-path switch, and the
+# loader's images/s on the machine's cores. Writes the tables to $OUT (default benchmarks/out).
+#   bash benchmarks/gpu.sh
+# The lent GPU machines hold PyTorch but may lack this project's pins (timm>=1.0.31 for timm.task, omegaconf): put
+# their wheels in .whl/ (see docs/benchmarks.md) and carry that folder; they are installed to /tmp/site first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
+OUT=${OUT:-benchmarks/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+bench() { python3 benchmarks/step_throughput.py --preset gpu --steps 10 --warmup 5 --repeats 5 "$@"; }
+bench | tee "$OUT/step.md"
+bench --methods deit_hard shake --variant teacher.inference_mode=false --variant teacher.precision=bf16 \
+  --variant teacher.channels_last=true --variant optim.fused=false | tee "$OUT/fast_path.md"
+bench --methods deit_hard shake --variant train.compile=true --variant teacher.compile=true | tee "$OUT/compile.md"
+python3 benchmarks/data_throughput.py --workers "$(nproc)" --batch-size 256 --batches 20 | tee "$OUT/data.md"
