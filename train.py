@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     from shake_vit.checkpoint import CheckpointError
+    from shake_vit.engine import NonFiniteLoss
     try:
         if args.eval:
             from shake_vit.evaluation import evaluate_checkpoint
@@ -81,6 +82,11 @@ def main(argv=None) -> int:
             raise
         print(f'error: {err}', file=sys.stderr)
         return 2
+    except NonFiniteLoss as err:
+        if args.debug:
+            raise
+        print(f'error: {err}', file=sys.stderr)
+        return 3
     return 0
 
 

@@ -13,7 +13,7 @@ from timm.loss import create_classification_loss
 from torch.utils.data import DataLoader
 
 from . import data
-from .config import derive, flat_hparams, mixup_active, save_config
+from .config import ConfigError, derive, flat_hparams, mixup_active, save_config
 from .models import Student
 from .optim import build_optimizer, build_schedule
 
@@ -37,8 +37,12 @@ def make_accelerator(cfg: DictConfig, trackers: bool = True) -> Accelerator:
                            'check the accelerate config (`accelerate env`).')
     if trackers:
         if acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / 'config.yaml')
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                save_config(cfg, out / 'config.yaml')
+            except OSError as err:
+                raise ConfigError(f"train.output_dir '{out}' is not writable ({err.strerror}): point it at a folder "
+                                  'you can write to (train.output_dir=/path/to/runs/NAME).') from None
         acc.init_trackers('tensorboard', config=flat_hparams(cfg))
     return acc
 

@@ -9,6 +9,7 @@ Everything is read back with `weights_only=True` or from `.safetensors`.
 import json
 import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -37,6 +38,16 @@ class Progress:
     metrics: Dict[str, float] = field(default_factory=dict)  # the latest evaluation
     best: Optional[float] = None  # best value of the tracked metric so far
     run: Dict[str, Any] = field(default_factory=dict)  # what must match on resume (architecture, classes, ...)
+
+
+def fault_hook(point: str, update: int) -> None:
+    """Fault injection for tests/test_reliability.py: SHAKE_VIT_KILL=point:update SIGKILLs this process there.
+
+    'save:N' dies inside the save of update N, after every file is written and before the rename; 'update:N' dies
+    right after update N. Unset (always, outside those tests) it does nothing.
+    """
+    if os.environ.get('SHAKE_VIT_KILL') == f'{point}:{update}':
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,6 +123,7 @@ class Checkpointer:
                 f"the partial files were removed and the newest complete checkpoint is "
                 f"{newest[-1] if newest else 'none'}. Free disk space in {self.root} (or point "
                 'train.output_dir elsewhere) and resume with --resume auto.')
+        fault_hook('save', progress.update)
         if acc.is_main_process:
             if final.exists():  # the same update saved again (e.g. after a resume): the new one replaces it
                 shutil.rmtree(final)

@@ -30,6 +30,7 @@ class DataConfig:
     val_fraction: float = 0.2  # digits: held-out share when num_folds == 0
     num_folds: int = 0  # digits: k-fold cross-validation when > 1 (fold picks the held-out fold)
     fold: int = 0
+    inner_val_fraction: float = 0.0  # digits: > 0 evaluates on this share of the training split, never the test split
     split_seed: int = 0  # digits: seeds the split, so teacher and students see the same one
     num_workers: int = 8
     pin_memory: bool = True
@@ -137,6 +138,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.99996
     compile: bool = False  # torch.compile the student (Accelerate's dynamo backend 'inductor')
+    trust_pickled_files: bool = False  # allow checkpoints that need arbitrary unpickling (only for trusted files)
     cpu_threads: int = 0  # CPU-only runs: 0 = the machine's cores shared by its processes, -1 = leave as launched
 
 
@@ -265,6 +267,7 @@ def validate(cfg: DictConfig) -> None:
     _check(d.img_size >= 8, 'data.img_size', d.img_size, 'at least 8 pixels')
     _check(0 < d.val_fraction < 1, 'data.val_fraction', d.val_fraction, 'between 0 and 1')
     _check(d.num_folds == 0 or d.num_folds >= 2, 'data.num_folds', d.num_folds, '0 (a holdout split) or >= 2')
+    _check(0 <= d.inner_val_fraction < 1, 'data.inner_val_fraction', d.inner_val_fraction, 'in [0, 1)')
     _check(d.num_folds == 0 or 0 <= d.fold < d.num_folds, 'data.fold', d.fold,
            f'in [0, data.num_folds={d.num_folds})')
     _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, 'aug.scale', list(a.scale),

@@ -58,6 +58,9 @@ def digits_splits(cfg: DictConfig) -> Splits:
     else:
         train_idx, val_idx = train_test_split(index, test_size=d.val_fraction, stratify=targets,
                                               random_state=d.split_seed)
+    if d.inner_val_fraction:  # model selection: hold out part of the training split, leave the test split unseen
+        train_idx, val_idx = train_test_split(train_idx, test_size=d.inner_val_fraction,
+                                              stratify=targets[train_idx], random_state=d.split_seed)
     return Splits(ArrayImages(images[train_idx], targets[train_idx]), ArrayImages(images[val_idx], targets[val_idx]),
                   [str(c) for c in digits.target_names])
 

@@ -54,12 +54,19 @@ class Trainer:
         self._reset_sums()
 
     def _reset_sums(self) -> None:
+        # Device scalars: the batches seen and the first batch whose loss was not finite (-1: none), kept without
+        # a host synchronisation so that a NaN can be reported with its update at the next log point.
+        self._batches = torch.zeros((), dtype=torch.int64, device=self.accelerator.device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=self.accelerator.device)
         self._sums: Dict[str, torch.Tensor] = {}
         self._steps = 0
         self._images = 0
         self._since = time.perf_counter()
 
     def _accumulate(self, out: Dict[str, torch.Tensor], batch: int) -> None:
+        self._batches += 1
+        bad = ~torch.isfinite(out['loss'].detach()) & (self._first_bad < 0)
+        self._first_bad = torch.where(bad, self._batches, self._first_bad)
         for name, value in out.items():
             if value.ndim == 0:  # scalars are loss terms; logits are left to evaluation
                 value = value.detach().float()
@@ -74,12 +81,16 @@ class Trainer:
         names = sorted(self._sums)
         means = self.accelerator.reduce(torch.stack([self._sums[n] for n in names]), 'mean') / self._steps
         values = dict(zip(names, means.tolist()))  # the one host sync of the interval
-        bad = [n for n in names if not torch.isfinite(torch.tensor(values[n]))]
-        if bad:
+        bad = [n for n in names if n != 'loss' and not torch.isfinite(torch.tensor(values[n]))]
+        if bad or not torch.isfinite(torch.tensor(values['loss'])):
+            first = int(self._first_bad.item())  # batches since the last log point
+            accum = self.accelerator.gradient_accumulation_steps
+            at = self.update - (self._steps - first) // accum if first > 0 else self.update
             raise NonFiniteLoss(
-                f"Loss term(s) {', '.join(bad)} became NaN or infinite in the {self._steps} steps before update "
-                f'{self.update} ({self.tag}). The last checkpoint was saved before this; lower the lr '
-                '(optim.lr / optim.base_lr), enable optim.clip_grad, or use train.mixed_precision=bf16 instead of fp16.')
+                f"Loss term(s) {', '.join(bad) or 'loss'} became NaN or infinite at update {at} ({self.tag}); the "
+                f'run stopped at update {self.update}, and the checkpoints already written predate it (none is written '
+                'from these weights). Lower the lr (optim.lr / optim.base_lr), set optim.clip_grad, or use '
+                'train.mixed_precision=bf16 rather than fp16; then resume with --resume auto.')
         elapsed = time.perf_counter() - self._since
         values['lr'] = current_lr(self.optimizer)
         values['images_per_sec'] = self._images / max(elapsed, 1e-9)

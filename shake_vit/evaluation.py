@@ -74,7 +74,7 @@ def _student_keys(state: StateDict) -> StateDict:
     return state
 
 
-def read_weights(path: Path) -> Tuple[StateDict, Optional[StateDict], Path]:
+def read_weights(path: Path, trusted: bool = False) -> Tuple[StateDict, Optional[StateDict], Path]:
     """Student weights (and EMA weights, if any) from a checkpoint folder, a run folder, an export folder or a file.
 
     Returns:
@@ -96,7 +96,7 @@ def read_weights(path: Path) -> Tuple[StateDict, Optional[StateDict], Path]:
                 _student_keys(load_file(str(ema))) if ema.is_file() else None, path)
     if not path.is_file():
         raise ConfigError(f"Nothing to evaluate at '{path}'.")
-    return _student_keys(read_state_dict(str(path))), None, path.parent
+    return _student_keys(read_state_dict(str(path), trusted)), None, path.parent
 
 
 def find_config(path: Path) -> Optional[Path]:
@@ -128,7 +128,7 @@ def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]
     set_seed(cfg.train.seed)
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
-    weights, ema_weights, where = read_weights(Path(path))
+    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
     missing, unexpected = student.load_state_dict(weights, strict=False)
     with_shadow = not any(k.startswith('model.head_dist') for k in missing)
     if unexpected or [k for k in missing if not k.startswith('model.head_dist')]:

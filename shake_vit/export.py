@@ -46,7 +46,7 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
            use_ema: bool = False) -> Path:
     """`train.py --export PATH`: write the plain timm model and check it reproduces the student's logits."""
     cfg = config_for(path, configs, overrides)
-    weights, ema_weights, where = read_weights(Path(path))
+    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
     if use_ema:
         if ema_weights is None:
             raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")

@@ -78,10 +78,10 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
     return Student(model, predict=m.predict)
 
 
-def pretrained_state_dict(source: str) -> Dict[str, torch.Tensor]:
+def pretrained_state_dict(source: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
     """Weights named by `model.pretrained`: a local file, or a timm model name with its tag (downloads once)."""
     if Path(source).is_file():
-        state = read_state_dict(source)
+        state = read_state_dict(source, trusted)
         if state and all(k.startswith('model.') for k in state):  # this trainer's own student weights
             state = {k[len('model.'):]: v for k, v in state.items()}
         return state
@@ -139,9 +139,9 @@ def adapt_pretrained(state: Dict[str, torch.Tensor], model: nn.Module) -> Tuple[
     return state, notes
 
 
-def load_pretrained(student: Student, source: str) -> List[str]:
+def load_pretrained(student: Student, source: str, trusted: bool = False) -> List[str]:
     """Initialise the student from `model.pretrained`; returns what had to be adapted."""
-    state, notes = adapt_pretrained(pretrained_state_dict(source), student.model)
+    state, notes = adapt_pretrained(pretrained_state_dict(source, trusted), student.model)
     missing, unexpected = student.model.load_state_dict(state, strict=False)
     fresh = {k for k in missing if k.split('.')[0] in ('head', 'head_dist')}
     if set(missing) - fresh or unexpected:
@@ -183,15 +183,28 @@ def build_teacher_model(cfg: DictConfig, num_classes: int, pretrained: bool = Fa
     return model
 
 
-def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
+def read_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
     """A state dict from a local file: `.safetensors`, or a torch file read with `weights_only=True`.
 
     timm's `load_state_dict` unwraps `{'state_dict': ...}` and DeiT's `{'model': ...}` and strips `module.`;
-    `use_ema=False` because timm otherwise silently prefers EMA weights when a checkpoint has both.
+    `use_ema=False` because timm otherwise silently prefers EMA weights when a checkpoint has both. A file that needs
+    arbitrary unpickling (which can run code from the file) is refused unless `trusted`
+    (`train.trust_pickled_files=true`).
     """
     if not Path(path).is_file():
         raise ConfigError(f"Checkpoint '{path}' does not exist.")
-    return load_state_dict(path, use_ema=False, weights_only=True)
+    try:
+        return load_state_dict(path, use_ema=False, weights_only=not trusted)
+    except Exception as err:  # torch, zip, pickle and safetensors each raise their own types for a bad file
+        msg = str(err)
+        if 'Unsupported globals' in msg:
+            found = msg.split('Unsupported globals:', 1)[1].split('. No automatic')[0].strip()
+            raise ConfigError(
+                f"'{path}' stores Python objects besides tensors ({found}); unpickling them could run code from "
+                'the file, so it was refused. If you trust its source, set train.trust_pickled_files=true, or '
+                'convert it once to .safetensors.') from None
+        raise ConfigError(f"'{path}' is not a readable checkpoint (a PyTorch or .safetensors state dict): "
+                          f"{type(err).__name__}: {msg.splitlines()[0][:200]}. Is the file complete?") from None
 
 
 def freeze(model: nn.Module) -> DistillationTeacher:
@@ -206,5 +219,16 @@ def load_teacher(cfg: DictConfig, num_classes: int, path: Optional[str] = None) 
     if path is None:
         return freeze(build_teacher_model(cfg, num_classes, pretrained=True))
     model = build_teacher_model(cfg, num_classes)
-    model.load_state_dict(read_state_dict(path))
+    state = read_state_dict(path, cfg.train.trust_pickled_files)
+    classifier = model.pretrained_cfg.get('classifier', 'head')  # timm names its head here: 'fc', 'head.fc', ...
+    head = state.get(f'{classifier}.weight')
+    if head is not None and head.shape[0] != num_classes:
+        raise ConfigError(f"The teacher checkpoint '{path}' predicts {head.shape[0]} classes but the data has "
+                          f'{num_classes}: give a teacher trained on these classes, or drop teacher.checkpoint to '
+                          'let the trainer fit one on the training split.')
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{cfg.teacher.name}' "
+                          f"({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs.") from None
     return freeze(model)

@@ -11,7 +11,7 @@ from timm.utils import ModelEmaV3
 
 from . import data
 from .build import build_optimization, build_pipeline, criterion, log, make_accelerator
-from .checkpoint import Checkpointer, CheckpointError, Progress
+from .checkpoint import Checkpointer, CheckpointError, Progress, fault_hook
 from .engine import Trainer
 from .evaluation import evaluate_student, format_table
 from .models import build_student, load_pretrained, student_kwargs
@@ -59,7 +59,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
     if cfg.model.pretrained and not resume:
-        for note in load_pretrained(student, cfg.model.pretrained):
+        for note in load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files):
             log(acc, f'fine-tuning from {cfg.model.pretrained}: {note}')
     student.set_shadow_trainable(trains_shadow(cfg))
     pipe = build_pipeline(cfg, acc, splits, student)
@@ -98,10 +98,12 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     def after_update() -> bool:
         """Mid-epoch checkpoints, and the stop on SIGTERM/SIGINT (after saving)."""
         done = trainer.update - epoch_start_update
+        fault_hook('update', trainer.update)
         stopping = stop.should_stop(trainer.update)
         interval = cfg.ckpt.interval_updates and trainer.update % cfg.ckpt.interval_updates == 0
         if (stopping or interval) and done < d.updates_per_epoch:  # an epoch's last update is saved after its eval
             progress.batches_done, progress.update = done * accum, trainer.update
+            trainer.flush()  # raises on a NaN/inf loss term: a checkpoint is never written from broken weights
             ckpt.save(progress)
         return stopping
 

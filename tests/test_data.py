@@ -85,6 +85,12 @@ def test_digits_split_is_stratified_fixed_and_kfold_covers_everything():
         seen += [img.tobytes() for img in s.val.images]
         assert len(s.train) + len(s.val) == 1797
     assert len(seen) == 1797
+    test_fold = data.build_splits(load_config(None, ['data.name=digits', 'data.num_folds=5', 'data.fold=0']))
+    inner = data.build_splits(load_config(None, ['data.name=digits', 'data.num_folds=5', 'data.fold=0',
+                                                 'data.inner_val_fraction=0.2']))
+    test_images = {img.tobytes() for img in test_fold.val.images}
+    assert len(inner.train) + len(inner.val) == len(test_fold.train)
+    assert not test_images & {img.tobytes() for img in [*inner.train.images, *inner.val.images]}
 
 
 def test_imagefolder_errors_name_the_problem(tmp_path, imagefolder):

@@ -1,0 +1,244 @@
+"""Does SHAKE beat the baselines? A k-fold, multi-seed ablation on the digits data set, with the paper's sensitivity grid.
+
+    python benchmarks/ablation.py                 # the full study (about an hour on 2 CPU cores)
+    python benchmarks/ablation.py --smoke         # one fold, one seed, one epoch (what tests/test_ablation.py runs)
+
+Protocol. Every run is `shake_vit.runner.train` with the quick-start recipe made smaller (configs/quickstart.yaml plus
+STUDY below). The 1,797 images are split into stratified folds; each fold is the test set once. One teacher is fitted
+per training split and shared by every method. Each (method, fold, seed) is one run; a method is compared with `none`
+and `deit_hard` run by run on the same fold and seed (paired differences, 95% t-interval). The sensitivity grid
+(lambda x T for `shake`) never sees the test folds: it trains on 80% of each training fold and is scored on the other
+20% (`data.inner_val_fraction`), which is how a setting would be chosen. Wall time per method is the training time
+relative to `kd`.
+
+Writes OUT/runs.json (one record per run, reused when the study is rerun), and, unless --smoke, docs/results/
+ablation.md, ablation.json and ablation.png.
+"""
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASE = str(ROOT / 'configs' / 'quickstart.yaml')
+# The quick start, cheaper per run: a 64-wide student for 25 epochs, one CPU thread per run (two runs in parallel).
+STUDY = ['model.kwargs.embed_dim=64', 'train.epochs=25', 'eval.interval=25', 'train.log_interval=50',
+         'ckpt.keep_last=1', 'train.cpu_threads=1', 'data.num_workers=0']
+METHODS = {
+    'none': ['loss.method=none'],
+    'deit_hard': ['loss.method=deit_hard'],
+    'deit_soft': ['loss.method=deit_soft'],
+    'kd': ['loss.method=kd'],
+    'shake': ['loss.method=shake'],
+    'shake_authors': ['loss.method=shake', 'loss.standardize=true', 'loss.teacher_loss=mse', 'loss.shadow_ce=1'],
+}
+GRID = [(lam, T) for lam in (0.5, 1.0, 2.0) for T in (1.0, 4.0)]
+HEADS = ('cls', 'shadow', 'avg')
+
+
+def job(name: str, overrides: List[str], out: Path) -> dict:
+    """One training run in this process; returns its record (cached in OUT/records/NAME.json)."""
+    record_path = out / 'records' / f'{name}.json'
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    os.environ.setdefault('OMP_NUM_THREADS', '1')
+    from shake_vit.config import load_config
+    from shake_vit.runner import train
+    cfg = load_config([BASE], [*STUDY, *overrides, f'train.output_dir={out / "runs" / name}'])
+    start = time.perf_counter()
+    results = train(cfg)
+    record = {'name': name, 'overrides': overrides, 'wall_s': time.perf_counter() - start,
+              **{k: results.get(k) for k in ('top1_cls', 'top1_shadow', 'top1_avg', 'teacher_top1', 'num_samples',
+                                             'train_images_per_sec')}}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
+    return record
+
+
+def _run(args) -> dict:
+    return job(*args)
+
+
+def teacher_job(fold: int, num_folds: int, inner: bool, out: Path, epochs: int) -> tuple:
+    """Fit the fold's teacher through a `none` run's teacher phase: a 1-epoch student run that fits and saves it."""
+    name = f'teacher_f{fold}' + ('_inner' if inner else '')
+    split = [f'data.num_folds={num_folds}', f'data.fold={fold}'] + (['data.inner_val_fraction=0.2'] if inner else [])
+    job(name, [*split, 'loss.method=shake', 'train.epochs=1', 'eval.interval=1', f'teacher.fit.epochs={epochs}'], out)
+    return name, out / 'runs' / name / 'teacher.safetensors'
+
+
+def paired(a: List[float], b: List[float]) -> dict:
+    """Mean of the run-by-run differences a - b with a 95% t-interval."""
+    from scipy import stats
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    if len(d) < 2:
+        return {'mean': mean, 'ci95': [float('nan'), float('nan')], 'n': len(d)}
+    half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return {'mean': mean, 'ci95': [mean - half, mean + half], 'n': len(d)}
+
+
+def summarise(records: Dict[str, dict], folds: int, seeds: int, sens_seeds: int) -> dict:
+    keys = [(f, s) for f in range(folds) for s in range(seeds)]
+    main = {}
+    for m in METHODS:
+        runs = [records[f'{m}_f{f}_s{s}'] for f, s in keys]
+        main[m] = {h: {'mean': statistics.fmean(r[f'top1_{h}'] for r in runs),
+                       'std': statistics.stdev(r[f'top1_{h}'] for r in runs) if len(runs) > 1 else 0.0,
+                       'runs': [r[f'top1_{h}'] for r in runs]} for h in HEADS}
+        main[m]['images_per_sec'] = statistics.median(r['train_images_per_sec'] for r in runs)
+    for m in METHODS:
+        for ref in ('none', 'deit_hard'):
+            main[m][f'vs_{ref}'] = {h: paired(main[m][h]['runs'], main[ref][h]['runs']) for h in HEADS}
+        main[m]['time_vs_kd'] = main['kd']['images_per_sec'] / main[m]['images_per_sec']
+    grid = {}
+    for lam, T in GRID:
+        runs = [records[f'grid_l{lam}_t{T}_f{f}_s{s}'] for f in range(folds) for s in range(sens_seeds)]
+        grid[f'{lam},{T}'] = {h: statistics.fmean(r[f'top1_{h}'] for r in runs) for h in HEADS}
+    teachers = [records[f'teacher_f{f}']['teacher_top1'] for f in range(folds)]
+    return {'main': main, 'grid': grid, 'teacher_top1': teachers}
+
+
+def figure(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={'width_ratios': [2, 1]})
+    methods = list(summary['main'])
+    width = 0.26
+    for i, h in enumerate(HEADS):
+        means = [summary['main'][m][h]['mean'] for m in methods]
+        stds = [summary['main'][m][h]['std'] for m in methods]
+        ax.bar([j + (i - 1) * width for j in range(len(methods))], means, width, yerr=stds, capsize=3, label=f'{h} head')
+    ax.set_xticks(range(len(methods)), methods, rotation=15)
+    lo = min(summary['main'][m][h]['mean'] - summary['main'][m][h]['std'] for m in methods for h in HEADS)
+    ax.set_ylim(max(0, lo - 2), 100)
+    ax.set_ylabel('test top-1 (%), mean +- std over folds x seeds')
+    ax.set_title('Digits, k-fold x seeds')
+    ax.legend(loc='lower right')
+    lams, temps = sorted({l for l, _ in GRID}), sorted({t for _, t in GRID})
+    cells = [[summary['grid'][f'{l},{t}']['cls'] for l in lams] for t in temps]
+    im = bx.imshow(cells, cmap='viridis')
+    bx.set_xticks(range(len(lams)), [f'lambda={l}' for l in lams])
+    bx.set_yticks(range(len(temps)), [f'T={t:g}' for t in temps])
+    for r, row in enumerate(cells):
+        for c, v in enumerate(row):
+            bx.text(c, r, f'{v:.2f}', ha='center', va='center', color='white')
+    bx.set_title('SHAKE cls head, inner validation (%)')
+    fig.colorbar(im, ax=bx, shrink=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(summary: dict, args, command: str, elapsed: float) -> str:
+    main, lines = summary['main'], []
+    lines += ['# SHAKE against the baselines on digits', '',
+              f'Command: `{command}`  ', f'Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), '
+              f'two runs in parallel, one thread each; {date.today().isoformat()}; {elapsed / 60:.0f} min in all.', '',
+              f'Protocol: {args.folds}-fold stratified cross-validation over all 1,797 images x {args.seeds} seeds '
+              f'({args.folds * args.seeds} runs per method; every image is tested once per seed). Student: the quick '
+              'start DeiT (32 px, 8-px patches, 64 wide, 4 blocks), 25 epochs. Teacher: timm test_byobnet fitted '
+              f"once per training split (test top-1 per fold: {', '.join(f'{t:.2f}' for t in summary['teacher_top1'])}"
+              '). Numbers are test top-1 (%), mean +- std over runs.', '',
+              '| method | cls head | shadow head | average | cls vs none (95% CI) | cls vs deit_hard (95% CI) | '
+              'time vs kd |', '| --- | --- | --- | --- | --- | --- | --- |']
+    for m, r in main.items():
+        def ci(d):
+            return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+        lines.append(f"| {m} | {r['cls']['mean']:.2f} +- {r['cls']['std']:.2f} | {r['shadow']['mean']:.2f} +- "
+                     f"{r['shadow']['std']:.2f} | {r['avg']['mean']:.2f} +- {r['avg']['std']:.2f} | "
+                     f"{ci(r['vs_none']['cls'])} | {ci(r['vs_deit_hard']['cls'])} | x{r['time_vs_kd']:.2f} |")
+    lines += ['', 'Paired differences on the DeiT average of the two heads:', '',
+              '| method | avg vs none (95% CI) | avg vs deit_hard (95% CI) |', '| --- | --- | --- |']
+    for m, r in main.items():
+        lines.append(f"| {m} | {r['vs_none']['avg']['mean']:+.2f} [{r['vs_none']['avg']['ci95'][0]:+.2f}, "
+                     f"{r['vs_none']['avg']['ci95'][1]:+.2f}] | {r['vs_deit_hard']['avg']['mean']:+.2f} "
+                     f"[{r['vs_deit_hard']['avg']['ci95'][0]:+.2f}, {r['vs_deit_hard']['avg']['ci95'][1]:+.2f}] |")
+    lines += ['', f'Sensitivity of `shake` (lambda = loss.mutual, T = loss.temperature): inner validation top-1 of the '
+              f'cls head (%), {args.folds} folds x {args.sens_seeds} seed(s), trained on 80% of each training fold '
+              'and scored on the other 20%; the test folds are not used.', '',
+              '| | ' + ' | '.join(f'lambda = {l:g}' for l in sorted({l for l, _ in GRID})) + ' |',
+              '| --- |' + ' --- |' * len({l for l, _ in GRID})]
+    for T in sorted({t for _, t in GRID}):
+        lines.append(f'| T = {T:g} | ' + ' | '.join(f"{summary['grid'][f'{l},{T}']['cls']:.2f}"
+                                                  for l in sorted({l for l, _ in GRID})) + ' |')
+    best = max(summary['grid'], key=lambda k: summary['grid'][k]['cls'])
+    lines += ['', f'Best on inner validation: lambda, T = {best} (the paper: lambda = 1, T = 4 in the main text, '
+              'lambda = 0.5 best in its sensitivity plot).', '', '![ablation](ablation.png)', '']
+    return '\n'.join(lines)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            if line.startswith('model name'):
+                return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return 'unknown CPU'
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--folds', type=int, default=5)
+    p.add_argument('--seeds', type=int, default=3)
+    p.add_argument('--sens-seeds', type=int, default=1)
+    p.add_argument('--workers', type=int, default=2, help='runs in parallel (one CPU thread each)')
+    p.add_argument('--teacher-epochs', type=int, default=12)
+    p.add_argument('--out', default='runs/ablation')
+    p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
+    p.add_argument('--smoke', action='store_true', help='1 fold of 5, 1 seed, 1 epoch, no grid; for the tests')
+    args = p.parse_args()
+    global STUDY
+    if args.smoke:
+        STUDY = [*STUDY, 'train.epochs=1', 'eval.interval=1', 'model.kwargs.depth=1']
+        args.teacher_epochs, args.sens_seeds = 1, 0
+    out = Path(args.out).resolve()
+    begin = time.perf_counter()
+    folds_run = [0] if args.smoke else list(range(args.folds))
+    ctx = mp.get_context('spawn')
+    with ctx.Pool(args.workers, maxtasksperchild=1) as pool:
+        teachers = pool.starmap(teacher_job, [(f, args.folds, inner, out, args.teacher_epochs) for f in folds_run
+                                              for inner in ((False, True) if args.sens_seeds else (False,))])
+        paths = dict(teachers)
+        jobs = []
+        for f in folds_run:
+            split = [f'data.num_folds={args.folds}', f'data.fold={f}']
+            teacher = f"teacher.checkpoint={paths[f'teacher_f{f}']}"
+            for s in range(args.seeds if not args.smoke else 1):
+                for m, o in METHODS.items():
+                    jobs.append((f'{m}_f{f}_s{s}', [*split, teacher, f'train.seed={s}', *o], out))
+            inner_teacher = f"teacher.checkpoint={paths.get(f'teacher_f{f}_inner')}"
+            for s in range(args.sens_seeds):
+                for lam, T in GRID:
+                    jobs.append((f'grid_l{lam}_t{T}_f{f}_s{s}', [*split, 'data.inner_val_fraction=0.2', inner_teacher,
+                                 f'train.seed={s}', 'loss.method=shake', f'loss.mutual={lam}',
+                                 f'loss.temperature={T}'], out))
+        records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
+    records.update({name: json.loads((out / 'records' / f'{name}.json').read_text()) for name in paths})
+    (out / 'runs.json').write_text(json.dumps(records, indent=2))
+    print(f'[ablation] {len(records)} runs in {(time.perf_counter() - begin) / 60:.1f} min; records in {out}/runs.json')
+    if args.smoke:
+        return
+    summary = summarise(records, args.folds, args.seeds, args.sens_seeds)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    command = 'python benchmarks/ablation.py' + ''.join(f' {a}' for a in sys.argv[1:])
+    (docs / 'ablation.json').write_text(json.dumps({'command': command, 'date': date.today().isoformat(),
+                                                    'summary': summary, 'runs': records}, indent=2))
+    figure(summary, docs / 'ablation.png')
+    (docs / 'ablation.md').write_text(report(summary, args, command, time.perf_counter() - begin))
+    print((docs / 'ablation.md').read_text())
+
+
+if __name__ == '__main__':
+    main()
