@@ -1,6 +1,6 @@
 """Does SHAKE beat the baselines? A k-fold, multi-seed ablation on the digits data set, with the paper's sensitivity grid.
 
-    python benchmarks/ablation.py                 # the full study (about an hour on 2 CPU cores)
+    python benchmarks/ablation.py                 # the full study (about 70 minutes on 2 CPU cores)
     python benchmarks/ablation.py --smoke         # one fold, one seed, one epoch (what tests/test_ablation.py runs)
 
 Protocol. Every run is `shake_vit.runner.train` with the quick-start recipe made smaller (configs/quickstart.yaml plus
@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BASE = str(ROOT / 'configs' / 'quickstart.yaml')
-# The quick start, cheaper per run: a 64-wide student for 25 epochs, one CPU thread per run (two runs in parallel).
-STUDY = ['model.kwargs.embed_dim=64', 'train.epochs=25', 'eval.interval=25', 'train.log_interval=50',
+# The quick start, cheaper per run: a 64-wide student for 20 epochs, one CPU thread per run (two runs in parallel).
+STUDY = ['model.kwargs.embed_dim=64', 'train.epochs=20', 'eval.interval=20', 'train.log_interval=50',
          'ckpt.keep_last=1', 'train.cpu_threads=1', 'data.num_workers=0']
 METHODS = {
     'none': ['loss.method=none'],
@@ -45,15 +45,17 @@ GRID = [(lam, T) for lam in (0.5, 1.0, 2.0) for T in (1.0, 4.0)]
 HEADS = ('cls', 'shadow', 'avg')
 
 
-def job(name: str, overrides: List[str], out: Path) -> dict:
+SMOKE = ['train.epochs=1', 'eval.interval=1', 'model.kwargs.depth=1']
+
+
+def job(name: str, overrides: List[str], out: Path, study: List[str]) -> dict:
     """One training run in this process; returns its record (cached in OUT/records/NAME.json)."""
     record_path = out / 'records' / f'{name}.json'
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    os.environ.setdefault('OMP_NUM_THREADS', '1')
     from shake_vit.config import load_config
     from shake_vit.runner import train
-    cfg = load_config([BASE], [*STUDY, *overrides, f'train.output_dir={out / "runs" / name}'])
+    cfg = load_config([BASE], [*study, *overrides, f'train.output_dir={out / "runs" / name}'])
     start = time.perf_counter()
     results = train(cfg)
     record = {'name': name, 'overrides': overrides, 'wall_s': time.perf_counter() - start,
@@ -68,11 +70,12 @@ def _run(args) -> dict:
     return job(*args)
 
 
-def teacher_job(fold: int, num_folds: int, inner: bool, out: Path, epochs: int) -> tuple:
-    """Fit the fold's teacher through a `none` run's teacher phase: a 1-epoch student run that fits and saves it."""
+def teacher_job(fold: int, num_folds: int, inner: bool, out: Path, epochs: int, study: List[str]) -> tuple:
+    """Fit the fold's teacher: the teacher phase of a 1-epoch SHAKE run, which fits it and saves it."""
     name = f'teacher_f{fold}' + ('_inner' if inner else '')
     split = [f'data.num_folds={num_folds}', f'data.fold={fold}'] + (['data.inner_val_fraction=0.2'] if inner else [])
-    job(name, [*split, 'loss.method=shake', 'train.epochs=1', 'eval.interval=1', f'teacher.fit.epochs={epochs}'], out)
+    job(name, [*split, 'loss.method=shake', 'train.epochs=1', 'eval.interval=1', f'teacher.fit.epochs={epochs}'], out,
+        study)
     return name, out / 'runs' / name / 'teacher.safetensors'
 
 
@@ -146,7 +149,8 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
               f'two runs in parallel, one thread each; {date.today().isoformat()}; {elapsed / 60:.0f} min in all.', '',
               f'Protocol: {args.folds}-fold stratified cross-validation over all 1,797 images x {args.seeds} seeds '
               f'({args.folds * args.seeds} runs per method; every image is tested once per seed). Student: the quick '
-              'start DeiT (32 px, 8-px patches, 64 wide, 4 blocks), 25 epochs. Teacher: timm test_byobnet fitted '
+              'start DeiT (32 px, 8-px patches, 64 wide, 4 blocks), '
+              f'{args.epochs} epochs. Teacher: timm test_byobnet fitted '
               f"once per training split (test top-1 per fold: {', '.join(f'{t:.2f}' for t in summary['teacher_top1'])}"
               '). Numbers are test top-1 (%), mean +- std over runs.', '',
               '| method | cls head | shadow head | average | cls vs none (95% CI) | cls vs deit_hard (95% CI) | '
@@ -189,25 +193,28 @@ def _cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--folds', type=int, default=5)
+    p.add_argument('--folds', type=int, default=4)
     p.add_argument('--seeds', type=int, default=3)
     p.add_argument('--sens-seeds', type=int, default=1)
     p.add_argument('--workers', type=int, default=2, help='runs in parallel (one CPU thread each)')
     p.add_argument('--teacher-epochs', type=int, default=12)
+    p.add_argument('--epochs', type=int, default=20, help='student epochs per run')
     p.add_argument('--out', default='runs/ablation')
     p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
     p.add_argument('--smoke', action='store_true', help='1 fold of 5, 1 seed, 1 epoch, no grid; for the tests')
     args = p.parse_args()
-    global STUDY
+    study = [*STUDY, *SMOKE] if args.smoke else [*STUDY, f'train.epochs={args.epochs}', f'eval.interval={args.epochs}']
     if args.smoke:
-        STUDY = [*STUDY, 'train.epochs=1', 'eval.interval=1', 'model.kwargs.depth=1']
         args.teacher_epochs, args.sens_seeds = 1, 0
     out = Path(args.out).resolve()
     begin = time.perf_counter()
+    # One thread per run, set before any worker imports torch: two processes with a thread pool each on 2 cores
+    # spin against each other (measured: 20x slower per run).
+    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
     folds_run = [0] if args.smoke else list(range(args.folds))
     ctx = mp.get_context('spawn')
     with ctx.Pool(args.workers, maxtasksperchild=1) as pool:
-        teachers = pool.starmap(teacher_job, [(f, args.folds, inner, out, args.teacher_epochs) for f in folds_run
+        teachers = pool.starmap(teacher_job, [(f, args.folds, inner, out, args.teacher_epochs, study) for f in folds_run
                                               for inner in ((False, True) if args.sens_seeds else (False,))])
         paths = dict(teachers)
         jobs = []
@@ -216,13 +223,13 @@ def main() -> None:
             teacher = f"teacher.checkpoint={paths[f'teacher_f{f}']}"
             for s in range(args.seeds if not args.smoke else 1):
                 for m, o in METHODS.items():
-                    jobs.append((f'{m}_f{f}_s{s}', [*split, teacher, f'train.seed={s}', *o], out))
+                    jobs.append((f'{m}_f{f}_s{s}', [*split, teacher, f'train.seed={s}', *o], out, study))
             inner_teacher = f"teacher.checkpoint={paths.get(f'teacher_f{f}_inner')}"
             for s in range(args.sens_seeds):
                 for lam, T in GRID:
                     jobs.append((f'grid_l{lam}_t{T}_f{f}_s{s}', [*split, 'data.inner_val_fraction=0.2', inner_teacher,
                                  f'train.seed={s}', 'loss.method=shake', f'loss.mutual={lam}',
-                                 f'loss.temperature={T}'], out))
+                                 f'loss.temperature={T}'], out, study))
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
     records.update({name: json.loads((out / 'records' / f'{name}.json').read_text()) for name in paths})
     (out / 'runs.json').write_text(json.dumps(records, indent=2))
