@@ -60,7 +60,7 @@ def build(method: str, cfg: DictConfig, acc: Accelerator) -> Trainer:
         student = torch.compile(student)
     teacher = None
     if method != 'none':
-        teacher = speed_up(freeze(build_teacher_model(cfg, NUM_CLASSES)).to(acc.device), cfg)
+        teacher = speed_up(freeze(build_teacher_model(cfg.teacher, NUM_CLASSES)).to(acc.device), cfg.teacher)
     if method == 'timm_token_hard':
         acc.unwrap_model(student).model.set_distilled_training(True)
         task = TokenDistillationTask(acc.unwrap_model(student).model, teacher, criterion=torch.nn.CrossEntropyLoss(),

@@ -68,7 +68,7 @@ class Pipeline:
 
 def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: data.Splits, student: nn.Module) -> Pipeline:
     model_cfg = resolve_model_data_config(student.model if isinstance(student, Student) else student)
-    mean, std = tuple(model_cfg['mean']), tuple(model_cfg['std'])
+    mean, std = tuple(cfg.data.mean or model_cfg['mean']), tuple(cfg.data.std or model_cfg['std'])
     train_tf, val_tf = data.build_transforms(cfg, mean, std)
     train = data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index)
     val = acc.prepare(data.eval_loader(cfg, splits.val, val_tf))

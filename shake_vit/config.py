@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from .losses import METHODS
 
@@ -25,6 +25,8 @@ class DataConfig:
     root: Optional[str] = None  # imagefolder: holds train/ and val/; cifar: the torchvision root
     download: bool = False  # cifar: fetch when missing (needs internet)
     img_size: int = 224
+    mean: Optional[List[float]] = None  # input normalisation; null: the student's timm pretrained_cfg (ImageNet)
+    std: Optional[List[float]] = None
     num_classes: int = 10  # fake only; every other data set reads its class count from the data
     fake_size: List[int] = field(default_factory=lambda: [512, 128])  # fake: train and val image counts
     val_fraction: float = 0.2  # digits: held-out share when num_folds == 0
@@ -45,7 +47,10 @@ class AugConfig:
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
-    color_jitter: float = 0.3  # timm ignores it whenever auto_augment is set, as DeiT does
+    color_jitter: List[float] = field(default_factory=lambda: [0.3, 0.3, 0.3])  # brightness, contrast, saturation
+    # [, hue]; timm ignores it whenever auto_augment is set, as DeiT does
+    train_crop: str = 'rrc'  # rrc: random resized crop (ImageNet) | pad_crop: pad then random crop (CIFAR)
+    crop_padding: int = 4  # pad_crop: pixels of zero padding on each side
     re_prob: float = 0.25
     re_mode: str = 'pixel'
     re_count: int = 1
@@ -70,6 +75,8 @@ class ModelConfig:
     shadow_hidden_dim: int = 0  # mlp hidden width; 0 = the embedding width
     predict: str = 'avg'  # what the student outputs in eval mode: avg (DeiT) | cls (SHAKE's deliverable)
     pretrained: Optional[str] = None  # fine-tune from: a local file (timm / DeiT / .safetensors) or a timm name.tag
+    shadow_on: str = 'auto'  # token (a DeiT's distillation token) | pooled (any classifier's pooled features) | auto
+    cifar_stem: bool = False  # 32-px stem for a timm ResNet/MobileNet student (the CIFAR stand-in, see README)
 
 
 @dataclass
@@ -92,6 +99,7 @@ class TeacherConfig:
     inference_mode: bool = True  # run the teacher under torch.inference_mode (else no_grad)
     precision: str = 'auto'  # auto: follow train.mixed_precision | fp32 | bf16 | fp16 (teacher weights cast)
     channels_last: bool = False  # channels-last memory format (CNN teachers on GPUs)
+    cifar_stem: bool = False  # 32-px stem for a timm ResNet/MobileNet (see shake_vit.models.cifar_stem)
     compile: bool = False  # torch.compile the teacher
 
 
@@ -119,7 +127,10 @@ class OptimConfig:
     momentum: float = 0.9
     clip_grad: Optional[float] = None
     fused: bool = True  # fused AdamW/Adam kernels when training on CUDA
-    sched: str = 'cosine'
+    sched: str = 'cosine'  # cosine | multistep (decay_milestones) | step (every decay_epochs) | constant
+    decay_milestones: List[int] = field(default_factory=lambda: [30, 60, 90])  # epochs where lr *= decay_rate
+    decay_rate: float = 0.1
+    decay_epochs: float = 30
     warmup_epochs: float = 5
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -162,6 +173,7 @@ class Config:
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    extra_teachers: List[TeacherConfig] = field(default_factory=list)  # SHAKE with several teachers (paper Eq. 6)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -177,10 +189,13 @@ CHOICES = {
     'loss.teacher_loss': ('kl', 'mse'),
     'model.shadow_head': ('linear', 'mlp'),
     'model.predict': ('avg', 'cls'),
+    'model.shadow_on': ('auto', 'token', 'pooled'),
+    'optim.sched': ('cosine', 'multistep', 'step', 'constant'),
     'train.mixed_precision': ('no', 'bf16', 'fp16'),
     'teacher.precision': ('auto', 'fp32', 'bf16', 'fp16'),
     'aug.re_mode': ('pixel', 'const', 'rand'),
     'aug.mixup_mode': ('batch', 'pair', 'elem'),
+    'aug.train_crop': ('rrc', 'pad_crop'),
 }
 
 
@@ -196,7 +211,7 @@ def _all_keys(node: Any, prefix: str = '') -> List[str]:
 
 def _explain(err: OmegaConfBaseException, base: DictConfig, source: str) -> ConfigError:
     key = getattr(err, 'full_key', None) or getattr(err, 'key', None) or '?'
-    if isinstance(err, ConfigKeyError):
+    if isinstance(err, (ConfigKeyError, ConfigAttributeError)):
         close = difflib.get_close_matches(str(key), _all_keys(base), n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ' `python train.py --print-config` lists every key.'
         return ConfigError(f"Unknown config key '{key}' (from {source}).{hint}")
@@ -225,8 +240,10 @@ def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequen
     for item in overrides:
         if '=' not in item:
             raise ConfigError(f"Override '{item}' is not of the form section.key=value (e.g. train.epochs=10).")
+        key = item.split('=', 1)[0]
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)  # the value, typed by OmegaConf's grammar
+            OmegaConf.update(cfg, key, value, merge=True)  # handles list indices: extra_teachers.0.checkpoint=...
         except OmegaConfBaseException as err:
             raise _explain(err, cfg, f"override '{item}'") from None
     if cfg.train.mixed_precision in ('False', 'false', 'off'):  # YAML and the command line read a bare `no` as false
@@ -248,6 +265,9 @@ def validate(cfg: DictConfig) -> None:
             close = difflib.get_close_matches(str(value), choices, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ''
             raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(choices)}.{hint}")
+    if cfg.extra_teachers and cfg.loss.method != 'shake':
+        raise ConfigError(f"extra_teachers is set but loss.method is '{cfg.loss.method}': several teachers are SHAKE's "
+                          '(one shadow head each); the baselines take teacher alone.')
     t, o, a, d = cfg.train, cfg.optim, cfg.aug, cfg.data
     _check(t.epochs >= 1, 'train.epochs', t.epochs, 'at least 1')
     _check(t.batch_size >= 1, 'train.batch_size', t.batch_size, 'at least 1')
@@ -273,6 +293,8 @@ def validate(cfg: DictConfig) -> None:
     _check(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, 'aug.scale', list(a.scale),
            'two fractions lo <= hi in (0, 1]')
     _check(0 < a.crop_pct <= 1, 'aug.crop_pct', a.crop_pct, 'in (0, 1]')
+    _check(len(a.color_jitter) in (3, 4), 'aug.color_jitter', list(a.color_jitter),
+           '3 or 4 strengths: brightness, contrast, saturation[, hue]')
     _check(a.repeated_aug >= 1, 'aug.repeated_aug', a.repeated_aug, 'at least 1 (1 disables it)')
     _check(0 <= a.smoothing < 1, 'aug.smoothing', a.smoothing, 'in [0, 1)')
     if mixup_active(cfg):

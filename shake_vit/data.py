@@ -128,13 +128,32 @@ def build_splits(cfg: DictConfig) -> Splits:
 def build_transforms(cfg: DictConfig, mean: Sequence[float], std: Sequence[float]) -> Tuple[Callable, Callable]:
     """timm's train and eval transforms with the configured (DeiT) values, which differ from timm's defaults."""
     a = cfg.aug
-    train = create_transform(
-        cfg.data.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-        color_jitter=a.color_jitter, auto_augment=a.auto_augment, interpolation=a.interpolation, mean=tuple(mean),
-        std=tuple(std), re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
-    val = create_transform(cfg.data.img_size, is_training=False, interpolation=a.interpolation, mean=tuple(mean),
-                           std=tuple(std), crop_pct=a.crop_pct)
+    mean, std = tuple(mean), tuple(std)
+    if a.train_crop == 'pad_crop':
+        train = cifar_train_transform(cfg, mean, std)
+    else:
+        train = create_transform(
+            cfg.data.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+            color_jitter=tuple(a.color_jitter), auto_augment=a.auto_augment, interpolation=a.interpolation,
+            mean=mean, std=std, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
+    val = create_transform(cfg.data.img_size, is_training=False, interpolation=a.interpolation, mean=mean, std=std,
+                           crop_pct=a.crop_pct)
     return train, val
+
+
+def cifar_train_transform(cfg: DictConfig, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """The CIFAR protocol (CRD): pad 4 pixels, random 32x32 crop, horizontal flip. timm's create_transform has no
+    pad-and-crop mode, so this one is torchvision's, with timm's random erasing when configured."""
+    from timm.data.random_erasing import RandomErasing
+    from torchvision import transforms as T
+    a = cfg.aug
+    ops = [T.RandomCrop(cfg.data.img_size, padding=a.crop_padding), T.RandomHorizontalFlip(a.hflip)]
+    if any(a.color_jitter):
+        ops.append(T.ColorJitter(*a.color_jitter))
+    ops += [T.ToTensor(), T.Normalize(mean, std)]
+    if a.re_prob:
+        ops.append(RandomErasing(a.re_prob, mode=a.re_mode, max_count=a.re_count, device='cpu'))
+    return T.Compose(ops)
 
 
 def build_mixup(cfg: DictConfig, num_classes: int) -> Optional[Mixup]:

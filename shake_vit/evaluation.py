@@ -19,20 +19,24 @@ from .config import ConfigError, load_config
 from .engine import evaluate
 from .models import Student, build_student, read_state_dict
 from .tasks import DistillationTask
-from .teacher import get_teacher, speed_up, teacher_options
+from .teacher import get_teachers, teacher_options
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 StateDict = Dict[str, torch.Tensor]
 
 
 def head_predictor(student: Student, teacher_logits: Callable, with_shadow: bool = True) -> Predict:
-    """Eval-mode logits of every head: cls, shadow, their DeiT average, and the teacher's when there is one."""
+    """Eval-mode logits of every head: cls, shadow (shadow_1, ... with several teachers), the average of all heads
+    (DeiT's inference), and the teachers' (teacher, teacher_1, ...)."""
     def predict(x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        s, h = student.forward_heads(x)
-        heads = {'cls': s, 'shadow': h, 'avg': (s + h) / 2} if with_shadow else {'cls': s}
+        s, hs = student.forward_heads(x)
+        heads = {'cls': s}
+        if with_shadow and hs:
+            heads.update({('shadow' if i == 0 else f'shadow_{i}'): h for i, h in enumerate(hs)})
+            heads['avg'] = torch.stack([s, *hs]).mean(0)
         t = teacher_logits(x)
-        if t is not None:
-            heads['teacher'] = t
+        ts = [] if t is None else [t] if isinstance(t, torch.Tensor) else list(t)
+        heads.update({('teacher' if i == 0 else f'teacher_{i}'): ti for i, ti in enumerate(ts)})
         return heads
     return predict
 
@@ -67,7 +71,7 @@ def format_table(metrics: Dict[str, float]) -> str:
 def _student_keys(state: StateDict) -> StateDict:
     """Keys of a `Student` (`model.` + timm's) from our checkpoints, DDP saves, exports or plain timm weights."""
     state = clean_state_dict(state)  # strips DDP's `module.`
-    if not all(k.startswith('model.') for k in state):
+    if not any(k.startswith('model.') for k in state):
         state = {f'model.{k}': v for k, v in state.items()}
     if 'model.reg_token' in state:  # a single-head export: its register token is the distillation token
         state['model.dist_token'] = state.pop('model.reg_token')
@@ -130,8 +134,9 @@ def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]
     student = build_student(cfg, len(splits.classes))
     weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
     missing, unexpected = student.load_state_dict(weights, strict=False)
-    with_shadow = not any(k.startswith('model.head_dist') for k in missing)
-    if unexpected or [k for k in missing if not k.startswith('model.head_dist')]:
+    shadow = ('model.head_dist', 'shadow_heads')
+    with_shadow = not any(k.startswith(shadow) for k in missing)
+    if unexpected or [k for k in missing if not k.startswith(shadow)]:
         raise ConfigError(f"The weights in '{path}' do not fit the configured student {cfg.model.name} "
                           f'(missing {missing[:5]}, unexpected {unexpected[:5]}): pass the config it was trained with.')
     ema = None
@@ -140,8 +145,8 @@ def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]
         ema.module.load_state_dict(ema_weights)
     student.to(acc.device)
     pipe = build_pipeline(cfg, acc, splits, student)
-    teacher = speed_up(get_teacher(cfg, acc, pipe, fit=False), cfg)
-    task = DistillationTask(student, teacher, None, None, pipe.mean, pipe.std, **teacher_options(cfg)).to(acc.device)
+    teachers = get_teachers(cfg, acc, pipe, fit=False)
+    task = DistillationTask(student, teachers, None, None, pipe.mean, pipe.std, **teacher_options(cfg)).to(acc.device)
     metrics = evaluate_student(student, ema, task, pipe.val_loader, acc, with_shadow=with_shadow)
     metrics['checkpoint'] = str(path)
     if (where / STATE_FILE).is_file():

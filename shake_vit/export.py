@@ -19,13 +19,23 @@ from timm.models import save_for_hf
 
 from .config import ConfigError
 from .evaluation import config_for, read_weights
-from .models import Student, build_student, student_kwargs
+from .models import Student, build_student, cifar_stem, student_kwargs
 
 
 def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
     """The timm model equal to `student` in eval mode (`both`) or to its cls head (`cls`)."""
     kwargs: Dict[str, Any] = dict(student_kwargs(cfg), num_classes=student.num_classes)
     state = student.model.state_dict()
+    if student.placement == 'pooled' or student.num_shadow > 1:
+        if head == 'both':
+            raise ConfigError('--export-head both exports a distilled DeiT with one shadow head; this student has its '
+                              'shadow heads outside timm\'s model. Export the classification head: --export-head cls.')
+        if student.placement == 'pooled':  # the timm classifier itself is SHAKE's deliverable
+            model = timm.create_model(cfg.model.name, **kwargs)
+            if cfg.model.cifar_stem:
+                cifar_stem(model)
+            model.load_state_dict(state)
+            return model.eval()
     if head == 'both':
         if not isinstance(student.model.head_dist, nn.Linear):
             raise ConfigError('The shadow head is an MLP (model.shadow_head=mlp), which plain timm cannot build: export '
@@ -67,8 +77,8 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
     reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
     x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
     with torch.no_grad():
-        s, h = student.forward_heads(x)
-        expected = (s + h) / 2 if head == 'both' else s
+        s, hs = student.forward_heads(x)
+        expected = torch.stack([s, *hs]).mean(0) if head == 'both' else s
         diff = (reloaded(x) - expected).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f'The exported model differs from the student by {diff:.2e}; please report this.')

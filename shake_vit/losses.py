@@ -64,30 +64,34 @@ class ShakeWeights:
     direct_kd: float = 0.0
 
 
-def shake_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ce: Criterion,
-               w: ShakeWeights = ShakeWeights()) -> Terms:
-    """SHAKE: the shadow head follows the teacher while it and the classification head distill each other.
+def shake_loss(s: torch.Tensor, h, t, y: torch.Tensor, ce: Criterion, w: ShakeWeights = ShakeWeights()) -> Terms:
+    """SHAKE: each shadow head follows its teacher while it and the classification head distill each other.
 
-    Paper form (Eq. 5):
+    Paper form (Eq. 5), one teacher:
         shadow:  KL_T(h -> t) + lambda * KL_T(h -> sg(s))
         student: CE(s, y)     + lambda * KL_T(s -> sg(h))
+    With several teachers (Eq. 6), `h` and `t` are sequences: one shadow head per teacher, each in mutual
+    distillation with the student, whose loss sums lambda * KL over all shadow heads (terms suffixed _0, _1, ...).
     The authors'-code form is the same loss with `standardize=True, teacher_loss='mse', shadow_ce=1`.
     """
+    hs, ts = ([h], [t]) if isinstance(h, torch.Tensor) else (list(h), list(t))
     if w.standardize:
-        s, h, t = standardize(s), standardize(h), standardize(t)
+        s, hs, ts = standardize(s), [standardize(x) for x in hs], [standardize(x) for x in ts]
     T = w.temperature
     terms = {'ce_cls': ce(s, y)}
-    if w.teacher_loss == 'mse':
-        terms['mse_shadow_teacher'] = w.teacher * F.mse_loss(h, t)
-    else:
-        terms['kl_shadow_teacher'] = w.teacher * kl_t(h, t, T)
-    # Reversed distillation: the shadow head (proxy teacher) learns from the student; sg(s) keeps it one-way.
-    terms['kl_shadow_cls'] = w.mutual * kl_t(h, s.detach(), T)
-    terms['kl_cls_shadow'] = w.mutual * kl_t(s, h.detach(), T)
-    if w.shadow_ce:
-        terms['ce_shadow'] = w.shadow_ce * ce(h, y)
-    if w.direct_kd:
-        terms['kl_cls_teacher'] = w.direct_kd * kl_t(s, t, T)
+    for i, (hi, ti) in enumerate(zip(hs, ts)):
+        k = '' if len(hs) == 1 else f'_{i}'
+        if w.teacher_loss == 'mse':
+            terms[f'mse_shadow_teacher{k}'] = w.teacher * F.mse_loss(hi, ti)
+        else:
+            terms[f'kl_shadow_teacher{k}'] = w.teacher * kl_t(hi, ti, T)
+        # Reversed distillation: the shadow head (proxy teacher) learns from the student; sg(s) keeps it one-way.
+        terms[f'kl_shadow_cls{k}'] = w.mutual * kl_t(hi, s.detach(), T)
+        terms[f'kl_cls_shadow{k}'] = w.mutual * kl_t(s, hi.detach(), T)
+        if w.shadow_ce:
+            terms[f'ce_shadow{k}'] = w.shadow_ce * ce(hi, y)
+        if w.direct_kd:
+            terms[f'kl_cls_teacher{k}'] = w.direct_kd * kl_t(s, ti, T)
     return terms
 
 

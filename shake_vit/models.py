@@ -11,61 +11,130 @@ from timm.task import DistillationTeacher
 
 from .config import ConfigError
 
-HeadLogits = Tuple[torch.Tensor, torch.Tensor]  # (cls [B, K], shadow [B, K])
+HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])
 
 
-def _mlp_head(dim: int, hidden: int, num_classes: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, num_classes))
+def _head(dim: int, num_classes: int, kind: str, hidden: int) -> nn.Module:
+    if kind == 'mlp':
+        return nn.Sequential(nn.Linear(dim, hidden or dim), nn.GELU(), nn.Linear(hidden or dim, num_classes))
+    return nn.Linear(dim, num_classes)
+
+
+def has_distillation_token(model: nn.Module) -> bool:
+    return getattr(model, 'num_prefix_tokens', 1) >= 2 and hasattr(model, 'head_dist')
 
 
 class Student(nn.Module):
-    """A timm `VisionTransformerDistilled` seen as two heads: classification (cls token) and shadow (dist token).
+    """A timm classifier with SHAKE's shadow head(s) beside its classification head, one per teacher.
 
-    The shadow head *is* timm's `head_dist` (a linear layer, or an MLP when configured), so the state dict under
-    `model.` stays a plain timm checkpoint. In training mode the forward returns both heads' logits; in eval mode
-    it returns what `predict` names: the DeiT average of the two heads, or the cls head alone (SHAKE's deliverable).
+    Two placements, as the paper's two systems:
+        token:  a distilled DeiT: the distillation token feeds the shadow head, which *is* timm's `head_dist`, so
+                the state dict under `model.` stays a plain timm checkpoint; further teachers' shadow heads read the
+                same token (`shadow_heads`).
+        pooled: any timm classifier (ResNet, MobileNet, ConvNeXt, ...): the shadow heads read the pooled features
+                that the classification head reads (the shared-backbone form).
+
+    In training mode the forward returns (cls logits, shadow logits), the latter a tuple with several teachers; in
+    eval mode it returns what `predict` names: the average of all heads (DeiT's inference), or the cls head alone
+    (SHAKE's deliverable).
     """
 
-    def __init__(self, model: nn.Module, predict: str = 'avg'):
+    def __init__(self, model: nn.Module, placement: str = 'token', num_shadow: int = 1, head: str = 'linear',
+                 hidden: int = 0, predict: str = 'avg'):
         super().__init__()
-        if getattr(model, 'num_prefix_tokens', 1) < 2 or not hasattr(model, 'head_dist'):
+        if placement == 'token' and not has_distillation_token(model):
             raise ConfigError(
-                f'The student {type(model).__name__} has no distillation token, and SHAKE puts its shadow head on '
-                "it: pick a distilled DeiT (model.name='deit_tiny_distilled_patch16_224', 'deit_small_distilled_"
-                "patch16_224', ...).")
-        self.model = model
-        self.predict = predict
+                f'The student {type(model).__name__} has no distillation token for the shadow head: pick a distilled '
+                "DeiT (model.name='deit_tiny_distilled_patch16_224', ...), or put the shadow head on the pooled "
+                'features with model.shadow_on=pooled (the default, auto, does so for students without the token).')
+        self.model, self.placement, self.predict = model, placement, predict
+        num_classes = model.num_classes
+        if placement == 'token':
+            dim = model.embed_dim
+            if head == 'mlp':
+                model.head_dist = _head(dim, num_classes, head, hidden)
+            extra = num_shadow - 1  # head_dist is the first
+        else:
+            dim = getattr(model, 'head_hidden_size', None) or model.num_features  # what forward_head(pre_logits) gives
+            extra = num_shadow
+        self.shadow_heads = nn.ModuleList(_head(dim, num_classes, head, hidden) for _ in range(extra))
 
     @property
     def num_classes(self) -> int:
         return self.model.num_classes
 
+    @property
+    def num_shadow(self) -> int:
+        return len(self.shadow_heads) + (self.placement == 'token')
+
     def forward_heads(self, x: torch.Tensor) -> HeadLogits:
-        tokens = self.model.forward_features(x)  # [B, 2 + N, D]: cls, dist, patches
-        # Same as VisionTransformerDistilled.forward_head, but both heads in every mode.
-        cls, dist = self.model.head_drop(tokens[:, 0]), self.model.head_drop(tokens[:, 1])
-        return self.model.head(cls), self.model.head_dist(dist)
+        m = self.model
+        if self.placement == 'token':
+            tokens = m.forward_features(x)  # [B, 2 + N, D]: cls, dist, patches
+            # As VisionTransformerDistilled.forward_head, but every head in every mode.
+            cls, dist = m.head_drop(tokens[:, 0]), m.head_drop(tokens[:, 1])
+            return m.head(cls), [m.head_dist(dist), *(h(dist) for h in self.shadow_heads)]
+        features = m.forward_features(x)  # [B, C, H, W] for CNNs, tokens for ViTs
+        pooled = m.forward_head(features, pre_logits=True)  # [B, D]
+        return m.forward_head(features), [h(pooled) for h in self.shadow_heads]
 
     def forward(self, x: torch.Tensor):
-        s, h = self.forward_heads(x)
+        s, hs = self.forward_heads(x)
         if self.training:
-            return s, h
-        return s if self.predict == 'cls' else (s + h) / 2
+            return s, (hs[0] if len(hs) == 1 else tuple(hs))
+        return s if self.predict == 'cls' else torch.stack([s, *hs]).mean(0)
+
+    def shadow_parameters(self):
+        yield from self.shadow_heads.parameters()
+        if self.placement == 'token':
+            yield from self.model.head_dist.parameters()
 
     def set_shadow_trainable(self, trainable: bool) -> None:
-        """Freeze the shadow head for methods that never train it (so DDP sees no unused parameters)."""
-        self.model.head_dist.requires_grad_(trainable)
+        """Freeze the shadow heads for methods that never train them (so DDP sees no unused parameters)."""
+        for p in self.shadow_parameters():
+            p.requires_grad_(trainable)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
-        return {f'model.{name}' for name in self.model.no_weight_decay()}
+        inner = self.model.no_weight_decay() if hasattr(self.model, 'no_weight_decay') else set()
+        return {f'model.{name}' for name in inner}
+
+
+def cifar_stem(model: nn.Module) -> nn.Module:
+    """Adapt an ImageNet stem to 32-px images: stride-1 3x3 first convolution, no stem max-pool.
+
+    timm has no CIFAR ResNets (the CRD protocol's resnet32x4, WRN-40-2, ...); this is the usual stand-in: the same
+    family with a CIFAR stem. Works for timm ResNets (`conv1`, `maxpool`) and EfficientNet/MobileNet (`conv_stem`).
+    """
+    if hasattr(model, 'conv1') and hasattr(model, 'maxpool'):
+        first = model.conv1 if isinstance(model.conv1, nn.Conv2d) else model.conv1[0]
+        replacement = nn.Conv2d(first.in_channels, first.out_channels, 3, 1, 1, bias=first.bias is not None)
+        if isinstance(model.conv1, nn.Conv2d):
+            model.conv1 = replacement
+        else:
+            model.conv1[0] = replacement
+        model.maxpool = nn.Identity()
+    elif hasattr(model, 'conv_stem'):
+        model.conv_stem.stride = (1, 1)
+    else:
+        raise ConfigError(f'model.cifar_stem / teacher.cifar_stem: no known stem on {type(model).__name__} (timm ResNet '
+                          'or EfficientNet/MobileNet families only).')
+    return model
 
 
 def student_kwargs(cfg: DictConfig) -> Dict[str, Any]:
-    """The timm keyword arguments of the student: `model.kwargs`, with `img_size` from the data by default."""
+    """The timm keyword arguments of the student: `model.kwargs`, plus `img_size` from the data for ViTs."""
     kwargs: Dict[str, Any] = OmegaConf.to_container(cfg.model.kwargs, resolve=True)
-    kwargs.setdefault('img_size', cfg.data.img_size)
+    if is_vit(cfg.model.name):
+        kwargs.setdefault('img_size', cfg.data.img_size)
     return kwargs
+
+
+def is_vit(name: str) -> bool:
+    """Whether timm builds `name` as a VisionTransformer (which takes `img_size`); CNNs take any input size."""
+    from timm.models import get_arch_name, model_entrypoint
+    entry = model_entrypoint(get_arch_name(name))
+    return entry.__module__.endswith(('vision_transformer', 'deit'))
 
 
 def build_student(cfg: DictConfig, num_classes: int) -> Student:
@@ -73,9 +142,11 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
     if not timm.is_model(m.name):
         raise ConfigError(_unknown_model(m.name, 'model.name'))
     model = timm.create_model(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **student_kwargs(cfg))
-    if m.shadow_head == 'mlp' and hasattr(model, 'head_dist'):
-        model.head_dist = _mlp_head(model.embed_dim, m.shadow_hidden_dim or model.embed_dim, num_classes)
-    return Student(model, predict=m.predict)
+    if m.cifar_stem:
+        cifar_stem(model)
+    placement = m.shadow_on if m.shadow_on != 'auto' else ('token' if has_distillation_token(model) else 'pooled')
+    return Student(model, placement, num_shadow=1 + len(cfg.extra_teachers), head=m.shadow_head,
+                   hidden=m.shadow_hidden_dim, predict=m.predict)
 
 
 def pretrained_state_dict(source: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
@@ -159,16 +230,16 @@ def _unknown_model(name: str, key: str) -> str:
     return f"'{key}' is '{name}', which timm does not know.{hint}"
 
 
-def build_teacher_model(cfg: DictConfig, num_classes: int, pretrained: bool = False,
+def build_teacher_model(t: DictConfig, num_classes: int, pretrained: bool = False,
                         new_head: bool = False) -> nn.Module:
-    """The teacher architecture; with `pretrained`, timm's hub weights for `teacher.name` (needs internet), with a
-    fresh head for `num_classes` when `new_head` (to fit the teacher to new classes)."""
-    t = cfg.teacher
+    """The architecture of teacher config `t` (`teacher` or an `extra_teachers` entry); with `pretrained`, timm's
+    hub weights (needs internet), with a fresh head for `num_classes` when `new_head` (to fit it to new classes)."""
     if not timm.is_model(t.name):
         raise ConfigError(_unknown_model(t.name, 'teacher.name'))
     kwargs = OmegaConf.to_container(t.kwargs, resolve=True)
     if not pretrained:
-        return timm.create_model(t.name, num_classes=num_classes, **kwargs)
+        model = timm.create_model(t.name, num_classes=num_classes, **kwargs)
+        return cifar_stem(model) if t.cifar_stem else model
     try:
         model = timm.create_model(t.name, pretrained=True, **(dict(num_classes=num_classes) if new_head else {}),
                                   **kwargs)
@@ -180,7 +251,7 @@ def build_teacher_model(cfg: DictConfig, num_classes: int, pretrained: bool = Fa
         raise ConfigError(f"The pretrained teacher '{t.name}' predicts {model.num_classes} classes but the data has "
                           f'{num_classes}: give a teacher trained on these classes (teacher.checkpoint) or let the '
                           'trainer fit one (teacher.pretrained=false, no checkpoint).')
-    return model
+    return cifar_stem(model) if t.cifar_stem else model
 
 
 def read_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
@@ -213,13 +284,14 @@ def freeze(model: nn.Module) -> DistillationTeacher:
     return DistillationTeacher(model).eval()
 
 
-def load_teacher(cfg: DictConfig, num_classes: int, path: Optional[str] = None) -> DistillationTeacher:
-    """The configured teacher from a local file (`path`, else `teacher.checkpoint`) or timm's hub, frozen."""
-    path = path or cfg.teacher.checkpoint
+def load_teacher(t: DictConfig, num_classes: int, path: Optional[str] = None,
+                 trusted: bool = False) -> DistillationTeacher:
+    """Teacher config `t` from a local file (`path`, else `t.checkpoint`) or timm's hub, frozen."""
+    path = path or t.checkpoint
     if path is None:
-        return freeze(build_teacher_model(cfg, num_classes, pretrained=True))
-    model = build_teacher_model(cfg, num_classes)
-    state = read_state_dict(path, cfg.train.trust_pickled_files)
+        return freeze(build_teacher_model(t, num_classes, pretrained=True))
+    model = build_teacher_model(t, num_classes)
+    state = read_state_dict(path, trusted)
     classifier = model.pretrained_cfg.get('classifier', 'head')  # timm names its head here: 'fc', 'head.fc', ...
     head = state.get(f'{classifier}.weight')
     if head is not None and head.shape[0] != num_classes:
@@ -229,6 +301,6 @@ def load_teacher(cfg: DictConfig, num_classes: int, path: Optional[str] = None) 
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{cfg.teacher.name}' "
+        raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{t.name}' "
                           f"({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs.") from None
     return freeze(model)

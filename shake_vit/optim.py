@@ -22,14 +22,15 @@ def build_optimizer(o: DictConfig, model: nn.Module, lr: float,
 
 
 def build_schedule(o: DictConfig, optimizer: torch.optim.Optimizer, epochs: int, updates_per_epoch: int,
-                   warmup_epochs: Optional[float] = None) -> Optional[Scheduler]:
+                   warmup_epochs: Optional[float] = None, sched: Optional[str] = None) -> Optional[Scheduler]:
     """Warmup from `warmup_lr`, then the configured decay, stepped once per optimizer update.
 
     The schedule is driven by `step_update(update_index)` from the loop, never through `accelerator.prepare`, which
     would step it once per process per update.
     """
     schedule, _ = create_scheduler_v2(
-        optimizer, sched=o.sched, num_epochs=epochs, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
+        optimizer, sched=sched or o.sched, num_epochs=epochs, min_lr=o.min_lr, warmup_lr=o.warmup_lr,
+        decay_milestones=list(o.decay_milestones), decay_rate=o.decay_rate, decay_epochs=o.decay_epochs,
         warmup_epochs=o.warmup_epochs if warmup_epochs is None else warmup_epochs,
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
     return schedule

@@ -17,7 +17,7 @@ from .evaluation import evaluate_student, format_table
 from .models import build_student, load_pretrained, student_kwargs
 from .preemption import StopRequest
 from .tasks import DistillationTask, loss_fn, trains_shadow
-from .teacher import get_teacher, speed_up, teacher_options
+from .teacher import get_teachers, teacher_options
 
 
 def run_identity(cfg: DictConfig, num_classes: int, num_processes: int) -> Dict[str, Any]:
@@ -63,7 +63,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
             log(acc, f'fine-tuning from {cfg.model.pretrained}: {note}')
     student.set_shadow_trainable(trains_shadow(cfg))
     pipe = build_pipeline(cfg, acc, splits, student)
-    teacher = speed_up(get_teacher(cfg, acc, pipe), cfg)
+    teachers = get_teachers(cfg, acc, pipe)
     set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
     # fitted in this invocation or loaded
 
@@ -72,7 +72,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
              f'{pipe.num_classes} classes; {d.describe()}')
     prepared, optimizer = acc.prepare(student, optimizer)
     ema = ModelEmaV3(student, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    task = DistillationTask(prepared, teacher, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std,
+    task = DistillationTask(prepared, teachers, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std,
                             **teacher_options(cfg)).to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes), ema=ema,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
@@ -109,32 +109,34 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
 
     trainer.after_update = after_update
     train_time, stopped, first_update = 0.0, False, trainer.update
-    for epoch in range(progress.epoch, cfg.train.epochs):
-        skip = progress.batches_done if epoch == progress.epoch else 0
-        epoch_start_update = trainer.update - skip // accum
-        progress.epoch = epoch
-        begin = time.perf_counter()
-        stats = trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch, skip_batches=skip)
-        train_time += time.perf_counter() - begin
-        if trainer.update - epoch_start_update < d.updates_per_epoch:  # stopped by a signal, checkpoint written
-            stopped = True
-            break
-        last = epoch + 1 == cfg.train.epochs
-        if (epoch + 1) % cfg.eval.interval == 0 or last:
-            progress.metrics = evaluate_student(student, ema, task, pipe.val_loader, acc)
-            acc.log({f'val/{k}': v for k, v in progress.metrics.items()}, step=trainer.update)
-            value = progress.metrics.get(cfg.ckpt.metric)
-            if value is not None and (progress.best is None or value > progress.best):
-                progress.best = value
-            m = progress.metrics
-            log(acc, f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.get('loss', float('nan')):.4f}, top-1 cls "
-                     f"{m['top1_cls']:.2f} shadow {m['top1_shadow']:.2f} avg {m['top1_avg']:.2f}")
-        progress.epoch, progress.batches_done, progress.update = epoch + 1, 0, trainer.update
-        ckpt.save(progress)
-        if stop.should_stop(0):  # a signal during the evaluation or the save
-            stopped = epoch + 1 < cfg.train.epochs
-            break
-    stop.restore()
+    try:
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            skip = progress.batches_done if epoch == progress.epoch else 0
+            epoch_start_update = trainer.update - skip // accum
+            progress.epoch = epoch
+            begin = time.perf_counter()
+            stats = trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch, skip_batches=skip)
+            train_time += time.perf_counter() - begin
+            if trainer.update - epoch_start_update < d.updates_per_epoch:  # stopped by a signal, checkpoint written
+                stopped = True
+                break
+            last = epoch + 1 == cfg.train.epochs
+            if (epoch + 1) % cfg.eval.interval == 0 or last:
+                progress.metrics = evaluate_student(student, ema, task, pipe.val_loader, acc)
+                acc.log({f'val/{k}': v for k, v in progress.metrics.items()}, step=trainer.update)
+                value = progress.metrics.get(cfg.ckpt.metric)
+                if value is not None and (progress.best is None or value > progress.best):
+                    progress.best = value
+                m = progress.metrics
+                log(acc, f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.get('loss', float('nan')):.4f}, top-1 cls "
+                         f"{m['top1_cls']:.2f} shadow {m['top1_shadow']:.2f} avg {m['top1_avg']:.2f}")
+            progress.epoch, progress.batches_done, progress.update = epoch + 1, 0, trainer.update
+            ckpt.save(progress)
+            if stop.should_stop(0):  # a signal during the evaluation or the save
+                stopped = epoch + 1 < cfg.train.epochs
+                break
+    finally:  # also on errors: the caller's SIGTERM/SIGINT handlers come back
+        stop.restore()
 
     if stopped:
         log(acc, f'stopped by {stop.signal or "a peer process"} at epoch {progress.epoch}, update {trainer.update}; '

@@ -39,29 +39,33 @@ def trains_shadow(cfg: DictConfig) -> bool:
 
 
 class DistillationTask(TrainingTask):
-    """Student forward, teacher forward on the same (augmented, mixed) batch, and the method's named loss terms.
+    """Student forward, teachers' forward on the same (augmented, mixed) batch, and the method's named loss terms.
 
-    The teacher stays outside the optimizer and outside DDP: only `trainable_module` is handed to Accelerate.
+    The teachers stay outside the optimizer and outside DDP: only `trainable_module` is handed to Accelerate.
 
     Args:
-        student: module whose training-mode forward returns (cls logits [B, K], shadow logits [B, K]).
-        teacher: frozen teacher, or None for methods without one.
-        loss: the method's loss, `(s, h, t, y, ce) -> {term: weighted value}`.
+        student: module whose training-mode forward returns (cls logits [B, K], shadow logits [B, K], or a tuple of
+            them with several teachers).
+        teachers: frozen teachers (a single one, a list, or None for methods without one).
+        loss: the method's loss, `(s, h, t, y, ce) -> {term: weighted value}`; `h` and `t` are tuples with several
+            teachers.
         criterion: label loss on class indices or mixup soft targets.
         mean: the student's input normalisation mean, re-applied for a teacher normalised differently.
         std: likewise the std.
-        inference_mode: run the teacher under `torch.inference_mode` rather than `no_grad`.
-        teacher_dtype: the teacher's own precision (its weights already cast), outside autocast; None follows autocast.
-        channels_last: feed the teacher channels-last inputs (its weights already converted).
+        inference_mode: run the teachers under `torch.inference_mode` rather than `no_grad`.
+        teacher_dtype: the teachers' own precision (weights already cast), outside autocast; None follows autocast.
+        channels_last: feed the teachers channels-last inputs (their weights already converted).
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[DistillationTeacher], loss: LossFn,
-                 criterion: nn.Module, mean, std, inference_mode: bool = True,
-                 teacher_dtype: Optional[torch.dtype] = None, channels_last: bool = False):
+    def __init__(self, student: nn.Module, teachers, loss: LossFn, criterion: nn.Module, mean, std,
+                 inference_mode: bool = True, teacher_dtype: Optional[torch.dtype] = None,
+                 channels_last: bool = False):
         super().__init__(verbose=False)
         self.inference_mode, self.teacher_dtype, self.channels_last = inference_mode, teacher_dtype, channels_last
         self.trainable_module = student
-        self.teacher = teacher
+        if teachers is None:
+            teachers = []
+        self.teachers = nn.ModuleList([teachers] if isinstance(teachers, DistillationTeacher) else teachers)
         self.loss = loss
         self.criterion = criterion
         mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
@@ -69,35 +73,42 @@ class DistillationTask(TrainingTask):
         self.register_buffer('student_std', std, persistent=False)
         # Decided once here: DistillationTeacher.normalize_input compares the tensors on every call, a host-device
         # synchronisation per step on a GPU.
-        self.renormalize = teacher is not None and not (
-            torch.equal(mean, teacher.mean_kd.cpu()) and torch.equal(std, teacher.std_kd.cpu()))
+        self.renormalize = [not (torch.equal(mean, t.mean_kd.cpu()) and torch.equal(std, t.std_kd.cpu()))
+                            for t in self.teachers]
+
+    @property
+    def teacher(self) -> Optional[DistillationTeacher]:
+        return self.teachers[0] if len(self.teachers) else None
 
     def train(self, mode: bool = True) -> 'DistillationTask':
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()  # BatchNorm statistics of the teacher must never move
+        self.teachers.eval()  # BatchNorm statistics of the teachers must never move
         return self
 
-    def teacher_logits(self, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """Teacher logits [B, K] for student-normalised images [B, C, H, W]; never part of the autograd graph."""
-        if self.teacher is None:
-            return None
+    def _one_teacher(self, teacher: DistillationTeacher, renormalize: bool, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode() if self.inference_mode else torch.no_grad():
-            if self.renormalize:  # from the student's normalisation to the teacher's
-                x = (x * self.student_std + self.student_mean - self.teacher.mean_kd) / self.teacher.std_kd
+            if renormalize:  # from the student's normalisation to the teacher's
+                x = (x * self.student_std + self.student_mean - teacher.mean_kd) / teacher.std_kd
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.teacher_dtype is None:
-                t = self.teacher(x)
+                t = teacher(x)
             else:
                 with torch.autocast(x.device.type, enabled=False):
-                    t = self.teacher(x.to(self.teacher_dtype))
+                    t = teacher(x.to(self.teacher_dtype))
             t = t.float()
         # An inference-mode tensor cannot be saved for the student's backward: a normal copy ([B, K], cheap) can.
         return t.clone() if self.inference_mode else t
 
+    def teacher_logits(self, x: torch.Tensor):
+        """Teacher logits [B, K] for student-normalised images [B, C, H, W] (a tuple with several teachers, None
+        without one); never part of the autograd graph."""
+        logits = tuple(self._one_teacher(t, r, x) for t, r in zip(self.teachers, self.renormalize))
+        if not logits:
+            return None
+        return logits[0] if len(logits) == 1 else logits
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         s, h = self.trainable_module(input)
-        t = self.teacher_logits(input)
-        terms = self.loss(s, h, t, target, self.criterion)
-        return {'loss': sum(terms.values()), **terms, 'logits_cls': s, 'logits_shadow': h}
+        terms = self.loss(s, h, self.teacher_logits(input), target, self.criterion)
+        return {'loss': sum(terms.values()), **terms, 'logits_cls': s}

@@ -1,7 +1,7 @@
 """The frozen teacher of a run: loaded from a file, from timm's hub, or fitted first on the training split."""
 import json
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List
 
 import torch
 from accelerate import Accelerator
@@ -19,50 +19,59 @@ from .models import build_teacher_model, freeze, load_teacher
 from .optim import build_optimizer, build_schedule
 from .tasks import needs_teacher
 
-FITTED = 'teacher.safetensors'
+def teacher_configs(cfg: DictConfig) -> List[DictConfig]:
+    """`teacher` then every `extra_teachers` entry; none for methods without a teacher."""
+    return [cfg.teacher, *cfg.extra_teachers] if needs_teacher(cfg) else []
 
 
-def teacher_record(cfg: DictConfig) -> Dict[str, Any]:
+def fitted_path(cfg: DictConfig, index: int) -> Path:
+    """Where teacher `index` is saved when the trainer fits it: teacher.safetensors, teacher_1.safetensors, ..."""
+    return Path(cfg.train.output_dir) / (f'teacher_{index}' if index else 'teacher')
+
+
+def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
     """What a fitted teacher depends on; a saved teacher is reused only when this matches."""
-    keep = {'teacher': {k: v for k, v in cfg.teacher.items() if k != 'checkpoint'}, 'aug': cfg.aug,
+    keep = {'teacher': {k: v for k, v in t.items() if k != 'checkpoint'}, 'aug': cfg.aug,
             'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 
-def _hub_head_fits(cfg: DictConfig, num_classes: int) -> bool:
-    """Whether timm's pretrained `teacher.name` already predicts the data's classes (e.g. ImageNet-1k)."""
-    pretrained_cfg = get_pretrained_cfg(cfg.teacher.name)
+def _hub_head_fits(t: DictConfig, num_classes: int) -> bool:
+    """Whether timm's pretrained `t.name` already predicts the data's classes (e.g. ImageNet-1k)."""
+    pretrained_cfg = get_pretrained_cfg(t.name)
     return pretrained_cfg is not None and pretrained_cfg.num_classes == num_classes
 
 
-def fit_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> DistillationTeacher:
-    """Train `teacher.name` on the training split (from timm's pretrained weights when `teacher.pretrained`), save it
-    as `teacher.safetensors` in the run directory, and return it frozen.
+def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pipe: Pipeline) -> DistillationTeacher:
+    """Train `t.name` on the training split (from timm's pretrained weights when `t.pretrained`), save it as
+    `teacher[_index].safetensors` in the run directory, and return it frozen.
 
     Users distilling on their own classes often have no teacher for them. A teacher fitted earlier in the same
     output directory with the same settings is reused.
     """
-    out = Path(cfg.train.output_dir)
-    path, record_path = out / FITTED, out / 'teacher.json'
-    record = teacher_record(cfg)
+    stem = fitted_path(cfg, index)
+    path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
+    record = teacher_record(cfg, t)
     if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
         log(acc, f'reusing the teacher fitted earlier: {path}')
-        return load_teacher(cfg, pipe.num_classes, str(path)).to(acc.device)
-    f = cfg.teacher.fit
-    start = "timm's pretrained weights, new head" if cfg.teacher.pretrained else 'scratch'
-    log(acc, f'fitting the teacher {cfg.teacher.name} on the training split for {f.epochs} epochs (from {start})')
+        return load_teacher(t, pipe.num_classes, str(path))
+    f = t.fit
+    start = "timm's pretrained weights, new head" if t.pretrained else 'scratch'
+    log(acc, f'fitting the teacher {t.name} on the training split for {f.epochs} epochs (from {start})')
     with acc.main_process_first():
-        model = build_teacher_model(cfg, pipe.num_classes, pretrained=cfg.teacher.pretrained, new_head=True)
+        model = build_teacher_model(t, pipe.num_classes, pretrained=t.pretrained, new_head=True)
     task = ClassificationTask(model, criterion=criterion(cfg), verbose=False)
     d = derive(cfg, acc.num_processes, len(pipe.train_loader))
     optimizer = build_optimizer(cfg.optim, model, lr=f.lr, weight_decay=f.weight_decay)
-    schedule = build_schedule(cfg.optim, optimizer, f.epochs, d.updates_per_epoch, warmup_epochs=f.warmup_epochs)
+    schedule = build_schedule(cfg.optim, optimizer, f.epochs, d.updates_per_epoch, warmup_epochs=f.warmup_epochs,
+                              sched='cosine')
     model, optimizer = acc.prepare(model, optimizer)
     task.trainable_module = model
     task.to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes),
-                      clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval, tag='teacher_fit')
+                      clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval,
+                      tag=f'teacher_fit_{index}' if index else 'teacher_fit')
     for epoch in range(f.epochs):
         trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch)
     model = acc.unwrap_model(model)
@@ -77,7 +86,7 @@ def fit_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> Distillati
         record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
     acc.wait_for_everyone()
     acc.free_memory()  # drop Accelerate's references so the student's checkpoints hold the student alone
-    return freeze(model).to(acc.device)
+    return freeze(model)
 
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -90,11 +99,8 @@ def teacher_options(cfg: DictConfig) -> Dict[str, Any]:
             'channels_last': t.channels_last}
 
 
-def speed_up(teacher: Optional[DistillationTeacher], cfg: DictConfig) -> Optional[DistillationTeacher]:
-    """Apply the configured fast path to a frozen teacher: precision, memory format, torch.compile."""
-    if teacher is None:
-        return None
-    t = cfg.teacher
+def speed_up(teacher: DistillationTeacher, t: DictConfig) -> DistillationTeacher:
+    """Apply teacher config `t`'s fast path to a frozen teacher: precision, memory format, torch.compile."""
     if t.precision in DTYPES:
         teacher.model.to(DTYPES[t.precision])
     if t.channels_last:
@@ -104,18 +110,23 @@ def speed_up(teacher: Optional[DistillationTeacher], cfg: DictConfig) -> Optiona
     return teacher
 
 
-def get_teacher(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = True) -> Optional[DistillationTeacher]:
-    """The teacher the config asks for, in this order: `teacher.checkpoint`; timm's pretrained weights when their
-    head fits the classes; a teacher fitted earlier in the run directory; a new fit (only when `fit`)."""
-    if not needs_teacher(cfg):
-        return None
-    t = cfg.teacher
-    if t.checkpoint:
-        return load_teacher(cfg, pipe.num_classes).to(acc.device)
-    if t.pretrained and _hub_head_fits(cfg, pipe.num_classes):
-        with acc.main_process_first():  # one hub download per machine
-            return load_teacher(cfg, pipe.num_classes).to(acc.device)
-    if fit:
-        return fit_teacher(cfg, acc, pipe)
-    fitted = Path(cfg.train.output_dir) / FITTED
-    return load_teacher(cfg, pipe.num_classes, str(fitted)).to(acc.device) if fitted.is_file() else None
+def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = True) -> List[DistillationTeacher]:
+    """Every teacher the config asks for, each from, in this order: its `checkpoint`; timm's pretrained weights when
+    their head fits the classes; a teacher fitted earlier in the run directory; a new fit (only when `fit`; without
+    it a teacher that cannot be had is left out)."""
+    teachers = []
+    for index, t in enumerate(teacher_configs(cfg)):
+        fitted = fitted_path(cfg, index).with_suffix('.safetensors')
+        if t.checkpoint:
+            teacher = load_teacher(t, pipe.num_classes, trusted=cfg.train.trust_pickled_files)
+        elif t.pretrained and _hub_head_fits(t, pipe.num_classes):
+            with acc.main_process_first():  # one hub download per machine
+                teacher = load_teacher(t, pipe.num_classes)
+        elif fit:
+            teacher = fit_teacher(cfg, t, index, acc, pipe)
+        elif fitted.is_file():
+            teacher = load_teacher(t, pipe.num_classes, str(fitted))
+        else:
+            break
+        teachers.append(speed_up(teacher.to(acc.device), t))
+    return teachers

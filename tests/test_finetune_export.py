@@ -108,7 +108,7 @@ def test_export_loads_in_plain_timm_with_the_trainers_logits(trained, head, tmp_
     x = torch.randn(4, 3, 32, 32)
     torch.save(x, tmp_path / 'x.pt')
     with torch.no_grad():
-        s, h = student.forward_heads(x)
+        s, (h,) = student.forward_heads(x)
     expected = s if head == 'cls' else (s + h) / 2
     # A separate interpreter, isolated (-I) and run elsewhere: only timm, no shake_vit.
     subprocess.run([sys.executable, '-I', '-c', PLAIN_TIMM, str(export_dir), str(tmp_path / 'x.pt'),

@@ -143,3 +143,17 @@ def test_soft_targets_from_mixup_work_with_every_method():
     for fn in (losses.shake_loss, losses.deit_hard_loss, losses.deit_soft_loss, losses.kd_loss, losses.label_loss):
         terms = fn(s, h, t, soft_y, SoftTargetCrossEntropy())
         assert all(torch.isfinite(v) for v in terms.values())
+
+
+def test_two_teachers_one_shadow_head_each_student_sums_the_mutual_terms():
+    s, h, t = f64(S), f64(H), f64(TT)
+    h2, t2 = f64(TT), f64(H)  # a second shadow head and teacher
+    w = losses.ShakeWeights(temperature=4.0, mutual=0.5)
+    terms = losses.shake_loss(s, (h, h2), (t, t2), Y, ce, w)
+    assert set(terms) == {'ce_cls', 'kl_shadow_teacher_0', 'kl_shadow_cls_0', 'kl_cls_shadow_0',
+                          'kl_shadow_teacher_1', 'kl_shadow_cls_1', 'kl_cls_shadow_1'}
+    single = [losses.shake_loss(s, hi, ti, Y, ce, w) for hi, ti in ((h, t), (h2, t2))]
+    for i, one in enumerate(single):
+        for name in ('kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'):
+            assert terms[f'{name}_{i}'].item() == pytest.approx(one[name].item(), abs=1e-12)
+    assert terms['kl_cls_shadow_1'].item() == pytest.approx(0.5 * kl_by_hand(S, TT, 4.0), abs=1e-12)

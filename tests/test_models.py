@@ -31,7 +31,7 @@ def test_training_yields_both_heads_and_eval_the_deit_average_or_the_cls_head():
     s, h = student(x)
     assert s.shape == h.shape == (3, 5)
     student.eval()
-    s, h = student.forward_heads(x)
+    s, (h,) = student.forward_heads(x)
     assert torch.allclose(student(x), (s + h) / 2)
     # timm's own eval forward is the same average: the shadow head is timm's head_dist.
     assert torch.allclose(student.model(x), (s + h) / 2, atol=1e-6)
@@ -49,9 +49,38 @@ def test_mlp_shadow_head_option():
 
 
 def test_a_student_without_distillation_token_is_refused_with_the_fix():
-    cfg = load_config(None, [*TINY, 'model.name=vit_tiny_patch16_224'])
-    with pytest.raises(ConfigError, match='distilled DeiT'):
+    cfg = load_config(None, [*TINY, 'model.name=vit_tiny_patch16_224', 'model.shadow_on=token'])
+    with pytest.raises(ConfigError, match='distilled DeiT.*model.shadow_on=pooled'):
         build_student(cfg, num_classes=3)
+
+
+def test_cnn_student_gets_a_shadow_head_on_its_pooled_features():
+    cfg = load_config(None, ['data.img_size=32', 'model.name=resnet10t', 'model.cifar_stem=true'])
+    student = build_student(cfg, num_classes=5)
+    assert student.placement == 'pooled' and student.num_shadow == 1
+    assert student.shadow_heads[0].in_features == 512 and isinstance(student.model.maxpool, torch.nn.Identity)
+    x = torch.randn(2, 3, 32, 32)
+    student.eval()
+    s, (h,) = student.forward_heads(x)
+    assert torch.allclose(s, student.model(x), atol=1e-6)  # the cls head is the timm classifier itself
+    assert torch.allclose(h, student.shadow_heads[0](student.model.forward_head(student.model.forward_features(x),
+                                                                                pre_logits=True)), atol=1e-6)
+    assert student.model.forward_features(x).shape[-1] == 4  # 32 px / 8 with the CIFAR stem (/32 without)
+
+
+def test_one_shadow_head_per_teacher():
+    deit = build_student(load_config(None, [*TINY, 'extra_teachers=[{name: test_efficientnet}]']), num_classes=4)
+    assert deit.placement == 'token' and deit.num_shadow == 2 and len(deit.shadow_heads) == 1
+    deit.train()
+    s, hs = deit(torch.randn(2, 3, 32, 32))
+    assert isinstance(hs, tuple) and len(hs) == 2 and all(h.shape == (2, 4) for h in hs)
+    cnn = build_student(load_config(None, ['data.img_size=32', 'model.name=resnet10t',
+                                           'extra_teachers=[{name: a}, {name: b}]']), num_classes=4)
+    assert cnn.num_shadow == 3
+    cnn.eval()
+    x = torch.randn(2, 3, 32, 32)
+    s, hs = cnn.forward_heads(x)
+    assert len(hs) == 3 and torch.allclose(cnn(x), torch.stack([s, *hs]).mean(0), atol=1e-6)  # eval: all heads
 
 
 def test_weight_decay_skips_biases_norms_tokens_and_position_embedding():
@@ -76,7 +105,7 @@ def test_teacher_loads_a_saved_timm_state_dict_and_is_frozen(tmp_path):
                          ('.safetensors', lambda sd, p: save_file(sd, p))):
         path = str(tmp_path / f'teacher{suffix}')
         save({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
-        teacher = load_teacher(cfg, 6, path)
+        teacher = load_teacher(cfg.teacher, 6, path)
         assert not teacher.training and not teacher.model.training
         assert all(not p.requires_grad for p in teacher.parameters())
         x = torch.randn(2, 3, 32, 32)

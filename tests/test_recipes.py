@@ -10,17 +10,25 @@ from torchvision import transforms as T
 
 from helpers import ROOT, launch, python_train, results
 
-RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if p.name != 'smoke.yaml')
+RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if not p.name.startswith('smoke'))
 IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
 
 
-def smoke_data_args(recipe: str, imagefolder: Path):
-    text = (ROOT / 'configs' / recipe).read_text()
-    if 'name: imagefolder' in text:
-        return [f'data.root={imagefolder}']
-    if 'name: cifar' in text:  # torchvision checks the archive's md5, so CIFAR itself cannot be generated
-        return ['data.name=fake', 'data.num_classes=100', 'data.fake_size=[64,32]']
-    return []
+def smoke_args(recipe: str, imagefolder: Path):
+    """The smoke overlay that fits the recipe's student, and the data and teachers a CPU test can have."""
+    from shake_vit.config import load_config
+    from shake_vit.models import is_vit
+    cfg = load_config([str(ROOT / 'configs' / recipe)])
+    args = ['--config', 'configs/smoke.yaml' if is_vit(cfg.model.name) else 'configs/smoke_cnn.yaml']
+    if cfg.data.name == 'imagefolder':
+        args.append(f'data.root={imagefolder}')
+    elif cfg.data.name.startswith('cifar'):  # torchvision checks the archive's md5, so CIFAR cannot be generated
+        args += ['data.name=fake', f'data.num_classes={100 if cfg.data.name == "cifar100" else 10}',
+                 'data.fake_size=[64,32]']
+    for i in range(len(cfg.extra_teachers)):
+        args += [f'extra_teachers.{i}.name=test_efficientnet', f'extra_teachers.{i}.pretrained=false',
+                 f'extra_teachers.{i}.fit.epochs=1', f'extra_teachers.{i}.kwargs={{}}']
+    return args
 
 
 def test_every_recipe_starts_with_the_command_that_runs_it():
@@ -33,8 +41,7 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_smoke_variant_of_every_recipe_runs(recipe, imagefolder, tmp_path):
     out = tmp_path / 'run'
-    python_train(['--config', f'configs/{recipe}', '--config', 'configs/smoke.yaml',
-                  *smoke_data_args(recipe, imagefolder), f'train.output_dir={out}'])
+    python_train(['--config', f'configs/{recipe}', *smoke_args(recipe, imagefolder), f'train.output_dir={out}'])
     r = results(out)
     assert r['epochs'] == 2 and r['num_samples'] > 0
 
@@ -117,3 +124,13 @@ def test_print_config_shows_the_derived_values_and_trains_nothing(imagefolder, t
     assert '# derived: processes 1, global batch 8, lr 7.81e-06, 6 updates/epoch, 1800 updates, 30 warmup updates' \
         in proc.stdout
     assert not out.exists()
+
+
+def test_cnn_recipe_smoke_runs_in_two_processes(tmp_path):
+    out = tmp_path / 'cnn'
+    proc = launch(['--config', 'configs/cnn_resnet34_resnet18_cifar100.yaml', '--config', 'configs/smoke_cnn.yaml',
+                   'data.name=fake', 'data.num_classes=100', 'data.fake_size=[64,32]', f'train.output_dir={out}'],
+                  num_processes=2)
+    assert 'processes 2, global batch 16' in proc.stdout
+    r = results(out)
+    assert r['num_samples'] == 32 and 'top1_shadow' in r  # the pooled-feature shadow head is evaluated too

@@ -1,0 +1,159 @@
+"""Every bad input gets a one-paragraph error before training; no fault loses work (docs/reliability.md)."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from helpers import ROOT, TINY, python_train, results
+from test_checkpoint import RUN, assert_same_weights
+
+
+def fails(args, *expected, code=2):
+    """train.py exits with `code`, prints one `error:` paragraph containing `expected`, and no traceback."""
+    proc = python_train(args, check=False)
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    for text in expected:
+        assert text in proc.stderr, (text, proc.stderr[-2000:])
+    return proc
+
+
+@pytest.fixture(scope='module')
+def teachers(tmp_path_factory):
+    """Teacher files: a good one (10 classes), one with 7 classes, a truncated one, one that unpickles code."""
+    root = tmp_path_factory.mktemp('teachers')
+    good = timm.create_model('test_byobnet', num_classes=10).state_dict()
+    save_file({k: v.contiguous() for k, v in good.items()}, str(root / 'good.safetensors'))
+    seven = timm.create_model('test_byobnet', num_classes=7).state_dict()
+    torch.save(seven, root / 'seven.pth')
+    torch.save(good, root / 'full.pth')
+    data = (root / 'full.pth').read_bytes()
+    (root / 'truncated.pth').write_bytes(data[:len(data) // 2])
+    torch.save({'state_dict': good, 'hook': Payload(str(root / 'payload_ran'))}, root / 'pickled.pth')
+    return root
+
+
+class Payload:
+    """An object whose unpickling would create a file: proof of foreign code running."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, 'w'))
+
+
+@pytest.mark.parametrize('args, expected', [
+    (['train.epoch=3'], ["Unknown config key 'train.epoch'", "Did you mean 'train.epochs'"]),
+    (['optim.lr=-0.1'], ["'optim.lr' is -0.1; it must be positive"]),
+    (['train.batch_size=big'], ["Bad value for 'train.batch_size'"]),
+    (['loss.method=shaek'], ["'loss.method' is 'shaek'", "Did you mean 'shake'"]),
+    (['model.name=deit_tiny_distiled_patch16_224'], ['timm does not know', 'deit_tiny_distilled_patch16_224']),
+    (['teacher.name=resnet1O'], ["'teacher.name' is 'resnet1O'", 'Close matches']),
+    (['model.name=vit_tiny_patch16_224', 'model.shadow_on=token'], ['no distillation token', 'distilled DeiT']),
+    (['train.batch_size=63', 'aug.mixup=0.8'], ["'train.batch_size' is 63", 'even when mixup']),
+    (['data.name=imagefolder'], ['data.root is not set']),
+])
+def test_bad_configuration_values(args, expected, tmp_path):
+    fails([*TINY, f'train.output_dir={tmp_path / "run"}', *args], *expected)
+
+
+def test_missing_empty_and_mismatched_data_roots(tmp_path, imagefolder):
+    fails([f'data.root={tmp_path / "nowhere"}', f'train.output_dir={tmp_path / "a"}'], "has no 'train/' folder")
+    empty = tmp_path / 'empty'
+    (empty / 'train').mkdir(parents=True)
+    (empty / 'val').mkdir()
+    fails([f'data.root={empty}', f'train.output_dir={tmp_path / "b"}'], 'No images found under')
+    odd = tmp_path / 'odd'
+    shutil.copytree(imagefolder, odd)
+    shutil.move(odd / 'val' / 'class_3', odd / 'val' / 'class_x')
+    fails([f'data.root={odd}', f'train.output_dir={tmp_path / "c"}'], 'class folders', "only in val: ['class_x']")
+
+
+def test_teacher_checkpoint_missing_unreadable_wrong_classes_or_pickled(teachers, tmp_path):
+    base = [*TINY, f'train.output_dir={tmp_path / "run"}']
+    fails([*base, f'teacher.checkpoint={teachers / "absent.pth"}'], 'does not exist')
+    fails([*base, f'teacher.checkpoint={teachers / "truncated.pth"}'], 'is not a readable checkpoint')
+    fails([*base, f'teacher.checkpoint={teachers / "seven.pth"}'], 'predicts 7 classes but the data has 10')
+    fails([*base, f'teacher.checkpoint={teachers / "pickled.pth"}'], 'was refused', 'train.trust_pickled_files=true')
+    assert not (teachers / 'payload_ran').exists()  # the foreign code never ran
+    fails([*base, f'teacher.checkpoint={teachers / "good.safetensors"}', 'teacher.name=resnet18'], 'does not fit')
+
+
+def test_explicit_opt_in_loads_a_trusted_pickled_file(teachers, tmp_path):
+    python_train([*TINY, f'teacher.checkpoint={teachers / "pickled.pth"}', 'train.trust_pickled_files=true',
+                  f'train.output_dir={tmp_path / "run"}'])
+    assert (teachers / 'payload_ran').exists()  # unpickling ran code: why it is opt-in
+    os.remove(teachers / 'payload_ran')
+
+
+def test_output_directory_that_cannot_be_created(tmp_path):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('not a folder')
+    fails([*TINY, f'train.output_dir={blocker / "run"}'], "train.output_dir", 'is not writable')
+
+
+def test_resume_with_another_class_count_is_refused(tmp_path):
+    out = tmp_path / 'run'
+    python_train([*TINY, f'train.output_dir={out}'])
+    fails(['data.name=fake', 'data.num_classes=7', *TINY, f'train.output_dir={out}', '--resume', 'auto'],
+          'does not match the configuration', 'num_classes')
+
+
+def test_nan_loss_stops_with_the_term_and_update_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    from shake_vit import losses
+    from shake_vit.config import load_config
+    from shake_vit.engine import NonFiniteLoss
+    from shake_vit.runner import train
+    calls = {'n': 0}
+    real = losses.shake_loss
+
+    def poisoned(*args, **kwargs):  # the teacher term blows up from the 6th step on (epoch 1, update 2)
+        calls['n'] += 1
+        terms = real(*args, **kwargs)
+        if calls['n'] >= 6:
+            terms['kl_shadow_teacher'] = terms['kl_shadow_teacher'] * float('nan')
+        return terms
+    monkeypatch.setattr(losses, 'shake_loss', poisoned)
+    out = tmp_path / 'run'
+    cfg = load_config([str(ROOT / 'configs/quickstart.yaml')],
+                      [*TINY, 'train.epochs=3', 'train.max_updates_per_epoch=4', 'train.log_interval=10',
+                       'ckpt.interval_updates=0', f'train.output_dir={out}'])
+    with pytest.raises(NonFiniteLoss, match=r'kl_shadow_teacher became NaN or infinite at update 6'):
+        train(cfg)
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['update_00000004']
+
+
+# SIGKILL at several points, then `--resume auto`: the run completes with the reference's weights every time.
+KILL_POINTS = ['update:2', 'save:3', 'update:5', 'save:4']
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp('reference')
+    python_train([*RUN, f'train.output_dir={out}'])
+    return out
+
+
+@pytest.mark.parametrize('point', KILL_POINTS)
+def test_sigkill_then_resume_auto_completes_with_identical_weights(reference, point, tmp_path):
+    out = tmp_path / 'run'
+    out.mkdir()
+    for f in ('teacher.safetensors', 'teacher.json'):  # training draws the same numbers with a loaded teacher
+        shutil.copy(reference / f, out / f)
+    killed = subprocess.run([sys.executable, 'train.py', *RUN, f'train.output_dir={out}'], cwd=ROOT,
+                            capture_output=True, text=True, env=dict(os.environ, SHAKE_VIT_KILL=point))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (out / 'results.json').exists()
+    if point.startswith('save'):  # died mid-save: the half-written checkpoint is only a temporary folder
+        assert (out / 'checkpoints' / f'.tmp-update_{int(point.split(":")[1]):08d}').is_dir()
+    python_train([*RUN, f'train.output_dir={out}', '--resume', 'auto'])
+    assert results(out)['epochs'] == 2
+    assert_same_weights(reference / 'student.safetensors', out / 'student.safetensors')
+    assert_same_weights(reference / 'checkpoints/update_00000008/ema.safetensors',
+                        out / 'checkpoints/update_00000008/ema.safetensors')
