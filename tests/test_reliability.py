@@ -64,15 +64,18 @@ def test_bad_configuration_values(args, expected, tmp_path):
 
 
 def test_missing_empty_and_mismatched_data_roots(tmp_path, imagefolder):
-    fails([f'data.root={tmp_path / "nowhere"}', f'train.output_dir={tmp_path / "a"}'], "has no 'train/' folder")
+    imagenet = ['--config', 'configs/deit_tiny_shake_in1k.yaml']
+    fails([*imagenet, f'data.root={tmp_path / "nowhere"}', f'train.output_dir={tmp_path / "a"}'],
+          "has no 'train/' folder")
     empty = tmp_path / 'empty'
     (empty / 'train').mkdir(parents=True)
     (empty / 'val').mkdir()
-    fails([f'data.root={empty}', f'train.output_dir={tmp_path / "b"}'], 'No images found under')
+    fails([*imagenet, f'data.root={empty}', f'train.output_dir={tmp_path / "b"}'], 'No images found under')
     odd = tmp_path / 'odd'
     shutil.copytree(imagefolder, odd)
     shutil.move(odd / 'val' / 'class_3', odd / 'val' / 'class_x')
-    fails([f'data.root={odd}', f'train.output_dir={tmp_path / "c"}'], 'class folders', "only in val: ['class_x']")
+    fails([*imagenet, f'data.root={odd}', f'train.output_dir={tmp_path / "c"}'], 'class folders',
+          "only in val: ['class_x']")
 
 
 def test_teacher_checkpoint_missing_unreadable_wrong_classes_or_pickled(teachers, tmp_path):
