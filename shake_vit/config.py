@@ -221,6 +221,22 @@ def _explain(err: OmegaConfBaseException, base: DictConfig, source: str) -> Conf
     return ConfigError(f'Could not read the configuration from {source}: {str(err).splitlines()[0]}')
 
 
+def _recipe_chain(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
+    """A recipe and the recipes it builds on, base first: a top-level `_base_: other.yaml` (relative to the file)
+    lets a recipe hold only its deltas from another recipe."""
+    if not path.is_file():
+        raise ConfigError(f"Config file '{path}' does not exist. Recipes live in configs/, e.g. configs/quickstart.yaml.")
+    if path.resolve() in seen:
+        raise ConfigError(f"Config file '{path}' includes itself through _base_.")
+    try:
+        recipe = OmegaConf.load(path)
+    except Exception as err:  # YAML syntax errors come from the yaml package
+        raise ConfigError(f"Could not parse '{path}': {str(err).splitlines()[0]}") from None
+    base = recipe.pop('_base_', None) if isinstance(recipe, DictConfig) else None
+    chain = _recipe_chain(path.parent / base, [*seen, path.resolve()]) if base else []
+    return [*chain, (path, recipe)]
+
+
 def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults, then each recipe in `paths` in order (e.g. a recipe, then `configs/smoke.yaml`), then
     `section.key=value` overrides; validated."""
@@ -229,14 +245,11 @@ def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequen
     for key in FREE_FORM:  # timm keyword arguments: any key is allowed there
         OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
     for path in [paths] if isinstance(paths, str) else (paths or []):
-        if not Path(path).is_file():
-            raise ConfigError(f"Config file '{path}' does not exist. Recipes live in configs/, e.g. "
-                              'configs/quickstart.yaml.')
-        try:
-            recipe = OmegaConf.load(path)
-            cfg = OmegaConf.merge(cfg, recipe)
-        except OmegaConfBaseException as err:
-            raise _explain(err, cfg, path) from None
+        for layer in _recipe_chain(Path(path)):
+            try:
+                cfg = OmegaConf.merge(cfg, layer[1])
+            except OmegaConfBaseException as err:
+                raise _explain(err, cfg, str(layer[0])) from None
     for item in overrides:
         if '=' not in item:
             raise ConfigError(f"Override '{item}' is not of the form section.key=value (e.g. train.epochs=10).")

@@ -68,3 +68,13 @@ def test_mixed_precision_no_survives_yaml_reading_it_as_false(tmp_path):
     recipe = tmp_path / 'r.yaml'
     recipe.write_text('train:\n  mixed_precision: no\n')
     assert load_config(str(recipe)).train.mixed_precision == 'no'
+
+
+def test_a_recipe_builds_on_another_with_base(tmp_path):
+    (tmp_path / 'parent.yaml').write_text('train: {epochs: 7, batch_size: 32}\nloss: {method: kd}\n')
+    (tmp_path / 'child.yaml').write_text('_base_: parent.yaml\ntrain: {epochs: 9}\n')
+    cfg = load_config(str(tmp_path / 'child.yaml'))
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.loss.method) == (9, 32, 'kd')
+    (tmp_path / 'loop.yaml').write_text('_base_: loop.yaml\n')
+    with pytest.raises(ConfigError, match='includes itself'):
+        load_config(str(tmp_path / 'loop.yaml'))
