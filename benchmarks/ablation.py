@@ -1,4 +1,4 @@
-"""Does SHAKE beat the baselines? A k-fold, multi-seed ablation on the digits data set, with the paper's sensitivity grid.
+"""Does SHAKE beat the baselines? A k-fold, multi-seed ablation on digits, with the paper's sensitivity grid.
 
     python benchmarks/ablation.py                 # the full study (about 70 minutes on 2 CPU cores)
     python benchmarks/ablation.py --smoke         # one fold, one seed, one epoch (what tests/test_ablation.py runs)
@@ -59,8 +59,7 @@ def job(name: str, overrides: List[str], out: Path, study: List[str]) -> dict:
     start = time.perf_counter()
     results = train(cfg)
     record = {'name': name, 'overrides': overrides, 'wall_s': time.perf_counter() - start,
-              **{k: results.get(k) for k in ('top1_cls', 'top1_shadow', 'top1_avg', 'teacher_top1', 'num_samples',
-                                             'train_images_per_sec')}}
+              **{k: v for k, v in results.items() if isinstance(v, (int, float))}}  # every head's metrics
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return record
@@ -121,7 +120,8 @@ def figure(summary: dict, path: Path) -> None:
     for i, h in enumerate(HEADS):
         means = [summary['main'][m][h]['mean'] for m in methods]
         stds = [summary['main'][m][h]['std'] for m in methods]
-        ax.bar([j + (i - 1) * width for j in range(len(methods))], means, width, yerr=stds, capsize=3, label=f'{h} head')
+        ax.bar([j + (i - 1) * width for j in range(len(methods))], means, width, yerr=stds, capsize=3,
+               label=f'{h} head')
     ax.set_xticks(range(len(methods)), methods, rotation=15)
     lo = min(summary['main'][m][h]['mean'] - summary['main'][m][h]['std'] for m in methods for h in HEADS)
     ax.set_ylim(max(0, lo - 2), 100)

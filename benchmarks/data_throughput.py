@@ -70,8 +70,9 @@ def main() -> None:
                 if seen > args.batches:
                     break
         elapsed = time.perf_counter() - start
+    source = root if args.root else 'generated 500x375 JPEGs'
     print(f'# {os.cpu_count()} CPU cores, {args.workers} workers, batch {args.batch_size}, 224 px DeiT train transform '
-          f'(RandAugment, random erasing, repeated augmentation x3), {"generated 500x375 JPEGs" if not args.root else root}')
+          f'(RandAugment, random erasing, repeated augmentation x3), {source}')
     print(f'| loader | images/s |\n| --- | --- |\n| train pipeline | {count / elapsed:.1f} |')
 
 

@@ -225,7 +225,8 @@ def _recipe_chain(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
     """A recipe and the recipes it builds on, base first: a top-level `_base_: other.yaml` (relative to the file)
     lets a recipe hold only its deltas from another recipe."""
     if not path.is_file():
-        raise ConfigError(f"Config file '{path}' does not exist. Recipes live in configs/, e.g. configs/quickstart.yaml.")
+        raise ConfigError(f"Config file '{path}' does not exist. Recipes live in configs/, e.g. "
+                          'configs/quickstart.yaml.')
     if path.resolve() in seen:
         raise ConfigError(f"Config file '{path}' includes itself through _base_.")
     try:

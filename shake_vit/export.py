@@ -38,15 +38,16 @@ def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
             return model.eval()
     if head == 'both':
         if not isinstance(student.model.head_dist, nn.Linear):
-            raise ConfigError('The shadow head is an MLP (model.shadow_head=mlp), which plain timm cannot build: export '
-                              'the classification head alone with --export-head cls.')
+            raise ConfigError('The shadow head is an MLP (model.shadow_head=mlp), which plain timm cannot build: '
+                              'export the classification head alone with --export-head cls.')
         name = cfg.model.name
     else:
         name = cfg.model.name.replace('_distilled', '')
         if not timm.is_model(name):
             raise ConfigError(f"No single-head timm counterpart of '{cfg.model.name}' (looked for '{name}').")
         kwargs['reg_tokens'] = 1
-        state = {('reg_token' if k == 'dist_token' else k): v for k, v in state.items() if not k.startswith('head_dist')}
+        state = {('reg_token' if k == 'dist_token' else k): v for k, v in state.items()
+                 if not k.startswith('head_dist')}
     model = timm.create_model(name, **kwargs)
     model.load_state_dict(state)
     return model.eval()

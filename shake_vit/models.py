@@ -117,8 +117,8 @@ def cifar_stem(model: nn.Module) -> nn.Module:
     elif hasattr(model, 'conv_stem'):
         model.conv_stem.stride = (1, 1)
     else:
-        raise ConfigError(f'model.cifar_stem / teacher.cifar_stem: no known stem on {type(model).__name__} (timm ResNet '
-                          'or EfficientNet/MobileNet families only).')
+        raise ConfigError(f'model.cifar_stem / teacher.cifar_stem: no known stem on {type(model).__name__} '
+                          '(timm ResNet or EfficientNet/MobileNet families only).')
     return model
 
 
@@ -205,8 +205,8 @@ def adapt_pretrained(state: Dict[str, torch.Tensor], model: nn.Module) -> Tuple[
                                           or state[f'{head}.weight'].shape != current.weight.shape):
             pretrained = state.pop(f'{head}.weight')
             state.pop(f'{head}.bias', None)
-            notes.append(f'{head} re-initialised ({pretrained.shape[0]} pretrained outputs, {model.num_classes} '
-                         'classes here)' if isinstance(current, nn.Linear) else f'{head} is an MLP here: it starts fresh')
+            fresh = f'{head} re-initialised ({pretrained.shape[0]} pretrained outputs, {model.num_classes} here)'
+            notes.append(fresh if isinstance(current, nn.Linear) else f'{head} is an MLP here: it starts fresh')
     return state, notes
 
 
@@ -244,9 +244,9 @@ def build_teacher_model(t: DictConfig, num_classes: int, pretrained: bool = Fals
         model = timm.create_model(t.name, pretrained=True, **(dict(num_classes=num_classes) if new_head else {}),
                                   **kwargs)
     except Exception as err:  # hub errors come as many types: offline, unknown tag, HTTP
-        raise ConfigError(f"Could not fetch timm's pretrained weights for teacher.name='{t.name}' ({type(err).__name__}: "
-                          f'{str(err).splitlines()[0][:200]}). Offline, download them elsewhere and set '
-                          'teacher.checkpoint=/path/to/weights instead of teacher.pretrained=true.') from None
+        raise ConfigError(f"Could not fetch timm's pretrained weights for teacher.name='{t.name}' "
+                          f'({type(err).__name__}: {str(err).splitlines()[0][:200]}). Offline, download them elsewhere '
+                          'and set teacher.checkpoint=/path/to/weights instead of teacher.pretrained=true.') from None
     if model.num_classes != num_classes:
         raise ConfigError(f"The pretrained teacher '{t.name}' predicts {model.num_classes} classes but the data has "
                           f'{num_classes}: give a teacher trained on these classes (teacher.checkpoint) or let the '

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from accelerate.utils import set_seed
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
@@ -14,16 +14,17 @@ from .build import build_optimization, build_pipeline, criterion, log, make_acce
 from .checkpoint import Checkpointer, CheckpointError, Progress, fault_hook
 from .engine import Trainer
 from .evaluation import evaluate_student, format_table
-from .models import build_student, load_pretrained, student_kwargs
+from .models import Student, build_student, load_pretrained, student_kwargs
 from .preemption import StopRequest
 from .tasks import DistillationTask, loss_fn, trains_shadow
 from .teacher import get_teachers, teacher_options
 
 
-def run_identity(cfg: DictConfig, num_classes: int, num_processes: int) -> Dict[str, Any]:
+def run_identity(cfg: DictConfig, student: Student, num_processes: int) -> Dict[str, Any]:
     """What a checkpoint must share with the run resuming it."""
     return {'model': cfg.model.name, 'model_kwargs': student_kwargs(cfg), 'shadow_head': cfg.model.shadow_head,
-            'num_classes': num_classes, 'num_processes': num_processes}
+            'shadow_on': student.placement, 'num_shadow': student.num_shadow, 'cifar_stem': cfg.model.cifar_stem,
+            'num_classes': student.num_classes, 'num_processes': num_processes}
 
 
 def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
@@ -77,7 +78,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes), ema=ema,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
     ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, cfg.ckpt.metric)
-    identity = run_identity(cfg, pipe.num_classes, acc.num_processes)
+    identity = run_identity(cfg, student, acc.num_processes)
 
     progress = Progress(run=identity)
     start = resolve_resume(resume, ckpt)

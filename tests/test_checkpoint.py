@@ -130,7 +130,7 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_loadable(tmp_
         Path(output_dir, 'model.safetensors').write_bytes(b'half a file')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(acc, 'save_state', full_disk)
-    with pytest.raises(CheckpointError, match='No space left on device.*newest complete checkpoint is .*update_00000001'):
+    with pytest.raises(CheckpointError, match='No space left on device.*newest complete checkpoint .*update_00000001'):
         ckpt.save(Progress(update=2, run={'num_processes': 1}))
     assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == ['update_00000001']
     # A crash (no cleanup at all) leaves a temporary folder and maybe a folder without its state file: both ignored.

@@ -43,7 +43,7 @@ def test_plain_vit_weights_seed_the_distillation_token_and_shadow_head(saved_wei
     assert m.head.out_features == 10  # 7 pretrained classes: heads start fresh
     text = ' '.join(notes)
     assert 'no distillation token' in text and 'position embedding resampled from a 8x8' in text
-    assert 'head re-initialised (7 pretrained outputs, 10 classes here)' in text
+    assert 'head re-initialised (7 pretrained outputs, 10 here)' in text
 
 
 def test_distilled_weights_keep_both_prefix_tokens_when_resampled(saved_weights):

@@ -2,10 +2,9 @@
 import pytest
 import timm
 import torch
-from omegaconf import OmegaConf
 
 from shake_vit.config import ConfigError, load_config
-from shake_vit.models import Student, build_student, freeze, load_teacher
+from shake_vit.models import build_student, freeze, load_teacher
 from shake_vit.optim import build_optimizer
 
 TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=2',
