@@ -257,7 +257,10 @@ def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequen
         key = item.split('=', 1)[0]
         try:
             value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)  # the value, typed by OmegaConf's grammar
-            OmegaConf.update(cfg, key, value, merge=True)  # handles list indices: extra_teachers.0.checkpoint=...
+            # merge=True handles list indices (extra_teachers.0.checkpoint=...) and adds to a dict; an empty
+            # value (model.kwargs={}) clears what the recipe set, e.g. a ViT's kwargs when the student is a CNN
+            empty = isinstance(value, (dict, DictConfig)) and len(value) == 0
+            OmegaConf.update(cfg, key, value, merge=not empty)
         except OmegaConfBaseException as err:
             raise _explain(err, cfg, f"override '{item}'") from None
     if cfg.train.mixed_precision in ('False', 'false', 'off'):  # YAML and the command line read a bare `no` as false

@@ -1,4 +1,5 @@
 """The benchmark scripts run (one step, tiny models), so they cannot rot; their figures live in docs/benchmarks.md."""
+import json
 import subprocess
 import sys
 
@@ -30,3 +31,44 @@ def test_step_throughput_measures_memory_in_a_process_per_method():
 def test_data_throughput_runs():
     out = run('benchmarks/data_throughput.py', '--batches', '1', '--batch-size', '8', '--workers', '0')
     assert '| train pipeline |' in out
+
+
+def test_ablation_smoke_runs_every_method_on_one_fold(tmp_path):
+    """One fold, one seed, one epoch: every method trains through the study's own job() and leaves a record."""
+    out = run('benchmarks/ablation.py', '--smoke', '--out', str(tmp_path))
+    records = json.loads((tmp_path / 'runs.json').read_text())
+    methods = ('none', 'deit_hard', 'deit_soft', 'kd', 'shake', 'shake_authors')
+    assert set(records) == {f'{m}_f0_s0' for m in methods} | {'teacher_f0'}, out
+    for m in methods:
+        r = records[f'{m}_f0_s0']
+        assert 0 <= r['top1_cls'] <= 100 and 0 <= r['top1_avg'] <= 100 and r['wall_s'] > 0
+        assert r['num_samples'] in (449, 450)  # fold 0 of 4 over all 1,797 images is the test set
+
+
+def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
+    """summarise/report/figure on made-up records: the paired differences and the table are what the inputs say."""
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import ablation
+    records = {}
+    for f in range(2):
+        records[f'teacher_f{f}'] = {'teacher_top1': 99.0}
+        for s in range(2):
+            for i, m in enumerate(ablation.METHODS):
+                # method i scores 80 + i on every head, +f so folds differ, +s*(i%2) so seeds differ for odd methods
+                v = 80.0 + i + f + s * (i % 2)
+                records[f'{m}_f{f}_s{s}'] = {**{f'top1_{h}': v for h in ablation.HEADS},
+                                            'train_images_per_sec': 100.0 / (1 + i)}
+            for lam, T in ablation.GRID:
+                records[f'grid_l{lam}_t{T}_f{f}_s{s}'] = {f'top1_{h}': 70 + lam * T for h in ablation.HEADS}
+    summary = ablation.summarise(records, folds=2, seeds=2, sens_seeds=2)
+    methods = list(ablation.METHODS)
+    kd, shake = summary['main']['kd'], summary['main']['shake']
+    assert kd['vs_none']['cls']['mean'] == methods.index('kd') + 0.5  # odd method: +1 on seed 1
+    assert shake['vs_deit_hard']['cls']['mean'] == methods.index('shake') - methods.index('deit_hard') - 0.5
+    assert shake['time_vs_kd'] == (1 + methods.index('shake')) / (1 + methods.index('kd'))
+    assert summary['grid']['2.0,4.0']['cls'] == 78.0
+    args = type('A', (), {'folds': 2, 'seeds': 2, 'sens_seeds': 2, 'epochs': 1})()
+    text = ablation.report(summary, args, 'python benchmarks/ablation.py', 60.0)
+    assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text
+    ablation.figure(summary, tmp_path / 'a.png')
+    assert (tmp_path / 'a.png').stat().st_size > 1000

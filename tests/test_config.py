@@ -2,6 +2,7 @@
 import pytest
 import yaml
 
+from helpers import ROOT
 from shake_vit.config import ConfigError, derive, flat_hparams, load_config
 
 
@@ -78,3 +79,11 @@ def test_a_recipe_builds_on_another_with_base(tmp_path):
     (tmp_path / 'loop.yaml').write_text('_base_: loop.yaml\n')
     with pytest.raises(ConfigError, match='includes itself'):
         load_config(str(tmp_path / 'loop.yaml'))
+
+
+def test_an_empty_dict_override_clears_and_a_dict_override_adds():
+    """The quick start's ViT kwargs must go when the student becomes a CNN; `key={a: 1}` adds to what is there."""
+    cfg = load_config(str(ROOT / 'configs' / 'quickstart.yaml'), ['model.name=test_resnet', 'model.kwargs={}'])
+    assert dict(cfg.model.kwargs) == {}
+    cfg = load_config(str(ROOT / 'configs' / 'quickstart.yaml'), ['model.kwargs={qkv_bias: false}'])
+    assert cfg.model.kwargs.qkv_bias is False and cfg.model.kwargs.embed_dim == 96
