@@ -113,6 +113,21 @@ def summarise(records: Dict[str, dict], folds: int, seeds: int, sens_seeds: int)
     return {'main': main, 'grid': grid, 'teacher_top1': teachers}
 
 
+def loss_terms(run_dir: Path) -> Dict[str, list]:
+    """Each training loss term of one run as logged to TensorBoard (means over `train.log_interval` updates):
+    the first, the middle and the last log point."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    terms = {}
+    for events in sorted(run_dir.glob('tensorboard/events.out.tfevents.*')):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()['scalars']:
+            if tag.startswith('train/') and tag not in ('train/lr', 'train/images_per_sec'):
+                values = [e.value for e in acc.Scalars(tag)]
+                terms[tag[len('train/'):]] = [values[0], values[len(values) // 2], values[-1]]
+    return terms
+
+
 def figure(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use('Agg')
@@ -180,6 +195,14 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
     best = max(summary['grid'], key=lambda k: summary['grid'][k]['cls'])
     lines += ['', f'Best on inner validation: lambda, T = {best} (the paper: lambda = 1, T = 4 in the main text, '
               'lambda = 0.5 best in its sensitivity plot).', '', '![ablation](ablation.png)', '']
+    if summary.get('terms'):
+        lines += ['Loss terms of the fold-0, seed-0 run of each method, as logged (weighted, mean over 50 updates): '
+                  'first, middle and last log point. `loss` is their sum, the number the optimiser sees.', '',
+                  '| method | term | first | middle | last |', '| --- | --- | --- | --- | --- |']
+        for m, terms in summary['terms'].items():
+            for term, (first, middle, last) in terms.items():
+                lines.append(f'| {m} | {term} | {first:.3f} | {middle:.3f} | {last:.3f} |')
+        lines.append('')
     return '\n'.join(lines)
 
 
@@ -244,6 +267,7 @@ def main() -> None:
     if args.smoke:
         return
     summary = summarise(records, args.folds, args.seeds, args.sens_seeds)
+    summary['terms'] = {m: loss_terms(out / 'runs' / f'{m}_f0_s0') for m in METHODS}
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     command = 'python benchmarks/ablation.py' + ''.join(f' {a}' for a in sys.argv[1:])

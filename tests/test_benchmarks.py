@@ -43,6 +43,10 @@ def test_ablation_smoke_runs_every_method_on_one_fold(tmp_path):
         r = records[f'{m}_f0_s0']
         assert 0 <= r['top1_cls'] <= 100 and 0 <= r['top1_avg'] <= 100 and r['wall_s'] > 0
         assert r['num_samples'] in (449, 450)  # fold 0 of 4 over all 1,797 images is the test set
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import ablation
+    terms = ablation.loss_terms(tmp_path / 'runs' / 'shake_f0_s0')  # what the report's loss-scale table reads
+    assert {'loss', 'ce_cls', 'kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'} <= set(terms), terms
 
 
 def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
@@ -67,8 +71,9 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     assert shake['vs_deit_hard']['cls']['mean'] == methods.index('shake') - methods.index('deit_hard') - 0.5
     assert shake['time_vs_kd'] == (1 + methods.index('shake')) / (1 + methods.index('kd'))
     assert summary['grid']['2.0,4.0']['cls'] == 78.0
+    summary['terms'] = {'shake': {'loss': [3.0, 2.0, 1.0]}}
     args = type('A', (), {'folds': 2, 'seeds': 2, 'sens_seeds': 2, 'epochs': 1})()
     text = ablation.report(summary, args, 'python benchmarks/ablation.py', 60.0)
-    assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text
+    assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text and '| shake | loss | 3.000 | 2.000 | 1.000 |' in text
     ablation.figure(summary, tmp_path / 'a.png')
     assert (tmp_path / 'a.png').stat().st_size > 1000
