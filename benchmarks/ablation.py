@@ -88,9 +88,10 @@ def paired(a: List[float], b: List[float]) -> dict:
     d = [x - y for x, y in zip(a, b)]
     mean = statistics.fmean(d)
     if len(d) < 2:
-        return {'mean': mean, 'ci95': [float('nan'), float('nan')], 'n': len(d)}
+        return {'mean': mean, 'ci95': [float('nan'), float('nan')], 'n': len(d), 'wins': int(d[0] > 0), 'sd': 0.0}
     half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
-    return {'mean': mean, 'ci95': [mean - half, mean + half], 'n': len(d)}
+    return {'mean': mean, 'ci95': [mean - half, mean + half], 'n': len(d), 'wins': sum(x > 0 for x in d),
+            'sd': statistics.stdev(d)}
 
 
 def summarise(records: Dict[str, dict], folds: int, seeds: int, sens_seeds: int) -> dict:
@@ -114,48 +115,71 @@ def summarise(records: Dict[str, dict], folds: int, seeds: int, sens_seeds: int)
     return {'main': main, 'grid': grid, 'teacher_top1': teachers}
 
 
-def loss_terms(run_dir: Path) -> Dict[str, list]:
-    """Each training loss term of one run as logged to TensorBoard (means over `train.log_interval` updates):
-    the first, the middle and the last log point."""
+def train_scalars(run_dir: Path) -> Dict[str, list]:
+    """Every training loss term of one run as logged to TensorBoard (means over `train.log_interval` updates)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    terms = {}
+    series = {}
     for events in sorted(run_dir.glob('tensorboard/events.out.tfevents.*')):
         acc = EventAccumulator(str(events))
         acc.Reload()
         for tag in acc.Tags()['scalars']:
             if tag.startswith('train/') and tag not in ('train/lr', 'train/images_per_sec'):
-                values = [e.value for e in acc.Scalars(tag)]
-                terms[tag[len('train/'):]] = [values[0], values[len(values) // 2], values[-1]]
-    return terms
+                series[tag[len('train/'):]] = [e.value for e in acc.Scalars(tag)]
+    return series
+
+
+def loss_terms(run_dir: Path) -> Dict[str, list]:
+    """Each loss term of one run at the first, the middle and the last log point."""
+    return {k: [v[0], v[len(v) // 2], v[-1]] for k, v in train_scalars(run_dir).items()}
+
+
+def stalled(run_dir: Path, points: int = 6) -> bool:
+    """A stalled start: the cls head's cross-entropy has not fallen 5% below its first logged value within the first
+    `points` log points (300 updates, 7 of 20 epochs), i.e. the student sat at chance level for a third of the run."""
+    ce = train_scalars(run_dir)['ce_cls']
+    return min(ce[:points]) > 0.95 * ce[0]
 
 
 def figure(summary: dict, path: Path) -> None:
+    """Left: every run's cls-head top-1 per method (dots) with the mean; middle: the paired difference of the cls
+    head against `none` and `deit_hard` with its 95% interval; right: the sensitivity grid."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={'width_ratios': [2, 1]})
+    fig, (ax, cx, bx) = plt.subplots(1, 3, figsize=(15, 4.4), gridspec_kw={'width_ratios': [1.4, 1.4, 1]})
     methods = list(summary['main'])
-    width = 0.26
-    for i, h in enumerate(HEADS):
-        means = [summary['main'][m][h]['mean'] for m in methods]
-        stds = [summary['main'][m][h]['std'] for m in methods]
-        ax.bar([j + (i - 1) * width for j in range(len(methods))], means, width, yerr=stds, capsize=3,
-               label=f'{h} head')
+    runs = [summary['main'][m]['cls']['runs'] for m in methods]
+    floor = math.floor(statistics.median(v for r in runs for v in r) - 8)  # runs below it are drawn on it
+    for j, r in enumerate(runs):
+        ax.scatter([j + 0.06 * (i % 5 - 2) for i in range(len(r))], [max(v, floor) for v in r], s=14, alpha=0.7)
+        ax.hlines(statistics.fmean(r), j - 0.3, j + 0.3, color='black')
+        for v in r:
+            if v < floor:
+                ax.annotate(f'{v:.1f}', (j, floor), textcoords='offset points', xytext=(6, 2), fontsize=8)
+    ax.set_ylim(floor - 0.5, 100)
     ax.set_xticks(range(len(methods)), methods, rotation=15)
-    lo = min(summary['main'][m][h]['mean'] - summary['main'][m][h]['std'] for m in methods for h in HEADS)
-    ax.set_ylim(max(0, lo - 2), 100)
-    ax.set_ylabel('test top-1 (%), mean +- std over folds x seeds')
-    ax.set_title('Digits, k-fold x seeds')
-    ax.legend(loc='lower right')
+    ax.set_ylabel('test top-1 of the cls head (%)')
+    ax.set_title('Every run (dots; below the axis: drawn at its floor) and the mean (bar)', fontsize=9)
+    for k, (ref, dx) in enumerate((('none', -0.12), ('deit_hard', 0.12))):
+        d = [summary['main'][m][f'vs_{ref}']['cls'] for m in methods]
+        mean = [x['mean'] for x in d]
+        err = [[x['mean'] - x['ci95'][0] for x in d], [x['ci95'][1] - x['mean'] for x in d]]
+        cx.errorbar([j + dx for j in range(len(methods))], mean, yerr=err, fmt='o', capsize=3, label=f'vs {ref}')
+    cx.axhline(0, color='grey', lw=0.8)
+    cx.set_ylim(-5, 5)
+    cx.set_xticks(range(len(methods)), methods, rotation=15)
+    cx.set_ylabel('cls top-1 difference (points), 95% CI')
+    cx.set_title('Paired by fold and seed (clipped at +-5)', fontsize=9)
+    cx.legend(loc='lower left', fontsize=8)
     lams, temps = sorted({lam for lam, _ in GRID}), sorted({t for _, t in GRID})
     cells = [[summary['grid'][f'{lam},{t}']['cls'] for lam in lams] for t in temps]
     im = bx.imshow(cells, cmap='viridis')
-    bx.set_xticks(range(len(lams)), [f'lambda={lam}' for lam in lams])
+    bx.set_xticks(range(len(lams)), [f'lambda {lam:g}' for lam in lams], fontsize=8)
     bx.set_yticks(range(len(temps)), [f'T={t:g}' for t in temps])
     for r, row in enumerate(cells):
         for c, v in enumerate(row):
             bx.text(c, r, f'{v:.2f}', ha='center', va='center', color='white')
-    bx.set_title('SHAKE cls head, inner validation (%)')
+    bx.set_title('shake, cls head, inner validation (%)', fontsize=9)
     fig.colorbar(im, ax=bx, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -172,15 +196,21 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
               f'{args.epochs} epochs. Teacher: timm test_byobnet fitted '
               f"once per training split (test top-1 per fold: {', '.join(f'{t:.2f}' for t in summary['teacher_top1'])}"
               '). Numbers are test top-1 (%), mean +- std over runs.', '',
-              '| method | cls head | shadow head | average | cls vs none (95% CI) | cls vs deit_hard (95% CI) | '
-              'time vs kd |', '| --- | --- | --- | --- | --- | --- | --- |']
+              '| method | cls head | shadow head | average | cls median [worst] | stalled starts | '
+              'cls vs none (95% CI) | cls vs deit_hard (95% CI) | time vs kd |',
+              '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
     for m, r in main.items():
         def ci(d):
-            return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]"
+            return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], ahead {d['wins']}/{d['n']}"
         lines.append(f"| {m} | {r['cls']['mean']:.2f} +- {r['cls']['std']:.2f} | {r['shadow']['mean']:.2f} +- "
                      f"{r['shadow']['std']:.2f} | {r['avg']['mean']:.2f} +- {r['avg']['std']:.2f} | "
+                     f"{statistics.median(r['cls']['runs']):.2f} [{min(r['cls']['runs']):.2f}] | "
+                     f"{summary.get('stalled', {}).get(m, '-')} of {len(r['cls']['runs'])} | "
                      f"{ci(r['vs_none']['cls'])} | {ci(r['vs_deit_hard']['cls'])} | x{r['time_vs_kd']:.2f} |")
-    lines += ['', 'Paired differences on the DeiT average of the two heads:', '',
+    lines += ['', 'A stalled start: the cls cross-entropy had not fallen 5% below its first logged value after 300 '
+              'updates (7 of 20 epochs), so the student sat at chance for a third of its schedule. "ahead k/n": the '
+              'method scored higher in k of the n paired runs.', '',
+              'Paired differences on the DeiT average of the two heads:', '',
               '| method | avg vs none (95% CI) | avg vs deit_hard (95% CI) |', '| --- | --- | --- |']
     for m, r in main.items():
         lines.append(f"| {m} | {r['vs_none']['avg']['mean']:+.2f} [{r['vs_none']['avg']['ci95'][0]:+.2f}, "
@@ -191,8 +221,10 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
               'and scored on the other 20%; the test folds are not used.', '',
               '| | ' + ' | '.join(f'lambda = {lam:g}' for lam in LAMBDAS) + ' |', '| --- |' + ' --- |' * len(LAMBDAS)]
     for T in sorted({t for _, t in GRID}):
-        lines.append(f'| T = {T:g} | ' + ' | '.join(f"{summary['grid'][f'{lam},{T}']['cls']:.2f}" for lam in LAMBDAS)
-                     + ' |')
+        stalls = summary.get('stalled_grid', {})
+        lines.append(f'| T = {T:g} | ' + ' | '.join(f"{summary['grid'][f'{lam},{T}']['cls']:.2f}"
+                                                  + (f" ({stalls[f'{lam},{T}']} stalled)" if stalls else '')
+                                                  for lam in LAMBDAS) + ' |')
     best = max(summary['grid'], key=lambda k: summary['grid'][k]['cls'])
     lines += ['', f'Best on inner validation: lambda, T = {best} (the paper: lambda = 1, T = 4 in the main text, '
               'lambda = 0.5 best in its sensitivity plot).', '', '![ablation](ablation.png)', '']
@@ -204,6 +236,9 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
             for term, (first, middle, last) in terms.items():
                 lines.append(f'| {m} | {term} | {first:.3f} | {middle:.3f} | {last:.3f} |')
         lines.append('')
+    notes = Path(getattr(args, 'docs', '')) / 'ablation_notes.md'  # the hand-written reading, kept across reruns
+    if getattr(args, 'docs', None) and notes.is_file():
+        lines += [notes.read_text()]
     return '\n'.join(lines)
 
 
@@ -269,6 +304,11 @@ def main() -> None:
         return
     summary = summarise(records, args.folds, args.seeds, args.sens_seeds)
     summary['terms'] = {m: loss_terms(out / 'runs' / f'{m}_f0_s0') for m in METHODS}
+    summary['stalled'] = {m: sum(stalled(out / 'runs' / f'{m}_f{f}_s{s}') for f in range(args.folds)
+                                 for s in range(args.seeds)) for m in METHODS}
+    summary['stalled_grid'] = {f'{lam},{T}': sum(stalled(out / 'runs' / f'grid_l{lam}_t{T}_f{f}_s{s}')
+                                                 for f in range(args.folds) for s in range(args.sens_seeds))
+                               for lam, T in GRID}
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     command = 'python benchmarks/ablation.py' + ''.join(f' {a}' for a in sys.argv[1:])

@@ -77,3 +77,12 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text and '| shake | loss | 3.000 | 2.000 | 1.000 |' in text
     ablation.figure(summary, tmp_path / 'a.png')
     assert (tmp_path / 'a.png').stat().st_size > 1000
+
+
+def test_a_stalled_start_is_a_cross_entropy_that_stays_at_chance(monkeypatch):
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import ablation
+    monkeypatch.setattr(ablation, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.25, 2.33, 2.31, 2.32, 2.30, 1.2]})
+    assert ablation.stalled(ROOT)  # fell by 2% at most within 6 log points, whatever came later
+    monkeypatch.setattr(ablation, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.27, 2.23, 2.11, 2.13, 2.02]})
+    assert not ablation.stalled(ROOT)
