@@ -6,9 +6,10 @@ Each comparison is the quick-start recipe (configs/quickstart.yaml, its fixed 80
 settings (benchmarks/ablation.py STUDY: 64-wide DeiT, 20 epochs, batch 32), run for `--seeds` seeds per method, two
 runs in parallel with one thread each (shake_vit.runner.train through benchmarks/ablation.job). The teachers are
 fitted once and shared: timm's test_byobnet (the quick start's) and test_efficientnet.
-- CNN student: timm's test_resnet with a CIFAR stem (no distillation token: the shadow head reads its pooled
-  features), `none` against `shake` in both forms, at 16 px (a 3x3 stride-1 stem at 32 px costs 4x as much: 1.2 s per
-  update on this CPU) with its own 16-px test_byobnet teacher, for a short run (`--cnn-epochs`).
+- CNN student: timm's test_resnet (no distillation token: the shadow head reads its pooled features), `none`
+  against `shake` in both forms, for a short run (`--cnn-epochs`): with a CIFAR stem at 16 px (a 3x3 stride-1 stem
+  at 32 px costs 4x as much: 1.2 s per update on this CPU) and its own 16-px test_byobnet teacher, and with its
+  ImageNet stem at 32 px and the 32-px teacher.
 - Two teachers: the DeiT, `none` against `shake` with one teacher and with both (paper Eq. 6), in the paper's form
   and in the authors'-code form (which the ablation found steadier).
 """
@@ -29,8 +30,8 @@ from ablation import METHODS, STUDY as ABLATION, _cpu_name, _run, job  # noqa: E
 
 STUDY = ABLATION
 AUTHORS = METHODS['shake_authors']  # the form the ablation found steadier (docs/results/ablation.md)
-CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.cifar_stem=true', 'model.drop_path_rate=0',
-       'optim.lr=2e-3', 'data.img_size=16']
+CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3']
+CIFAR_STEM = ['model.cifar_stem=true', 'data.img_size=16']  # CRD-style stem; 16 px keeps it affordable here
 
 
 def teacher(name: str, model: str, out: Path, epochs: int, extra: tuple = ()) -> Path:
@@ -56,12 +57,17 @@ def main() -> None:
                                                     ('byob16', 'test_byobnet', out, 12, ('data.img_size=16',))])
         t1 = [f'teacher.checkpoint={byob}']
         t2 = [*t1, f'extra_teachers=[{{name: test_efficientnet, checkpoint: {eff}}}]']
-        cnn = [*CNN, f'train.epochs={args.cnn_epochs}', f'eval.interval={args.cnn_epochs}']
         e = args.cnn_epochs
+        cnn = [*CNN, f'train.epochs={e}', f'eval.interval={e}']
+        cifar = [*cnn, *CIFAR_STEM, f'teacher.checkpoint={byob16}']
         runs = {
-            f'cnn_none_e{e}': [*cnn, 'loss.method=none'],
-            f'cnn_shake_e{e}': [*cnn, 'loss.method=shake', f'teacher.checkpoint={byob16}'],
-            f'cnn_shake_authors_e{e}': [*cnn, *AUTHORS, f'teacher.checkpoint={byob16}'],
+            f'cnn_none_e{e}': [*cifar, 'loss.method=none'],
+            f'cnn_shake_e{e}': [*cifar, 'loss.method=shake'],
+            f'cnn_shake_authors_e{e}': [*cifar, *AUTHORS],
+            # the ImageNet stem (stride 4) at 32 px: a weaker student than the 32-px teacher, unlike the CIFAR-stem one
+            f'cnnstd_none_e{e}': [*cnn, 'loss.method=none'],
+            f'cnnstd_shake_e{e}': [*cnn, 'loss.method=shake', *t1],
+            f'cnnstd_shake_authors_e{e}': [*cnn, *AUTHORS, *t1],
             'deit_none': ['loss.method=none'],
             'deit_shake_1t': ['loss.method=shake', *t1],
             'deit_shake_2t': ['loss.method=shake', *t2],
@@ -93,8 +99,10 @@ def main() -> None:
              '| run | cls head | shadow head(s) | average of heads | cls head per seed |',
              '| --- | --- | --- | --- | --- |']
     cnn = f'CNN (test_resnet, CIFAR stem, 16 px, {e} epochs)'
+    std = f'CNN (test_resnet, ImageNet stem, 32 px, {e} epochs)'
     labels = {f'cnn_none_e{e}': f'{cnn}, none', f'cnn_shake_e{e}': f'{cnn}, shake',
-              f'cnn_shake_authors_e{e}': f"{cnn}, shake, authors' form",
+              f'cnn_shake_authors_e{e}': f"{cnn}, shake, authors' form", f'cnnstd_none_e{e}': f'{std}, none',
+              f'cnnstd_shake_e{e}': f'{std}, shake', f'cnnstd_shake_authors_e{e}': f"{std}, shake, authors' form",
               'deit_none': 'DeiT (64 wide), none', 'deit_shake_1t': 'DeiT, shake, one teacher (test_byobnet)',
               'deit_shake_2t': 'DeiT, shake, two teachers (+ test_efficientnet)',
               'deit_shake_authors_1t': "DeiT, shake, authors' form, one teacher",
