@@ -1,6 +1,6 @@
 """Does SHAKE beat the baselines? A k-fold, multi-seed ablation on digits, with the paper's sensitivity grid.
 
-    python benchmarks/ablation.py                 # the full study (about 60 minutes on 2 CPU cores)
+    python benchmarks/ablation.py                 # the full study (66 minutes on 2 CPU cores)
     python benchmarks/ablation.py --smoke         # one fold, one seed, one epoch (what tests/test_ablation.py runs)
 
 Protocol. Every run is `shake_vit.runner.train` with the quick-start recipe made smaller (configs/quickstart.yaml plus
@@ -67,6 +67,14 @@ def job(name: str, overrides: List[str], out: Path, study: List[str]) -> dict:
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return record
+
+
+def add_elapsed(out: Path, seconds: float) -> float:
+    """A study's wall time, summed over the invocations that ran it (a rerun reuses the records and adds little)."""
+    ledger = out / 'elapsed_s.txt'
+    total = (float(ledger.read_text()) if ledger.is_file() else 0.0) + seconds
+    ledger.write_text(f'{total:.1f}')
+    return total
 
 
 def _run(args) -> dict:
@@ -294,11 +302,7 @@ def main() -> None:
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
     records.update({name: json.loads((out / 'records' / f'{name}.json').read_text()) for name in paths})
     (out / 'runs.json').write_text(json.dumps(records, indent=2))
-    # The study's wall time, summed over the invocations that ran it (a rerun reuses the records and adds little).
-    ledger = out / 'elapsed_s.txt'
-    elapsed = float(ledger.read_text()) if ledger.is_file() else 0.0
-    elapsed += time.perf_counter() - begin
-    ledger.write_text(f'{elapsed:.1f}')
+    elapsed = add_elapsed(out, time.perf_counter() - begin)
     print(f'[ablation] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json')
     if args.smoke:
         return

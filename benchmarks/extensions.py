@@ -1,6 +1,6 @@
 """SHAKE beyond one DeiT teacher, on the digits data set: a CNN student, and a DeiT student with two teachers.
 
-    python benchmarks/extensions.py            # about 25 minutes on 2 CPU cores; writes docs/results/extensions.md
+    python benchmarks/extensions.py            # 17 minutes on 2 CPU cores; writes docs/results/extensions.md
 
 Each comparison is the quick-start recipe (configs/quickstart.yaml, its fixed 80/20 split) with the ablation study's
 settings (benchmarks/ablation.py STUDY: 64-wide DeiT, 20 epochs, batch 32), run for `--seeds` seeds per method, two
@@ -26,9 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import METHODS, STUDY as ABLATION, _cpu_name, _run, job  # noqa: E402
+from ablation import METHODS, STUDY, _cpu_name, _run, add_elapsed, job  # noqa: E402
 
-STUDY = ABLATION
 AUTHORS = METHODS['shake_authors']  # the form the ablation found steadier (docs/results/ablation.md)
 CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3']
 CIFAR_STEM = ['model.cifar_stem=true', 'data.img_size=16']  # CRD-style stem; 16 px keeps it affordable here
@@ -77,9 +76,7 @@ def main() -> None:
         jobs = [(f'{name}_s{s}', [*o, f'train.seed={s}'], out, STUDY) for s in range(args.seeds)
                 for name, o in runs.items()]
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
-    ledger = out / 'elapsed_s.txt'  # wall time summed over the invocations that ran it (a rerun reuses the records)
-    elapsed = (float(ledger.read_text()) if ledger.is_file() else 0.0) + time.perf_counter() - begin
-    ledger.write_text(f'{elapsed:.1f}')
+    elapsed = add_elapsed(out, time.perf_counter() - begin)
     teachers = {n: json.loads((out / 'records' / f'teacher_{n}.json').read_text())['teacher_top1']
                 for n in ('byob', 'eff', 'byob16')}
     rows = {}
