@@ -76,7 +76,7 @@ class ModelConfig:
     predict: str = 'avg'  # what the student outputs in eval mode: avg (DeiT) | cls (SHAKE's deliverable)
     pretrained: Optional[str] = None  # fine-tune from: a local file (timm / DeiT / .safetensors) or a timm name.tag
     shadow_on: str = 'auto'  # token (a DeiT's distillation token) | pooled (any classifier's pooled features) | auto
-    cifar_stem: bool = False  # 32-px stem for a timm ResNet/MobileNet student (the CIFAR stand-in, see README)
+    cifar_stem: bool = False  # CIFAR form of a timm ResNet/MobileNet (32-px stem) or VGG (CRD's head); see README
 
 
 @dataclass
@@ -99,7 +99,7 @@ class TeacherConfig:
     inference_mode: bool = True  # run the teacher under torch.inference_mode (else no_grad)
     precision: str = 'auto'  # auto: follow train.mixed_precision | fp32 | bf16 | fp16 (teacher weights cast)
     channels_last: bool = False  # channels-last memory format (CNN teachers on GPUs)
-    cifar_stem: bool = False  # 32-px stem for a timm ResNet/MobileNet (see shake_vit.models.cifar_stem)
+    cifar_stem: bool = False  # CIFAR form of a timm ResNet/MobileNet/VGG (see shake_vit.models.cifar_stem)
     compile: bool = False  # torch.compile the teacher
 
 

@@ -22,6 +22,19 @@ from .evaluation import config_for, read_weights
 from .models import Student, build_student, cifar_stem, student_kwargs
 
 
+def pooled_classifier(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """A CNN student's architecture: timm's model, in its CIFAR form with `model.cifar_stem`."""
+    model = timm.create_model(cfg.model.name, **dict(student_kwargs(cfg), num_classes=num_classes))
+    return cifar_stem(model) if cfg.model.cifar_stem else model
+
+
+def timm_alone_rebuilds(cfg: DictConfig) -> bool:
+    """Whether plain timm rebuilds the export: not a CIFAR form, nor an architecture shake_vit registers (vgg8_bn)."""
+    from timm.models import get_arch_name, model_entrypoint
+    return not cfg.model.cifar_stem and not model_entrypoint(get_arch_name(cfg.model.name)).__module__.startswith(
+        'shake_vit')
+
+
 def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
     """The timm model equal to `student` in eval mode (`both`) or to its cls head (`cls`)."""
     kwargs: Dict[str, Any] = dict(student_kwargs(cfg), num_classes=student.num_classes)
@@ -31,9 +44,7 @@ def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
             raise ConfigError('--export-head both exports a distilled DeiT with one shadow head; this student has its '
                               'shadow heads outside timm\'s model. Export the classification head: --export-head cls.')
         if student.placement == 'pooled':  # the timm classifier itself is SHAKE's deliverable
-            model = timm.create_model(cfg.model.name, **kwargs)
-            if cfg.model.cifar_stem:
-                cifar_stem(model)
+            model = pooled_classifier(cfg, student.num_classes)
             model.load_state_dict(state)
             return model.eval()
     if head == 'both':
@@ -53,6 +64,18 @@ def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
     return model.eval()
 
 
+def _classes_in(weights: Dict[str, torch.Tensor], cfg: DictConfig) -> int:
+    """The class count of the saved student: the output rows of its timm classifier, wherever the family keeps it
+    (`head` for ViTs, `fc` for ResNets, `classifier` for MobileNets, `head.fc` for VGGs)."""
+    probe = build_student(cfg, num_classes=1).model
+    classifier = probe.get_classifier()
+    classifier = classifier[0] if isinstance(classifier, tuple) else classifier  # a distilled DeiT: (head, head_dist)
+    name = {id(p): n for n, p in probe.named_parameters()}[id(classifier.weight)]
+    if f'model.{name}' not in weights:
+        raise ConfigError(f'The weights hold no {name} for {cfg.model.name}: pass the config they were trained with.')
+    return weights[f'model.{name}'].shape[0]
+
+
 def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Optional[str] = None,
            use_ema: bool = False) -> Path:
     """`train.py --export PATH`: write the plain timm model and check it reproduces the student's logits."""
@@ -62,7 +85,7 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
         if ema_weights is None:
             raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")
         weights = ema_weights
-    num_classes = weights['model.head.weight'].shape[0]
+    num_classes = _classes_in(weights, cfg)
     student = build_student(cfg, num_classes)
     student.load_state_dict(weights)
     student.eval()
@@ -75,7 +98,20 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
     (out / 'config.yaml').write_text(OmegaConf.to_yaml(cfg))  # the training config, for `train.py --eval`
 
     # The export must reproduce the trainer's eval model: reload it the way users will and compare.
-    reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    if timm_alone_rebuilds(cfg):
+        reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+        how = f"timm alone:\n    timm.create_model('local-dir:{out}', pretrained=True)"
+    else:  # timm's config.json names the ImageNet form of the architecture; its CIFAR form takes shake_vit
+        from safetensors.torch import load_file
+        reloaded = pooled_classifier(cfg, num_classes)
+        reloaded.load_state_dict(load_file(str(out / 'model.safetensors')))
+        reloaded.eval()
+        stem = 'cifar_stem(' if cfg.model.cifar_stem else '('
+        how = ('shake_vit installed (timm alone builds the ImageNet form of the architecture, not this one):\n'
+               f"    from shake_vit.models import cifar_stem\n"
+               f"    model = {stem}timm.create_model('{cfg.model.name}', num_classes={num_classes}))\n"
+               f"    model.load_state_dict(safetensors.torch.load_file('{out / 'model.safetensors'}'))\n"
+               f'or evaluate it with: python train.py --eval {out}')
     x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
     with torch.no_grad():
         s, hs = student.forward_heads(x)
@@ -83,7 +119,7 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
         diff = (reloaded(x) - expected).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f'The exported model differs from the student by {diff:.2e}; please report this.')
-    print(f'[shake-vit] exported the {"two-head DeiT" if head == "both" else "cls-head ViT"} to {out} (max logit '
-          f'difference to the student {diff:.1e}). Load it with timm alone:\n'
-          f"    timm.create_model('local-dir:{out}', pretrained=True)")
+    what = 'CNN' if student.placement == 'pooled' else 'two-head DeiT' if head == 'both' else 'cls-head ViT'
+    print(f'[shake-vit] exported the {what} to {out} (max logit difference to the student {diff:.1e}). Load it with '
+          f'{how}')
     return out

@@ -100,13 +100,43 @@ class Student(nn.Module):
         return {f'model.{name}' for name in inner}
 
 
+def _vgg8_bn(pretrained: bool = False, **kwargs) -> nn.Module:
+    """CRD's vgg8 (the VGG13 -> VGG8 pair of the CIFAR-100 table) in timm's VGG family: one 3x3 convolution per stage,
+    64-128-256-512-512 wide, with BatchNorm. Built ImageNet-form like timm's other VGGs; `cifar_stem` gives CRD's."""
+    from timm.models import build_model_with_cfg
+    from timm.models.vgg import VGG
+    if pretrained:
+        raise ConfigError('vgg8_bn has no pretrained weights: it is a CIFAR architecture (CRD), trained from scratch.')
+    kwargs['pretrained_cfg'] = kwargs.get('pretrained_cfg') or dict(  # what timm's factory passes (none registered)
+        num_classes=1000, input_size=(3, 32, 32), first_conv='features.0', classifier='head.fc')
+    return build_model_with_cfg(VGG, 'vgg8_bn', False, model_cfg=[64, 'M', 128, 'M', 256, 'M', 512, 'M', 512, 'M'],
+                                feature_cfg=dict(flatten_sequential=True), norm_layer=nn.BatchNorm2d, **kwargs)
+
+
+if not timm.is_model('vgg8_bn'):  # timm has vgg11 and up; registered so that every factory (and export) knows it
+    _vgg8_bn.__name__ = 'vgg8_bn'
+    timm.models.register_model(_vgg8_bn)
+
+
 def cifar_stem(model: nn.Module) -> nn.Module:
-    """Adapt an ImageNet stem to 32-px images: stride-1 3x3 first convolution, no stem max-pool.
+    """Adapt an ImageNet architecture to 32-px images as the CRD protocol's CIFAR models are built.
 
     timm has no CIFAR ResNets (the CRD protocol's resnet32x4, WRN-40-2, ...); this is the usual stand-in: the same
-    family with a CIFAR stem. Works for timm ResNets (`conv1`, `maxpool`) and EfficientNet/MobileNet (`conv_stem`).
+    family with a CIFAR stem, a stride-1 3x3 first convolution and no stem max-pool. Works for timm ResNets (`conv1`,
+    `maxpool`) and EfficientNet/MobileNet (`conv_stem`). timm's VGG already has that stem; its CIFAR form differs in
+    the head, which becomes CRD's: global average pooling of the last block (no fifth max-pool) and one linear layer,
+    instead of the ImageNet 7x7-convolution MLP 4096 wide (102M of vgg13_bn's 129M parameters). vgg13_bn in this
+    form is CRD's vgg13.
     """
-    if hasattr(model, 'conv1') and hasattr(model, 'maxpool'):
+    from timm.layers import ClassifierHead
+    from timm.models.vgg import VGG
+    if isinstance(model, VGG):
+        if isinstance(model.features[-1], nn.MaxPool2d):
+            model.features[-1] = nn.Identity()
+        model.pre_logits = nn.Identity()
+        model.head = ClassifierHead(model.num_features, model.num_classes, pool_type='avg', drop_rate=model.drop_rate)
+        model.head_hidden_size = model.num_features
+    elif hasattr(model, 'conv1') and hasattr(model, 'maxpool'):
         first = model.conv1 if isinstance(model.conv1, nn.Conv2d) else model.conv1[0]
         replacement = nn.Conv2d(first.in_channels, first.out_channels, 3, 1, 1, bias=first.bias is not None)
         if isinstance(model.conv1, nn.Conv2d):
@@ -118,7 +148,7 @@ def cifar_stem(model: nn.Module) -> nn.Module:
         model.conv_stem.stride = (1, 1)
     else:
         raise ConfigError(f'model.cifar_stem / teacher.cifar_stem: no known stem on {type(model).__name__} '
-                          '(timm ResNet or EfficientNet/MobileNet families only).')
+                          '(timm ResNet, EfficientNet/MobileNet or VGG families only).')
     return model
 
 
@@ -141,7 +171,15 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
     m = cfg.model
     if not timm.is_model(m.name):
         raise ConfigError(_unknown_model(m.name, 'model.name'))
-    model = timm.create_model(m.name, num_classes=num_classes, drop_path_rate=m.drop_path_rate, **student_kwargs(cfg))
+    kwargs = student_kwargs(cfg)
+    if m.drop_path_rate:  # passed only when on, as timm's train.py does: not every model has stochastic depth (VGG)
+        kwargs['drop_path_rate'] = m.drop_path_rate
+    try:
+        model = timm.create_model(m.name, num_classes=num_classes, **kwargs)
+    except TypeError as err:  # an argument this architecture does not take
+        raise ConfigError(f"timm's {m.name} does not take the arguments model.kwargs={student_kwargs(cfg)}, "
+                          f'model.drop_path_rate={m.drop_path_rate} ({err}). Drop the one it names (for a model '
+                          'without stochastic depth: model.drop_path_rate=0).') from None
     if m.cifar_stem:
         cifar_stem(model)
     placement = m.shadow_on if m.shadow_on != 'auto' else ('token' if has_distillation_token(model) else 'pooled')

@@ -124,3 +124,19 @@ def test_eval_accepts_an_export(trained, tmp_path):
     python_train(['--eval', str(export_dir)])
     evaluated = json.loads((export_dir / 'eval.json').read_text())
     assert evaluated['top1_cls'] == results(trained)['top1_cls'] and 'top1_shadow' not in evaluated
+
+
+def test_a_cifar_form_cnn_exports_and_says_how_to_load_it(tmp_path):
+    """timm alone builds the ImageNet stem, so the export is checked, and loaded, through shake_vit's CIFAR form."""
+    from safetensors.torch import load_file
+    from shake_vit.models import cifar_stem
+    out = tmp_path / 'cnn'
+    python_train([*TINY, 'model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'model.cifar_stem=true',
+                  f'train.output_dir={out}'])
+    proc = python_train(['--export', str(out), '--export-dir', str(tmp_path / 'exported')])
+    assert 'exported the CNN' in proc.stdout and 'from shake_vit.models import cifar_stem' in proc.stdout
+    model = cifar_stem(timm.create_model('test_resnet', num_classes=10))
+    model.load_state_dict(load_file(str(tmp_path / 'exported' / 'model.safetensors')))
+    python_train(['--eval', str(tmp_path / 'exported')])
+    evaluated = json.loads((tmp_path / 'exported' / 'eval.json').read_text())
+    assert evaluated['top1_cls'] == results(out)['top1_cls']

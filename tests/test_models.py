@@ -67,6 +67,31 @@ def test_cnn_student_gets_a_shadow_head_on_its_pooled_features():
     assert student.model.forward_features(x).shape[-1] == 4  # 32 px / 8 with the CIFAR stem (/32 without)
 
 
+def test_vgg_cifar_form_is_crds_vgg_and_vgg8_is_registered_in_timm():
+    from shake_vit.models import build_teacher_model
+    cfg = load_config(None, ['data.img_size=32', 'model.name=vgg8_bn', 'model.cifar_stem=true',
+                             'model.drop_path_rate=0'])
+    student = build_student(cfg, num_classes=100)
+    m = student.model
+    assert timm.is_model('vgg8_bn') and student.placement == 'pooled'
+    assert [c.out_channels for c in m.features if isinstance(c, torch.nn.Conv2d)] == [64, 128, 256, 512, 512]
+    # CRD's head: average pool of the 2x2 last block, one linear layer (no 4096-wide 7x7 MLP); CRD's parameter count.
+    assert isinstance(m.pre_logits, torch.nn.Identity) and m.head.fc.in_features == 512
+    assert student.shadow_heads[0].in_features == 512
+    assert sum(p.numel() for p in m.parameters()) == 3_965_028
+    assert m.forward_features(torch.randn(2, 3, 32, 32)).shape == (2, 512, 2, 2)
+    t = load_config(None, ['teacher.name=vgg13_bn', 'teacher.cifar_stem=true']).teacher
+    vgg13 = build_teacher_model(t, num_classes=100)
+    assert 9_400_000 < sum(p.numel() for p in vgg13.parameters()) < 9_500_000  # CRD's vgg13: 9.46M
+    assert vgg13(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_drop_path_on_a_model_without_stochastic_depth_names_the_fix():
+    cfg = load_config(None, ['data.img_size=32', 'model.name=vgg8_bn', 'model.drop_path_rate=0.1'])
+    with pytest.raises(ConfigError, match='vgg8_bn does not take.*model.drop_path_rate=0'):
+        build_student(cfg, num_classes=3)
+
+
 def test_one_shadow_head_per_teacher():
     deit = build_student(load_config(None, [*TINY, 'extra_teachers=[{name: test_efficientnet}]']), num_classes=4)
     assert deit.placement == 'token' and deit.num_shadow == 2 and len(deit.shadow_heads) == 1
