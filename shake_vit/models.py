@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models import load_state_dict
 from timm.task import DistillationTeacher
 
+from . import zoo  # noqa: F401  (registers vgg8_bn and the ShuffleNetV2 adapter in timm)
 from .config import ConfigError
 
 HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])
@@ -98,24 +99,6 @@ class Student(nn.Module):
     def no_weight_decay(self) -> Set[str]:
         inner = self.model.no_weight_decay() if hasattr(self.model, 'no_weight_decay') else set()
         return {f'model.{name}' for name in inner}
-
-
-def _vgg8_bn(pretrained: bool = False, **kwargs) -> nn.Module:
-    """CRD's vgg8 (the VGG13 -> VGG8 pair of the CIFAR-100 table) in timm's VGG family: one 3x3 convolution per stage,
-    64-128-256-512-512 wide, with BatchNorm. Built ImageNet-form like timm's other VGGs; `cifar_stem` gives CRD's."""
-    from timm.models import build_model_with_cfg
-    from timm.models.vgg import VGG
-    if pretrained:
-        raise ConfigError('vgg8_bn has no pretrained weights: it is a CIFAR architecture (CRD), trained from scratch.')
-    kwargs['pretrained_cfg'] = kwargs.get('pretrained_cfg') or dict(  # what timm's factory passes (none registered)
-        num_classes=1000, input_size=(3, 32, 32), first_conv='features.0', classifier='head.fc')
-    return build_model_with_cfg(VGG, 'vgg8_bn', False, model_cfg=[64, 'M', 128, 'M', 256, 'M', 512, 'M', 512, 'M'],
-                                feature_cfg=dict(flatten_sequential=True), norm_layer=nn.BatchNorm2d, **kwargs)
-
-
-if not timm.is_model('vgg8_bn'):  # timm has vgg11 and up; registered so that every factory (and export) knows it
-    _vgg8_bn.__name__ = 'vgg8_bn'
-    timm.models.register_model(_vgg8_bn)
 
 
 def cifar_stem(model: nn.Module) -> nn.Module:

@@ -86,6 +86,28 @@ def test_vgg_cifar_form_is_crds_vgg_and_vgg8_is_registered_in_timm():
     assert vgg13(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
+def test_shufflenet_adapter_is_torchvisions_network_behind_timms_interface():
+    import torchvision
+    from shake_vit.zoo import ShuffleNetV2
+    torch.manual_seed(0)
+    tv = torchvision.models.shufflenet_v2_x0_5(num_classes=7).eval()
+    model = timm.create_model('shufflenet_v2_x0_5', num_classes=7).eval()
+    assert isinstance(model, ShuffleNetV2) and model.pretrained_cfg['architecture'] == 'shufflenet_v2_x0_5'
+    # torchvision's weights load with only the classifier renamed (what pretrained=True does), and give its logits.
+    model.load_state_dict({('head.' + k if k.startswith('fc.') else k): v for k, v in tv.state_dict().items()})
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(model(x), tv(x), atol=1e-5)
+    student = build_student(load_config(None, ['data.img_size=32', 'model.name=shufflenet_v2_x0_5',
+                                               'model.cifar_stem=true', 'model.drop_path_rate=0']), num_classes=5)
+    m = student.model
+    assert student.placement == 'pooled' and student.shadow_heads[0].in_features == m.num_features == 1024
+    assert m.conv1[0].stride == (1, 1) and isinstance(m.maxpool, torch.nn.Identity)  # CIFAR stem
+    assert m.forward_features(torch.randn(2, 3, 32, 32)).shape[-1] == 4  # 32 px / 8
+    m.reset_classifier(3)
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 3) and m.get_classifier().out_features == 3
+
+
 def test_drop_path_on_a_model_without_stochastic_depth_names_the_fix():
     cfg = load_config(None, ['data.img_size=32', 'model.name=vgg8_bn', 'model.drop_path_rate=0.1'])
     with pytest.raises(ConfigError, match='vgg8_bn does not take.*model.drop_path_rate=0'):
