@@ -28,11 +28,10 @@ def pooled_classifier(cfg: DictConfig, num_classes: int) -> nn.Module:
     return cifar_stem(model) if cfg.model.cifar_stem else model
 
 
-def timm_alone_rebuilds(cfg: DictConfig) -> bool:
-    """Whether plain timm rebuilds the export: not a CIFAR form, nor an architecture shake_vit registers (vgg8_bn)."""
+def registered_here(name: str) -> bool:
+    """Whether `name` is an architecture shake_vit adds to timm's registry (shake_vit.zoo), unknown to timm alone."""
     from timm.models import get_arch_name, model_entrypoint
-    return not cfg.model.cifar_stem and not model_entrypoint(get_arch_name(cfg.model.name)).__module__.startswith(
-        'shake_vit')
+    return model_entrypoint(get_arch_name(name)).__module__.startswith('shake_vit')
 
 
 def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
@@ -98,20 +97,21 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
     (out / 'config.yaml').write_text(OmegaConf.to_yaml(cfg))  # the training config, for `train.py --eval`
 
     # The export must reproduce the trainer's eval model: reload it the way users will and compare.
-    if timm_alone_rebuilds(cfg):
-        reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-        how = f"timm alone:\n    timm.create_model('local-dir:{out}', pretrained=True)"
-    else:  # timm's config.json names the ImageNet form of the architecture; its CIFAR form takes shake_vit
+    if cfg.model.cifar_stem:  # timm's config.json names the architecture, whose ImageNet form timm would build
         from safetensors.torch import load_file
         reloaded = pooled_classifier(cfg, num_classes)
         reloaded.load_state_dict(load_file(str(out / 'model.safetensors')))
         reloaded.eval()
-        stem = 'cifar_stem(' if cfg.model.cifar_stem else '('
-        how = ('shake_vit installed (timm alone builds the ImageNet form of the architecture, not this one):\n'
-               f"    from shake_vit.models import cifar_stem\n"
-               f"    model = {stem}timm.create_model('{cfg.model.name}', num_classes={num_classes}))\n"
+        how = ('shake_vit, since timm alone builds the ImageNet form of the architecture, not this CIFAR form:\n'
+               '    from shake_vit.models import cifar_stem\n'
+               f"    model = cifar_stem(timm.create_model('{cfg.model.name}', num_classes={num_classes}))\n"
                f"    model.load_state_dict(safetensors.torch.load_file('{out / 'model.safetensors'}'))\n"
                f'or evaluate it with: python train.py --eval {out}')
+    else:
+        reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+        how = (f'timm once shake_vit has registered {cfg.model.name} in it (import shake_vit.models first)'
+               if registered_here(cfg.model.name) else 'timm alone')
+        how += f":\n    timm.create_model('local-dir:{out}', pretrained=True)"
     x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
     with torch.no_grad():
         s, hs = student.forward_heads(x)

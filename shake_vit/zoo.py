@@ -19,16 +19,26 @@ from timm.models import build_model_with_cfg
 from .config import ConfigError
 
 
+def _build(cls, name: str, pretrained: bool, default_cfg: dict, kwargs: dict, **model_kwargs) -> nn.Module:
+    """timm's `build_model_with_cfg`, with the pretrained config these names lack in timm's registry. timm's factory
+    passes one of its own when it loads an export (`local-dir:`, a `file`); that one wins."""
+    cfg = dict(default_cfg, **(kwargs.pop('pretrained_cfg', None) or {}))
+    sources = dict(cfg, **(kwargs.get('pretrained_cfg_overlay') or {}))
+    if pretrained and not any(sources.get(k) for k in ('url', 'file', 'hf_hub_id', 'state_dict')):
+        # timm would warn and go on with random weights; a teacher must not
+        raise ConfigError(f'{name} has no published pretrained weights (a CIFAR architecture, trained from scratch): '
+                          'fit it (leave teacher.pretrained=false) or give teacher.checkpoint=/path/to/weights.')
+    return build_model_with_cfg(cls, name, pretrained, pretrained_cfg=cfg, **model_kwargs, **kwargs)
+
+
 def _vgg8_bn(pretrained: bool = False, **kwargs) -> nn.Module:
     """CRD's vgg8: one 3x3 convolution per stage, 64-128-256-512-512 wide, with BatchNorm. Built ImageNet-form like
     timm's other VGGs; `shake_vit.models.cifar_stem` gives CRD's form."""
     from timm.models.vgg import VGG
-    if pretrained:
-        raise ConfigError('vgg8_bn has no pretrained weights: it is a CIFAR architecture (CRD), trained from scratch.')
-    kwargs['pretrained_cfg'] = kwargs.get('pretrained_cfg') or dict(  # what timm's factory passes (none registered)
-        num_classes=1000, input_size=(3, 32, 32), first_conv='features.0', classifier='head.fc')
-    return build_model_with_cfg(VGG, 'vgg8_bn', False, model_cfg=[64, 'M', 128, 'M', 256, 'M', 512, 'M', 512, 'M'],
-                                feature_cfg=dict(flatten_sequential=True), norm_layer=nn.BatchNorm2d, **kwargs)
+    default = dict(num_classes=1000, input_size=(3, 32, 32), first_conv='features.0', classifier='head.fc')
+    stages = [64, 'M', 128, 'M', 256, 'M', 512, 'M', 512, 'M']
+    return _build(VGG, 'vgg8_bn', pretrained, default, kwargs, model_cfg=stages,
+                  feature_cfg=dict(flatten_sequential=True), norm_layer=nn.BatchNorm2d)
 
 
 class ShuffleNetV2(nn.Module):
@@ -70,22 +80,23 @@ class ShuffleNetV2(nn.Module):
         self.head.reset(num_classes, global_pool)
 
 
+def _torchvision_names(state: dict, model: nn.Module) -> dict:
+    """torchvision's ShuffleNetV2 weights for the adapter: its `fc` is the adapter's `head.fc`."""
+    return {('head.' + k if k.startswith('fc.') else k): v for k, v in state.items()}
+
+
 def _shufflenet(width: str):
     def build(pretrained: bool = False, **kwargs) -> nn.Module:
+        """`pretrained=True`: torchvision's ImageNet-1k weights (downloads; timm keeps the classifier only at 1,000
+        classes)."""
+        import torchvision
         name = f'shufflenet_v2_x{width}'
-        kwargs['pretrained_cfg'] = kwargs.get('pretrained_cfg') or dict(
-            num_classes=1000, input_size=(3, 224, 224), first_conv='conv1.0', classifier='head.fc')
-        model = build_model_with_cfg(ShuffleNetV2, name, False, width=width, **kwargs)
-        if pretrained:  # torchvision's ImageNet weights; the classifier only when it has ImageNet's 1,000 classes
-            import torchvision
-            state = getattr(torchvision.models, name)(weights='DEFAULT').state_dict()
-            state = {('head.' + k if k.startswith('fc.') else k): v for k, v in state.items()}
-            if model.num_classes != 1000:
-                state = {k: v for k, v in state.items() if not k.startswith('head.fc.')}
-            model.load_state_dict(state, strict=model.num_classes == 1000)
-        return model
+        weights = getattr(torchvision.models, f'ShuffleNet_V2_X{width.upper()}_Weights').IMAGENET1K_V1
+        default = dict(url=weights.url, num_classes=1000, input_size=(3, 224, 224), first_conv='conv1.0',
+                       classifier='head.fc', interpolation='bilinear')
+        return _build(ShuffleNetV2, name, pretrained, default, kwargs, width=width,
+                      pretrained_filter_fn=_torchvision_names)
     build.__name__ = f'shufflenet_v2_x{width}'
-    build.__doc__ = f"torchvision's ShuffleNetV2 {width.replace('_', '.')}x behind timm's interface."
     return build
 
 

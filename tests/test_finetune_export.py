@@ -126,17 +126,24 @@ def test_eval_accepts_an_export(trained, tmp_path):
     assert evaluated['top1_cls'] == results(trained)['top1_cls'] and 'top1_shadow' not in evaluated
 
 
-def test_a_cifar_form_cnn_exports_and_says_how_to_load_it(tmp_path):
-    """timm alone builds the ImageNet stem, so the export is checked, and loaded, through shake_vit's CIFAR form."""
+@pytest.mark.parametrize('name, cifar', [('test_resnet', True), ('shufflenet_v2_x0_5', False)])
+def test_a_cnn_exports_and_says_how_to_load_it(name, cifar, tmp_path):
+    """A CIFAR form is checked, and loaded, through shake_vit's cifar_stem (timm alone builds the ImageNet stem); an
+    architecture shake_vit registers (the ShuffleNetV2 adapter) loads through timm once shake_vit is imported."""
     from safetensors.torch import load_file
     from shake_vit.models import cifar_stem
-    out = tmp_path / 'cnn'
-    python_train([*TINY, 'model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'model.cifar_stem=true',
-                  f'train.output_dir={out}'])
-    proc = python_train(['--export', str(out), '--export-dir', str(tmp_path / 'exported')])
-    assert 'exported the CNN' in proc.stdout and 'from shake_vit.models import cifar_stem' in proc.stdout
-    model = cifar_stem(timm.create_model('test_resnet', num_classes=10))
-    model.load_state_dict(load_file(str(tmp_path / 'exported' / 'model.safetensors')))
-    python_train(['--eval', str(tmp_path / 'exported')])
-    evaluated = json.loads((tmp_path / 'exported' / 'eval.json').read_text())
+    out, exported = tmp_path / 'cnn', tmp_path / 'exported'
+    python_train([*TINY, f'model.name={name}', 'model.kwargs={}', 'model.drop_path_rate=0',
+                  f'model.cifar_stem={str(cifar).lower()}', f'train.output_dir={out}'])
+    proc = python_train(['--export', str(out), '--export-dir', str(exported)])
+    assert 'exported the CNN' in proc.stdout
+    if cifar:
+        assert 'from shake_vit.models import cifar_stem' in proc.stdout
+        model = cifar_stem(timm.create_model(name, num_classes=10))
+        model.load_state_dict(load_file(str(exported / 'model.safetensors')))
+    else:
+        assert f'once shake_vit has registered {name}' in proc.stdout
+        timm.create_model(f'local-dir:{exported}', pretrained=True)
+    python_train(['--eval', str(exported)])
+    evaluated = json.loads((exported / 'eval.json').read_text())
     assert evaluated['top1_cls'] == results(out)['top1_cls']

@@ -86,18 +86,24 @@ def test_vgg_cifar_form_is_crds_vgg_and_vgg8_is_registered_in_timm():
     assert vgg13(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
-def test_shufflenet_adapter_is_torchvisions_network_behind_timms_interface():
+def test_shufflenet_adapter_is_torchvisions_network_behind_timms_interface(tmp_path):
     import torchvision
     from shake_vit.zoo import ShuffleNetV2
     torch.manual_seed(0)
-    tv = torchvision.models.shufflenet_v2_x0_5(num_classes=7).eval()
-    model = timm.create_model('shufflenet_v2_x0_5', num_classes=7).eval()
+    tv = torchvision.models.shufflenet_v2_x0_5().eval()  # ImageNet-shaped, as the weights pretrained=True downloads
+    torch.save(tv.state_dict(), tmp_path / 'tv.pth')
+    assert timm.create_model('shufflenet_v2_x0_5').pretrained_cfg['url'].startswith('https://download.pytorch.org')
+    # pretrained=True goes through timm's loader; a local copy of torchvision's weights stands in for the download.
+    file = dict(file=str(tmp_path / 'tv.pth'))
+    model = timm.create_model('shufflenet_v2_x0_5', pretrained=True, pretrained_cfg_overlay=file).eval()
     assert isinstance(model, ShuffleNetV2) and model.pretrained_cfg['architecture'] == 'shufflenet_v2_x0_5'
-    # torchvision's weights load with only the classifier renamed (what pretrained=True does), and give its logits.
-    model.load_state_dict({('head.' + k if k.startswith('fc.') else k): v for k, v in tv.state_dict().items()})
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        assert torch.allclose(model(x), tv(x), atol=1e-5)
+        assert torch.allclose(model(x), tv(x), atol=1e-5)  # torchvision's network, logits and all
+    other = timm.create_model('shufflenet_v2_x0_5', pretrained=True, num_classes=7, pretrained_cfg_overlay=file)
+    assert torch.equal(other.conv5[0].weight, tv.conv5[0].weight) and other.get_classifier().out_features == 7
+    with pytest.raises(ConfigError, match='vgg8_bn has no published pretrained weights'):
+        timm.create_model('vgg8_bn', pretrained=True)
     student = build_student(load_config(None, ['data.img_size=32', 'model.name=shufflenet_v2_x0_5',
                                                'model.cifar_stem=true', 'model.drop_path_rate=0']), num_classes=5)
     m = student.model
