@@ -16,18 +16,39 @@ TINY = [
 ]
 
 
+def free_port() -> int:
+    """A port nobody listens on, for the launcher's rendezvous: each launch gets its own instead of the default
+    29500, which the previous launch may still hold."""
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launcher(num_processes: int) -> List[str]:
+    """`accelerate launch` on the CPU: N processes (gloo) on its own port, no mixed precision, no dynamo."""
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--num_machines', '1', '--mixed_precision', 'no',
+           '--dynamo_backend', 'no', '--num_processes', str(num_processes)]
+    return cmd + (['--multi_gpu', '--main_process_port', str(free_port())] if num_processes > 1 else [])
+
+
+def failure(cmd: Sequence[str], proc: subprocess.CompletedProcess) -> str:
+    """What a failed launch printed: the tails, and every line of stderr that names an error (a process that aborts
+    prints its reason long before the launcher's summary, which fills the tail)."""
+    errors = [line for line in proc.stderr.splitlines()
+              if any(w in line for w in ('Error', 'error:', 'what()', 'terminate', 'Abort', 'Exception'))]
+    return (f'{" ".join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\nerror lines:\n' + '\n'.join(errors[:40])
+            + f'\nstderr tail:\n{proc.stderr[-4000:]}')
+
+
 def launch(args: Sequence[str], num_processes: int = 1, timeout: int = 600, check: bool = True,
            env: Dict[str, str] = None) -> subprocess.CompletedProcess:
     """`accelerate launch [--multi_gpu --num_processes N] train.py ARGS` on the CPU, from the repository root."""
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--num_machines', '1', '--mixed_precision', 'no',
-           '--dynamo_backend', 'no', '--num_processes', str(num_processes)]
-    if num_processes > 1:
-        cmd += ['--multi_gpu']
-    cmd += ['train.py', *args]
+    cmd = [*launcher(num_processes), 'train.py', *args]
     full_env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1', **(env or {}))
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
     if check and proc.returncode != 0:
-        raise AssertionError(f'{" ".join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+        raise AssertionError(failure(cmd, proc))
     return proc
 
 

@@ -2,24 +2,22 @@
 import json
 import os
 import subprocess
-import sys
 from collections import defaultdict
 
 import pytest
 import torch
 
-from helpers import ROOT
+from helpers import ROOT, failure, launcher
 from shake_vit import data
 from shake_vit.config import ConfigError, load_config
 
 
 def test_repeated_augmentation_loader_in_two_processes(tmp_path):
     out = tmp_path / 'ra.json'
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
-           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', 'tests/ra_probe.py', str(out)]
+    cmd = [*launcher(2), 'tests/ra_probe.py', str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(ROOT)))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure(cmd, proc)
     probe = json.loads(out.read_text())
     assert probe['num_processes'] == 2
     n = probe['train_size']  # 1,437 digits
