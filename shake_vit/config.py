@@ -66,7 +66,8 @@ class AugConfig:
 
 @dataclass
 class ModelConfig:
-    """The student: any timm model with a distillation token (`deit_*_distilled_*`)."""
+    """The student: a distilled DeiT (`deit_*_distilled_*`, the shadow head on its distillation token) or any timm
+    classifier (the shadow head on its pooled features)."""
 
     name: str = 'deit_tiny_distilled_patch16_224'
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
