@@ -37,7 +37,8 @@ CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'o
 CIFAR_STEM = ['model.cifar_stem=true', 'data.img_size=16']  # CRD-style stem; 16 px keeps it affordable here
 MOBILE = ['model.name=mobilenetv3_small_050', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3',
           'train.epochs=8', 'eval.interval=8']
-MOBILE_METHODS = (('none', ['loss.method=none']), ('shake', ['loss.method=shake']), ('shake_authors', AUTHORS))
+CNN_METHODS = (('none', 'none', ['loss.method=none']), ('shake', 'shake', ['loss.method=shake']),
+               ('shake_authors', "shake, authors' form", AUTHORS))  # (name, label, overrides) of each CNN row
 PILOT_SEEDS = range(3)  # the seeds that chose the MobileNet setting; its confirmation rows use later ones
 
 
@@ -72,31 +73,31 @@ def main() -> None:
         t2 = [*t1, f'extra_teachers=[{{name: test_efficientnet, checkpoint: {eff}}}]']
         e = args.cnn_epochs
         cnn = [*CNN, f'train.epochs={e}', f'eval.interval={e}']
-        cifar = [*cnn, *CIFAR_STEM, f'teacher.checkpoint={byob16}']
-        seeds = list(range(args.seeds))
+        seeds, pilot = list(range(args.seeds)), list(PILOT_SEEDS)
         confirm = list(range(len(PILOT_SEEDS), len(PILOT_SEEDS) + args.confirm_seeds))
-        mobile = [*MOBILE, *t1]
-        cnn16 = [*cnn, 'data.img_size=16', f'teacher.checkpoint={byob16}']  # ImageNet stem at 16 px: a weaker student
-        groups = {  # name: (overrides, seeds)
-            f'cnn_none_e{e}': ([*cifar, 'loss.method=none'], seeds),
-            f'cnn_shake_e{e}': ([*cifar, 'loss.method=shake'], seeds),
-            f'cnn_shake_authors_e{e}': ([*cifar, *AUTHORS], seeds),
+        students = {  # name: (label, overrides, seeds), one per student and teacher setting
+            f'cnn_{{}}_e{e}': (f'CNN (test_resnet, CIFAR stem, 16 px, {e} epochs)',
+                               [*cnn, *CIFAR_STEM, f'teacher.checkpoint={byob16}'], seeds),
             # the ImageNet stem (stride 4) at 32 px: a weaker student than the 32-px teacher, unlike the CIFAR-stem one
-            f'cnnstd_none_e{e}': ([*cnn, 'loss.method=none'], seeds),
-            f'cnnstd_shake_e{e}': ([*cnn, 'loss.method=shake', *t1], seeds),
-            f'cnnstd_shake_authors_e{e}': ([*cnn, *AUTHORS, *t1], seeds),
-            f'cnn16_none_e{e}': ([*cnn16, 'loss.method=none'], list(PILOT_SEEDS)),
-            f'cnn16_shake_e{e}': ([*cnn16, 'loss.method=shake'], list(PILOT_SEEDS)),
-            f'cnn16_shake_authors_e{e}': ([*cnn16, *AUTHORS], list(PILOT_SEEDS)),
-            **{f'mobile_{m}_{part}': ([*mobile, *o], list(PILOT_SEEDS) if part == 'pilot' else confirm)
-               for part in ('pilot', 'confirm') for m, o in MOBILE_METHODS},
-            'deit_none': (['loss.method=none'], seeds),
-            'deit_shake_1t': (['loss.method=shake', *t1], seeds),
-            'deit_shake_2t': (['loss.method=shake', *t2], seeds),
-            'deit_shake_authors_1t': ([*AUTHORS, *t1], seeds),
-            'deit_shake_authors_2t': ([*AUTHORS, *t2], seeds),
+            f'cnnstd_{{}}_e{e}': (f'CNN (test_resnet, ImageNet stem, 32 px, {e} epochs)', [*cnn, *t1], seeds),
+            f'cnn16_{{}}_e{e}': (f'CNN (test_resnet, ImageNet stem, 16 px, {e} epochs, pilot seeds 0-2)',
+                                 [*cnn, 'data.img_size=16', f'teacher.checkpoint={byob16}'], pilot),
+            'mobile_{}_pilot': ('MobileNetV3 (mobilenetv3_small_050, 32 px, 8 epochs, pilot seeds 0-2)',
+                                [*MOBILE, *t1], pilot),
+            'mobile_{}_confirm': (f'MobileNetV3 (mobilenetv3_small_050, 32 px, 8 epochs, fresh seeds {confirm[0]}-'
+                                  f'{confirm[-1]})', [*MOBILE, *t1], confirm),
         }
-        jobs = [(run_name(name, s), [*o, f'train.seed={s}'], out, STUDY) for name, (o, ss) in groups.items()
+        groups = {name.format(m): (f'{label}, {how}', [*o, *method], ss)
+                  for name, (label, o, ss) in students.items()
+                  for m, how, method in CNN_METHODS}
+        groups.update({
+            'deit_none': ('DeiT (64 wide), none', ['loss.method=none'], seeds),
+            'deit_shake_1t': ('DeiT, shake, one teacher (test_byobnet)', ['loss.method=shake', *t1], seeds),
+            'deit_shake_2t': ('DeiT, shake, two teachers (+ test_efficientnet)', ['loss.method=shake', *t2], seeds),
+            'deit_shake_authors_1t': ("DeiT, shake, authors' form, one teacher", [*AUTHORS, *t1], seeds),
+            'deit_shake_authors_2t': ("DeiT, shake, authors' form, two teachers", [*AUTHORS, *t2], seeds),
+        })
+        jobs = [(run_name(name, s), [*o, f'train.seed={s}'], out, STUDY) for name, (_, o, ss) in groups.items()
                 for s in ss]
         jobs.sort(key=lambda j: int(j[0].rsplit('_s', 1)[1]))  # seed-major: every row has some runs early on
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
@@ -104,7 +105,7 @@ def main() -> None:
     teachers = {n: json.loads((out / 'records' / f'teacher_{n}.json').read_text())['teacher_top1']
                 for n in ('byob', 'eff', 'byob16')}
     rows, runs_of = {}, {}
-    for name, (_, ss) in groups.items():
+    for name, (_, _, ss) in groups.items():
         rs = runs_of[name] = [records[run_name(name, s)] for s in ss]
         rows[name] = {h: (statistics.fmean(r[f'top1_{h}'] for r in rs),
                           statistics.stdev(r[f'top1_{h}'] for r in rs) if len(rs) > 1 else 0.0,
@@ -123,24 +124,8 @@ def main() -> None:
              f"test_byobnet (the CNN's) {teachers['byob16']:.2f}.", '',
              '| run | cls head | shadow head(s) | average of heads | cls head per seed |',
              '| --- | --- | --- | --- | --- |']
-    cnn = f'CNN (test_resnet, CIFAR stem, 16 px, {e} epochs)'
-    std = f'CNN (test_resnet, ImageNet stem, 32 px, {e} epochs)'
-    c16 = f'CNN (test_resnet, ImageNet stem, 16 px, {e} epochs, pilot seeds 0-2)'
-    mob = {part: f'MobileNetV3 (mobilenetv3_small_050, 32 px, 8 epochs, {what})'
-           for part, what in (('pilot', 'pilot seeds 0-2'), ('confirm', f'fresh seeds {confirm[0]}-{confirm[-1]}'))}
-    labels = {f'cnn_none_e{e}': f'{cnn}, none', f'cnn_shake_e{e}': f'{cnn}, shake',
-              f'cnn_shake_authors_e{e}': f"{cnn}, shake, authors' form", f'cnnstd_none_e{e}': f'{std}, none',
-              f'cnnstd_shake_e{e}': f'{std}, shake', f'cnnstd_shake_authors_e{e}': f"{std}, shake, authors' form",
-              f'cnn16_none_e{e}': f'{c16}, none', f'cnn16_shake_e{e}': f'{c16}, shake',
-              f'cnn16_shake_authors_e{e}': f"{c16}, shake, authors' form",
-              **{f'mobile_{m}_{part}': f'{mob[part]}, {label}' for part in mob
-                 for m, label in (('none', 'none'), ('shake', 'shake'), ('shake_authors', "shake, authors' form"))},
-              'deit_none': 'DeiT (64 wide), none', 'deit_shake_1t': 'DeiT, shake, one teacher (test_byobnet)',
-              'deit_shake_2t': 'DeiT, shake, two teachers (+ test_efficientnet)',
-              'deit_shake_authors_1t': "DeiT, shake, authors' form, one teacher",
-              'deit_shake_authors_2t': "DeiT, shake, authors' form, two teachers"}
     for name, r in rows.items():
-        lines.append(f"| {labels[name]} | {r['cls'][0]:.2f} +- {r['cls'][1]:.2f} | {r['shadow'][0]:.2f} +- "
+        lines.append(f"| {groups[name][0]} | {r['cls'][0]:.2f} +- {r['cls'][1]:.2f} | {r['shadow'][0]:.2f} +- "
                      f"{r['shadow'][1]:.2f} | {r['avg'][0]:.2f} +- {r['avg'][1]:.2f} | {r['cls'][2]} |")
     lines += ['', 'With two teachers the shadow-head column is the first shadow head (`top1_shadow`); '
               'extensions.json beside this file holds every head of every run, `top1_shadow_1` included.', '',

@@ -19,13 +19,7 @@ from timm.models import save_for_hf
 
 from .config import ConfigError
 from .evaluation import config_for, read_weights
-from .models import Student, build_student, cifar_stem, student_kwargs
-
-
-def pooled_classifier(cfg: DictConfig, num_classes: int) -> nn.Module:
-    """A CNN student's architecture: timm's model, in its CIFAR form with `model.cifar_stem`."""
-    model = timm.create_model(cfg.model.name, **dict(student_kwargs(cfg), num_classes=num_classes))
-    return cifar_stem(model) if cfg.model.cifar_stem else model
+from .models import Student, build_classifier, build_student, student_kwargs
 
 
 def registered_here(name: str) -> bool:
@@ -43,7 +37,7 @@ def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
             raise ConfigError('--export-head both exports a distilled DeiT with one shadow head; this student has its '
                               'shadow heads outside timm\'s model. Export the classification head: --export-head cls.')
         if student.placement == 'pooled':  # the timm classifier itself is SHAKE's deliverable
-            model = pooled_classifier(cfg, student.num_classes)
+            model = build_classifier(cfg, student.num_classes, training=False)
             model.load_state_dict(state)
             return model.eval()
     if head == 'both':
@@ -99,7 +93,7 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
     # The export must reproduce the trainer's eval model: reload it the way users will and compare.
     if cfg.model.cifar_stem:  # timm's config.json names the architecture, whose ImageNet form timm would build
         from safetensors.torch import load_file
-        reloaded = pooled_classifier(cfg, num_classes)
+        reloaded = build_classifier(cfg, num_classes, training=False)
         reloaded.load_state_dict(load_file(str(out / 'model.safetensors')))
         reloaded.eval()
         how = ('shake_vit, since timm alone builds the ImageNet form of the architecture, not this CIFAR form:\n'

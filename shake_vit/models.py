@@ -150,12 +150,14 @@ def is_vit(name: str) -> bool:
     return entry.__module__.endswith(('vision_transformer', 'deit'))
 
 
-def build_student(cfg: DictConfig, num_classes: int) -> Student:
+def build_classifier(cfg: DictConfig, num_classes: int, training: bool = True) -> nn.Module:
+    """The student's timm model without SHAKE's extra heads: `model.kwargs`, stochastic depth when training (and
+    on), the CIFAR form with `model.cifar_stem`. `training=False` is the inference model an export records."""
     m = cfg.model
     if not timm.is_model(m.name):
         raise ConfigError(_unknown_model(m.name, 'model.name'))
     kwargs = student_kwargs(cfg)
-    if m.drop_path_rate:  # passed only when on, as timm's train.py does: not every model has stochastic depth (VGG)
+    if training and m.drop_path_rate:  # passed only when on, as timm's train.py does: VGG has no stochastic depth
         kwargs['drop_path_rate'] = m.drop_path_rate
     try:
         model = timm.create_model(m.name, num_classes=num_classes, **kwargs)
@@ -163,8 +165,12 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
         raise ConfigError(f"timm's {m.name} does not take the arguments model.kwargs={student_kwargs(cfg)}, "
                           f'model.drop_path_rate={m.drop_path_rate} ({err}). Drop the one it names (for a model '
                           'without stochastic depth: model.drop_path_rate=0).') from None
-    if m.cifar_stem:
-        cifar_stem(model)
+    return cifar_stem(model) if m.cifar_stem else model
+
+
+def build_student(cfg: DictConfig, num_classes: int) -> Student:
+    m = cfg.model
+    model = build_classifier(cfg, num_classes)
     placement = m.shadow_on if m.shadow_on != 'auto' else ('token' if has_distillation_token(model) else 'pooled')
     return Student(model, placement, num_shadow=1 + len(cfg.extra_teachers), head=m.shadow_head,
                    hidden=m.shadow_hidden_dim, predict=m.predict)

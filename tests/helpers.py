@@ -54,10 +54,11 @@ def launch(args: Sequence[str], num_processes: int = 1, timeout: int = 600, chec
 
 def python_train(args: Sequence[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     """`python train.py ARGS`: one process without the launcher."""
-    proc = subprocess.run([sys.executable, 'train.py', *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
+    cmd = [sys.executable, 'train.py', *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
     if check and proc.returncode != 0:
-        raise AssertionError(f'train.py exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}')
+        raise AssertionError(failure(cmd, proc))
     return proc
 
 

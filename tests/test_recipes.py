@@ -149,3 +149,7 @@ def test_cnn_recipes_train_their_own_architectures(recipe, student, teacher, tmp
                   f'train.output_dir={out}'])
     r = results(out)
     assert r['epochs'] == 2 and r['num_samples'] == 32 and 'top1_shadow' in r and 'teacher_top1' in r
+    from safetensors.torch import load_file
+    weights = load_file(str(out / 'student.safetensors'))
+    expected = 'model.features.0.weight' if student.startswith('vgg') else 'model.stage2.0.branch2.0.weight'
+    assert expected in weights and 'shadow_heads.0.weight' in weights  # that family, with its pooled shadow head
