@@ -5,10 +5,11 @@
     accelerate launch train.py --config configs/NAME.yaml --resume auto          # continue the newest checkpoint
     python train.py --config configs/NAME.yaml --config configs/smoke.yaml data.root=...   # a few CPU steps
     python train.py --config configs/NAME.yaml --print-config     # resolved config and derived values, no training
+    python train.py --config configs/NAME.yaml --check-data       # decode every image once, list unreadable files
     accelerate launch train.py --eval runs/NAME                   # evaluate a run, checkpoint, export or file
     python train.py --export runs/NAME [--export-head cls|both]   # a plain timm model (model.safetensors)
 
-`python train.py ...` does the same in one process.
+`python train.py ...` does the same in one process. Overrides may stand before, between or after the flags.
 """
 import argparse
 import logging
@@ -26,7 +27,10 @@ def parse_args(argv):
                    help=f'recipe YAML; repeat to layer files, later ones win '
                         f'(default: {QUICKSTART.relative_to(QUICKSTART.parents[1])}; with --eval/--export: the '
                         "checkpoint's own config.yaml)")
-    p.add_argument('--print-config', action='store_true', help='print the resolved config and derived values, exit')
+    p.add_argument('--print-config', action='store_true', help='print the resolved config and derived values, exit '
+                   '(without the data, the values that need it are named)')
+    p.add_argument('--check-data', action='store_true', help='decode every train and val image once and list the '
+                   'unreadable ones (exit status 2 if any), then exit')
     p.add_argument('--resume', metavar='auto|PATH', help="continue from the newest checkpoint ('auto'; starts "
                    'fresh when there is none) or from a checkpoint folder')
     p.add_argument('--eval', metavar='PATH', help='evaluate a run folder, checkpoint folder, export folder or file')
@@ -37,30 +41,57 @@ def parse_args(argv):
     p.add_argument('--export-ema', action='store_true', help='export the EMA weights')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for configuration errors')
     p.add_argument('overrides', nargs='*', metavar='section.key=value', help='config overrides, applied last')
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides before and after flags alike
 
 
 def print_config(cfg) -> None:
+    """The resolved config, then what follows from it; the values that need the data are named when it is absent
+    (e.g. before the cluster's data set is mounted)."""
     from accelerate import PartialState
     from omegaconf import OmegaConf
 
-    from shake_vit import data
+    from shake_vit import data, methods
     from shake_vit.config import derive
     state = PartialState()
-    splits = data.build_splits(cfg)
+    if state.is_main_process:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
+        method = methods.get(cfg.loss.method)
+        output = {'cls': 'the cls head', 'avg': 'the average of all heads'}[cfg.model.predict or method.predict]
+        print(f'# method: {method.name}, {method.summary}; temperature {methods.temperature(cfg):g}; the student '
+              f'predicts with {output}')
+    try:
+        splits = data.build_splits(cfg)
+    except ConfigError as err:
+        if state.is_main_process:
+            print(f'# derived: {derive(cfg, state.num_processes, None).describe()}')
+            print(f'# data: not readable here ({err})')
+        return
     sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index)
     derived = derive(cfg, state.num_processes, len(sampler) // cfg.train.batch_size)
     if state.is_main_process:
-        print(OmegaConf.to_yaml(cfg, resolve=True))
         print(f'# derived: {derived.describe()}')
         print(f'# data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val images, '
               f'{len(splits.classes)} classes')
+
+
+def check_data(cfg) -> int:
+    """`--check-data`: every image decoded once; 0 when all are readable, 2 (and the list) otherwise."""
+    from shake_vit import data
+    splits = data.build_splits(cfg)
+    bad = data.find_bad_images(cfg, splits)
+    total = len(splits.train) + len(splits.val)
+    if not bad:
+        print(f'[shake-vit] all {total} images of {cfg.data.name} are readable')
+        return 0
+    print(f'[shake-vit] {len(bad)} of {total} images cannot be read:', *bad, sep='\n  ')
+    return 2
 
 
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
     from shake_vit.checkpoint import CheckpointError
+    from shake_vit.data import BadImage
     from shake_vit.engine import NonFiniteLoss
     try:
         if args.eval:
@@ -75,12 +106,14 @@ def main(argv=None) -> int:
         if args.print_config:
             print_config(cfg)
             return 0
+        if args.check_data:
+            return check_data(cfg)
         from shake_vit.runner import train
         train(cfg, resume=args.resume)
     except (ConfigError, CheckpointError) as err:
         if args.debug:
             raise
-        print(f'error: {err}', file=sys.stderr)
+        print(f'error: {BadImage.reason(err) if isinstance(err, BadImage) else err}', file=sys.stderr)
         return 2
     except NonFiniteLoss as err:
         if args.debug:

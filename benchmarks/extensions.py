@@ -4,7 +4,7 @@
 
 Each comparison is the quick-start recipe (configs/quickstart.yaml, its fixed 80/20 split) with the ablation study's
 settings (benchmarks/ablation.py STUDY: 64-wide DeiT, 20 epochs, batch 32), run for `--seeds` seeds per method, two
-runs in parallel with one thread each (shake_vit.runner.train through benchmarks/ablation.job). The teachers are
+runs in parallel with one thread each (shake_vit.runner.train through `job` in benchmarks/ablation.py). The teachers are
 fitted once and shared: timm's test_byobnet (the quick start's) and test_efficientnet.
 - CNN student: timm's test_resnet (no distillation token: the shadow head reads its pooled features), `none`
   against `shake` in both forms, for a short run (`--cnn-epochs`): with a CIFAR stem at 16 px (a 3x3 stride-1 stem
@@ -30,14 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import METHODS, STUDY, _cpu_name, _run, add_elapsed, job, paired  # noqa: E402
+from ablation import METHODS, NONE_NOTE, STUDY, _cpu_name, _run, add_elapsed, job, paired  # noqa: E402
 
 AUTHORS = METHODS['shake_authors']  # the form the ablation found steadier (docs/results/ablation.md)
 CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3']
 CIFAR_STEM = ['model.cifar_stem=true', 'data.img_size=16']  # CRD-style stem; 16 px keeps it affordable here
 MOBILE = ['model.name=mobilenetv3_small_050', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3',
           'train.epochs=8', 'eval.interval=8']
-CNN_METHODS = (('none', 'none', ['loss.method=none']), ('shake', 'shake', ['loss.method=shake']),
+CNN_METHODS = (('none', 'none', ['loss.method=none_both_heads']), ('shake', 'shake', ['loss.method=shake']),
                ('shake_authors', "shake, authors' form", AUTHORS))  # (name, label, overrides) of each CNN row
 PILOT_SEEDS = range(3)  # the seeds that chose the MobileNet setting; its confirmation rows use later ones
 
@@ -91,7 +91,7 @@ def main() -> None:
                   for name, (label, o, ss) in students.items()
                   for m, how, method in CNN_METHODS}
         groups.update({
-            'deit_none': ('DeiT (64 wide), none', ['loss.method=none'], seeds),
+            'deit_none': ('DeiT (64 wide), none', ['loss.method=none_both_heads'], seeds),
             'deit_shake_1t': ('DeiT, shake, one teacher (test_byobnet)', ['loss.method=shake', *t1], seeds),
             'deit_shake_2t': ('DeiT, shake, two teachers (+ test_efficientnet)', ['loss.method=shake', *t2], seeds),
             'deit_shake_authors_1t': ("DeiT, shake, authors' form, one teacher", [*AUTHORS, *t1], seeds),
@@ -121,7 +121,7 @@ def main() -> None:
              f'{args.seeds} seeds per row unless the row says otherwise; test top-1 (%), mean +- std, then each seed. '
              'Teachers fitted once on the '
              f"training split: test_byobnet {teachers['byob']:.2f}, test_efficientnet {teachers['eff']:.2f}, 16-px "
-             f"test_byobnet (the CNN's) {teachers['byob16']:.2f}.", '',
+             f"test_byobnet (the CNN's) {teachers['byob16']:.2f}. " + NONE_NOTE, '',
              '| run | cls head | shadow head(s) | average of heads | cls head per seed |',
              '| --- | --- | --- | --- | --- |']
     for name, r in rows.items():

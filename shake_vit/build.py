@@ -51,6 +51,13 @@ def log(acc: Accelerator, message: str) -> None:
     acc.print(f'[shake-vit] {message}')
 
 
+def finish(acc: Accelerator) -> None:
+    """Close the trackers and the process group on every process at once: a process that tears its group down
+    while a peer still writes the run's files can abort the peer's gloo connection."""
+    acc.wait_for_everyone()
+    acc.end_training()
+
+
 @dataclass
 class Pipeline:
     """Everything the data side gives the loops."""

@@ -159,13 +159,11 @@ class Checkpointer:
         """Restore student, optimizer, scaler, RNG states and EMA; returns where to continue."""
         path = Path(path)
         progress = read_progress(path)
-        rng_file = path / f'random_states_{self.acc.process_index}.pkl'
-        if progress.run.get('num_processes', self.acc.num_processes) != self.acc.num_processes or not rng_file.exists():
-            raise CheckpointError(
-                f"Checkpoint {path} was written by {progress.run.get('num_processes')} processes and this run has "
-                f'{self.acc.num_processes}: resume with the same number of processes (the data position, the RNG '
-                f'streams and the global batch depend on it), or start a new run from its weights with '
-                f'model.pretrained={path / "model.safetensors"}.')
+        # The process count was checked before (runner.check_resumable, from the state file): a missing RNG file
+        # is an incomplete copy of a checkpoint.
+        if not (path / f'random_states_{self.acc.process_index}.pkl').exists():
+            raise CheckpointError(f'Checkpoint {path} holds no RNG state for process {self.acc.process_index}: an '
+                                  'incomplete copy? Resume from a complete checkpoint folder.')
         self.acc.load_state(str(path))
         if self.ema is not None:
             if not (path / EMA_FILE).exists():

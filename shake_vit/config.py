@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from .losses import METHODS
+from . import methods
+from .losses import KL_REDUCTIONS
 
 
 class ConfigError(ValueError):
@@ -40,7 +41,8 @@ class DataConfig:
 
 @dataclass
 class AugConfig:
-    """Train-time augmentation; the defaults are DeiT's (see README, "Traps")."""
+    """Train-time augmentation; the defaults are DeiT's, which differ from timm's own (docs/method.md, "DeiT's
+    recipe in timm")."""
 
     auto_augment: Optional[str] = 'rand-m9-mstd0.5-inc1'  # timm policy string; null disables
     interpolation: str = 'bicubic'
@@ -49,7 +51,7 @@ class AugConfig:
     hflip: float = 0.5
     color_jitter: List[float] = field(default_factory=lambda: [0.3, 0.3, 0.3])  # brightness, contrast, saturation
     # [, hue]; timm ignores it whenever auto_augment is set, as DeiT does
-    train_crop: str = 'rrc'  # rrc: random resized crop (ImageNet) | pad_crop: pad then random crop (CIFAR)
+    train_crop: str = 'rrc'  # rrc: random resized crop (ImageNet) | pad_crop: pad, random crop (DeiT and CRD at 32 px)
     crop_padding: int = 4  # pad_crop: pixels of zero padding on each side
     re_prob: float = 0.25
     re_mode: str = 'pixel'
@@ -74,7 +76,7 @@ class ModelConfig:
     drop_path_rate: float = 0.1
     shadow_head: str = 'linear'  # linear | mlp
     shadow_hidden_dim: int = 0  # mlp hidden width; 0 = the embedding width
-    predict: str = 'avg'  # what the student outputs in eval mode: avg (DeiT) | cls (SHAKE's deliverable)
+    predict: Optional[str] = None  # eval-mode output: cls | avg (all heads); null: the method's (shake cls, deit avg)
     pretrained: Optional[str] = None  # fine-tune from: a local file (timm / DeiT / .safetensors) or a timm name.tag
     shadow_on: str = 'auto'  # token (a DeiT's distillation token) | pooled (any classifier's pooled features) | auto
     cifar_stem: bool = False  # CIFAR form of a timm ResNet/MobileNet (32-px stem) or VGG (CRD's head); see README
@@ -95,6 +97,8 @@ class TeacherConfig:
     name: str = 'regnety_160.deit_in1k'  # DeiT's RegNetY-16GF teacher (82.9% top-1), a timm model[.tag] name
     pretrained: bool = False  # download timm's weights for `name` (needs internet); see `checkpoint` for local files
     checkpoint: Optional[str] = None  # a local timm state dict (.pth/.pt/.bin/.safetensors)
+    mean: Optional[List[float]] = None  # the teacher's input normalisation; null: what its weights were trained with
+    std: Optional[List[float]] = None  # (a fitted teacher's record, timm's pretrained_cfg, else the data's)
     kwargs: Dict[str, Any] = field(default_factory=dict)
     fit: TeacherFitConfig = field(default_factory=TeacherFitConfig)  # used when neither pretrained nor checkpoint
     inference_mode: bool = True  # run the teacher under torch.inference_mode (else no_grad)
@@ -106,7 +110,7 @@ class TeacherConfig:
 
 @dataclass
 class LossConfig:
-    method: str = 'shake'  # shake | deit_hard | deit_soft | kd | none
+    method: str = 'shake'  # shake | deit_hard | deit_soft | kd | none | none_both_heads (shake_vit/methods.py)
     temperature: Optional[float] = None  # null: the method's published default (shake 4, kd 4, deit_soft 1)
     mutual: float = 1.0  # shake: lambda, the weight of both mutual terms
     teacher_weight: float = 1.0  # shake: weight of the shadow head's teacher term
@@ -115,6 +119,7 @@ class LossConfig:
     shadow_ce: float = 0.0  # shake: ground truth on the shadow head (authors' code: 1)
     direct_kd: float = 0.0  # shake: direct KL_T(s -> t)
     deit_alpha: float = 0.5  # deit_hard / deit_soft: weight of the distillation term
+    deit_soft_reduction: str = 'batchmean'  # deit_soft's KL: batchmean (timm) | numel (DeiT's sum / numel: / classes)
     kd_alpha: float = 0.9  # kd: weight of the KL term (CRD protocol)
 
 
@@ -182,14 +187,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-FREE_FORM = ('model.kwargs', 'teacher.kwargs')
-DEFAULT_TEMPERATURE = {'shake': 4.0, 'kd': 4.0, 'deit_soft': 1.0}
 CHOICES = {
     'data.name': ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake'),
-    'loss.method': METHODS,
     'loss.teacher_loss': ('kl', 'mse'),
+    'loss.deit_soft_reduction': KL_REDUCTIONS,
     'model.shadow_head': ('linear', 'mlp'),
-    'model.predict': ('avg', 'cls'),
+    'model.predict': (None, 'avg', 'cls'),
     'model.shadow_on': ('auto', 'token', 'pooled'),
     'optim.sched': ('cosine', 'multistep', 'step', 'constant'),
     'train.mixed_precision': ('no', 'bf16', 'fp16'),
@@ -239,29 +242,64 @@ def _recipe_chain(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
     return [*chain, (path, recipe)]
 
 
+def _free_form_keys(cfg: DictConfig) -> List[str]:
+    """The dotted keys of the free-form dicts (timm keyword arguments), where any key is allowed."""
+    return ['model.kwargs', 'teacher.kwargs', *(f'extra_teachers.{i}.kwargs' for i in range(len(cfg.extra_teachers)))]
+
+
+def _open_free_form(cfg: DictConfig) -> None:
+    """Let the free-form dicts take new keys; a node replaced by a merge or an update inherits struct mode again."""
+    for key in _free_form_keys(cfg):
+        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
+
+
+def _empty_dicts(node: Any, prefix: str = '') -> List[str]:
+    """Dotted keys of a recipe layer whose value is `{}`."""
+    found = []
+    for k, v in node.items() if isinstance(node, DictConfig) else ():
+        if isinstance(v, DictConfig):
+            found += [f'{prefix}{k}'] if len(v) == 0 else _empty_dicts(v, f'{prefix}{k}.')
+    return found
+
+
+def _clear(cfg: DictConfig, key: str) -> None:
+    """`{}` empties a free-form dict (`model.kwargs: {}` in a recipe, `model.kwargs={}` on the command line); on a
+    typed section (`aug: {}`) it changes nothing, as merging nothing would."""
+    if key in _free_form_keys(cfg):
+        OmegaConf.update(cfg, key, {}, merge=False)
+
+
 def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Defaults, then each recipe in `paths` in order (e.g. a recipe, then `configs/smoke.yaml`), then
-    `section.key=value` overrides; validated."""
+    `section.key=value` overrides; validated.
+
+    A dict merges into what is there, key by key, except `{}`, which empties a free-form dict (`model.kwargs`,
+    `teacher.kwargs`), in a recipe and on the command line alike: how a recipe's ViT arguments go when the student
+    becomes a CNN. Dotted keys reach into a free-form dict (`model.kwargs.img_size=32`) whatever came before.
+    """
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
-    for key in FREE_FORM:  # timm keyword arguments: any key is allowed there
-        OmegaConf.set_struct(OmegaConf.select(cfg, key), False)
+    _open_free_form(cfg)
     for path in [paths] if isinstance(paths, str) else (paths or []):
-        for layer in _recipe_chain(Path(path)):
+        for source, layer in _recipe_chain(Path(path)):
             try:
-                cfg = OmegaConf.merge(cfg, layer[1])
+                cfg = OmegaConf.merge(cfg, layer)
+                _open_free_form(cfg)
+                for key in _empty_dicts(layer):
+                    _clear(cfg, key)
             except OmegaConfBaseException as err:
-                raise _explain(err, cfg, str(layer[0])) from None
+                raise _explain(err, cfg, str(source)) from None
     for item in overrides:
         if '=' not in item:
             raise ConfigError(f"Override '{item}' is not of the form section.key=value (e.g. train.epochs=10).")
         key = item.split('=', 1)[0]
         try:
             value = OmegaConf.select(OmegaConf.from_dotlist([item]), key)  # the value, typed by OmegaConf's grammar
-            # merge=True handles list indices (extra_teachers.0.checkpoint=...) and adds to a dict; an empty
-            # value (model.kwargs={}) clears what the recipe set, e.g. a ViT's kwargs when the student is a CNN
-            empty = isinstance(value, (dict, DictConfig)) and len(value) == 0
-            OmegaConf.update(cfg, key, value, merge=not empty)
+            if isinstance(value, (dict, DictConfig)) and len(value) == 0:
+                _clear(cfg, key)
+            else:  # merge=True handles list indices (extra_teachers.0.checkpoint=...) and adds to a dict
+                OmegaConf.update(cfg, key, value, merge=True)
+            _open_free_form(cfg)
         except OmegaConfBaseException as err:
             raise _explain(err, cfg, f"override '{item}'") from None
     if cfg.train.mixed_precision in ('False', 'false', 'off'):  # YAML and the command line read a bare `no` as false
@@ -277,15 +315,22 @@ def _check(ok: bool, key: str, value: Any, need: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express; each failure names the key and the fix."""
-    for key, choices in CHOICES.items():
+    for key, choices in [*CHOICES.items(), ('loss.method', tuple(methods.METHODS))]:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
+            named = [str(c) for c in choices if c is not None] + (['null'] if None in choices else [])
+            close = difflib.get_close_matches(str(value), named, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ''
-            raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(choices)}.{hint}")
-    if cfg.extra_teachers and cfg.loss.method != 'shake':
-        raise ConfigError(f"extra_teachers is set but loss.method is '{cfg.loss.method}': several teachers are SHAKE's "
-                          '(one shadow head each); the baselines take teacher alone.')
+            raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(named)}.{hint}")
+    if cfg.extra_teachers and not methods.get(cfg.loss.method).several_teachers:
+        raise ConfigError(f"extra_teachers is set but loss.method is '{cfg.loss.method}', which takes one teacher: "
+                          'several teachers are SHAKE\'s (one shadow head each). Use loss.method=shake, or drop '
+                          'extra_teachers.')
+    for who in ('data', 'teacher', *(f'extra_teachers.{i}' for i in range(len(cfg.extra_teachers)))):
+        for stat in ('mean', 'std'):
+            value = OmegaConf.select(cfg, f'{who}.{stat}')
+            _check(value is None or (len(value) == 3 and (stat == 'mean' or min(value) > 0)), f'{who}.{stat}',
+                   value if value is None else list(value), 'null or three per-channel values (std positive)')
     t, o, a, d = cfg.train, cfg.optim, cfg.aug, cfg.data
     _check(t.epochs >= 1, 'train.epochs', t.epochs, 'at least 1')
     _check(t.batch_size >= 1, 'train.batch_size', t.batch_size, 'at least 1')
@@ -325,40 +370,36 @@ def mixup_active(cfg: DictConfig) -> bool:
     return cfg.aug.mixup_prob > 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
 
 
-def temperature(cfg: DictConfig) -> float:
-    """The KD temperature in force: the configured one, else the method's published default."""
-    if cfg.loss.temperature is not None:
-        return float(cfg.loss.temperature)
-    return DEFAULT_TEMPERATURE.get(cfg.loss.method, 1.0)
-
-
 @dataclass(frozen=True)
 class Derived:
-    """Values that follow from the config, the process count and the data set size."""
+    """Values that follow from the config, the process count and (the update counts) the data set size."""
 
     num_processes: int
     global_batch: int
     lr: float
-    updates_per_epoch: int
-    total_updates: int
-    warmup_updates: int
+    updates_per_epoch: Optional[int] = None  # None: the data set size is not known
+    total_updates: Optional[int] = None
+    warmup_updates: Optional[int] = None
 
     def describe(self) -> str:
-        return (f'processes {self.num_processes}, global batch {self.global_batch}, lr {self.lr:.3g}, '
-                f'{self.updates_per_epoch} updates/epoch, {self.total_updates} updates, '
-                f'{self.warmup_updates} warmup updates')
+        counts = (f'{self.updates_per_epoch} updates/epoch, {self.total_updates} updates, {self.warmup_updates} warmup '
+                  'updates' if self.updates_per_epoch else 'updates per epoch, total and warmup updates need the data')
+        return f'processes {self.num_processes}, global batch {self.global_batch}, lr {self.lr:.3g}, {counts}'
 
 
-def derive(cfg: DictConfig, num_processes: int, batches_per_epoch: int) -> Derived:
+def derive(cfg: DictConfig, num_processes: int, batches_per_epoch: Optional[int]) -> Derived:
     """Global batch, the DeiT learning-rate rule and the update counts.
 
     Args:
         num_processes: data-parallel processes.
-        batches_per_epoch: batches each process draws per epoch (the sampler's share, drop_last).
+        batches_per_epoch: batches each process draws per epoch (the sampler's share, drop_last); None when the data
+            is not at hand, which leaves the update counts out.
     """
     t, o = cfg.train, cfg.optim
     global_batch = t.batch_size * num_processes * t.grad_accum
     lr = o.lr if o.lr is not None else o.base_lr * global_batch / o.lr_base_size
+    if batches_per_epoch is None:
+        return Derived(num_processes, global_batch, lr)
     updates = batches_per_epoch // t.grad_accum
     if t.max_updates_per_epoch > 0:
         updates = min(updates, t.max_updates_per_epoch)
@@ -366,8 +407,7 @@ def derive(cfg: DictConfig, num_processes: int, batches_per_epoch: int) -> Deriv
         raise ConfigError(
             f'An epoch holds {batches_per_epoch} batches per process, fewer than one update of train.grad_accum='
             f'{t.grad_accum} x train.batch_size={t.batch_size}: lower the batch size or use more data.')
-    return Derived(num_processes=num_processes, global_batch=global_batch, lr=lr, updates_per_epoch=updates,
-                   total_updates=updates * t.epochs, warmup_updates=math.floor(o.warmup_epochs * updates))
+    return Derived(num_processes, global_batch, lr, updates, updates * t.epochs, math.floor(o.warmup_epochs * updates))
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -17,10 +17,31 @@ from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torchvision import transforms as T
 
 from .config import ConfigError, mixup_active
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
+
+
+class BadImage(ConfigError):
+    """An image file that cannot be decoded; the message names the file and how to find every other bad one."""
+
+    @staticmethod
+    def reason(err: BaseException) -> str:
+        """The message alone: a DataLoader worker re-raises it wrapped in the worker's traceback."""
+        return str(err).rsplit('BadImage: ', 1)[-1].strip()
+
+
+def read_image(path: str) -> Image.Image:
+    """torchvision's ImageFolder loader (PIL, RGB), with an error that names the file instead of PIL's traceback."""
+    try:
+        with open(path, 'rb') as f:
+            return Image.open(f).convert('RGB')
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError or DecompressionBombError for bad files
+        raise BadImage(f"Cannot read the image '{path}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
+                       'Replace or remove the file, then continue with --resume auto; `python train.py --config ... '
+                       '--check-data` lists every unreadable image of a data set before a long run.') from None
 
 
 @dataclass
@@ -78,7 +99,7 @@ def imagefolder_splits(cfg: DictConfig) -> Splits:
             raise ConfigError(f"data.root '{root}' has no '{split}/' folder; the ImageNet layout is "
                               f'{root}/train/<class>/<image> and {root}/val/<class>/<image>.')
         try:
-            sets[split] = ImageFolder(str(folder))
+            sets[split] = ImageFolder(str(folder), loader=read_image)
         except (FileNotFoundError, RuntimeError) as err:
             raise ConfigError(f"No images found under '{folder}' ({err}). Each class needs a sub-folder holding "
                               f"files ending in one of {', '.join(IMAGE_SUFFIXES)}.") from None
@@ -125,35 +146,52 @@ def build_splits(cfg: DictConfig) -> Splits:
     return splits
 
 
+class _Probe(Dataset):
+    """Reads sample `i` of a data set and returns '' or why it cannot be read (for `find_bad_images`)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> str:
+        try:
+            self.dataset[i]
+            return ''
+        except BadImage as err:
+            return BadImage.reason(err).split(' Replace or remove')[0]
+
+
+def find_bad_images(cfg: DictConfig, splits: Splits) -> List[str]:
+    """Decode every image of both splits (on `data.num_workers` loader workers, with a progress bar) and return one
+    line per image that cannot be read: what `train.py --check-data` prints."""
+    from tqdm.auto import tqdm
+    bad = []
+    for name, dataset in (('train', splits.train), ('val', splits.val)):
+        loader = DataLoader(_Probe(dataset), batch_size=None, num_workers=cfg.data.num_workers)
+        bad += [msg for msg in tqdm(loader, desc=f'checking {name}', total=len(dataset)) if msg]
+    return bad
+
+
 def build_transforms(cfg: DictConfig, mean: Sequence[float], std: Sequence[float]) -> Tuple[Callable, Callable]:
-    """timm's train and eval transforms with the configured (DeiT) values, which differ from timm's defaults."""
+    """timm's train and eval transforms with the configured (DeiT) values, which differ from timm's defaults.
+
+    `aug.train_crop=pad_crop` is DeiT's 32-px path (facebookresearch/deit `datasets.py`, `build_transform` for
+    inputs of 32 px): timm's pipeline with its random-resized crop swapped for a random crop after zero padding,
+    everything after it (RandAugment, flip, erasing) unchanged. With those off it is CRD's CIFAR protocol.
+    """
     a = cfg.aug
     mean, std = tuple(mean), tuple(std)
+    train = create_transform(
+        cfg.data.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+        color_jitter=tuple(a.color_jitter) if any(a.color_jitter) else None, auto_augment=a.auto_augment,
+        interpolation=a.interpolation, mean=mean, std=std, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
     if a.train_crop == 'pad_crop':
-        train = cifar_train_transform(cfg, mean, std)
-    else:
-        train = create_transform(
-            cfg.data.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
-            color_jitter=tuple(a.color_jitter), auto_augment=a.auto_augment, interpolation=a.interpolation,
-            mean=mean, std=std, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
+        train.transforms[0] = T.RandomCrop(cfg.data.img_size, padding=a.crop_padding)  # timm's crop comes first
     val = create_transform(cfg.data.img_size, is_training=False, interpolation=a.interpolation, mean=mean, std=std,
                            crop_pct=a.crop_pct)
     return train, val
-
-
-def cifar_train_transform(cfg: DictConfig, mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """The CIFAR protocol (CRD): pad 4 pixels, random 32x32 crop, horizontal flip. timm's create_transform has no
-    pad-and-crop mode, so this one is torchvision's, with timm's random erasing when configured."""
-    from timm.data.random_erasing import RandomErasing
-    from torchvision import transforms as T
-    a = cfg.aug
-    ops = [T.RandomCrop(cfg.data.img_size, padding=a.crop_padding), T.RandomHorizontalFlip(a.hflip)]
-    if any(a.color_jitter):
-        ops.append(T.ColorJitter(*a.color_jitter))
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
-    if a.re_prob:
-        ops.append(RandomErasing(a.re_prob, mode=a.re_mode, max_count=a.re_count, device='cpu'))
-    return T.Compose(ops)
 
 
 def build_mixup(cfg: DictConfig, num_classes: int) -> Optional[Mixup]:

@@ -7,6 +7,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, skip_first_batches
+from einops import rearrange
 from timm.data import Mixup
 from timm.scheduler.scheduler import Scheduler
 from timm.task import TrainingTask
@@ -137,21 +138,20 @@ class Trainer:
         num_batches = num_updates * acc.gradient_accumulation_steps  # whole updates only: the lr stays exact
         if skip_batches:
             loader = skip_first_batches(loader, skip_batches)
-        bar = progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
-                       disable=not acc.is_local_main_process)
         last: Dict[str, float] = {}
-        for x, y in islice(loader, num_batches - skip_batches):
-            updated = self.step(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
-            bar.update()
-            if not updated:
-                continue
-            if self.update % self.log_interval == 0:
-                last = self.flush()
-                bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
-            if self.after_update():
-                bar.close()
-                return {}
-        bar.close()
+        # The bar is cleared however the epoch ends, an error included, so the error is not printed onto its line.
+        with progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
+                      disable=not acc.is_local_main_process) as bar:
+            for x, y in islice(loader, num_batches - skip_batches):
+                updated = self.step(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
+                bar.update()
+                if not updated:
+                    continue
+                if self.update % self.log_interval == 0:
+                    last = self.flush()
+                    bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+                if self.after_update():
+                    return {}
         return self.flush() or last
 
 
@@ -177,23 +177,24 @@ def evaluate(predict: Callable[[torch.Tensor], Dict[str, torch.Tensor]], loader:
     """
     names, total, count = None, None, 0
     start = time.perf_counter()
-    for x, y in progress(loader, desc=desc, disable=not accelerator.is_local_main_process):
-        with accelerator.autocast():
-            logits = {k: v.float() for k, v in predict(x).items()}
-        columns, batch_names = [], []
-        for head, z in logits.items():
-            hits = z.topk(min(5, z.shape[-1]), dim=-1).indices.eq(y[:, None])  # [B, 5]
-            columns += [hits[:, 0], hits.any(dim=-1), F.cross_entropy(z, y, reduction='none')]
-            batch_names += [_metric_name(head, m) for m in ('top1', 'top5', 'loss')]
-        top1 = {head: z.argmax(dim=-1) for head, z in logits.items()}
-        for a, b in AGREEMENT:
-            if a in top1 and b in top1:
-                columns.append(top1[a].eq(top1[b]))
-                batch_names.append(f'agree_{a}_{b}')
-        per_sample = accelerator.gather_for_metrics(torch.stack([c.float() for c in columns], dim=1))  # [B, M]
-        total = per_sample.sum(dim=0) if total is None else total + per_sample.sum(dim=0)
-        count += per_sample.shape[0]
-        names = batch_names
+    with progress(loader, desc=desc, disable=not accelerator.is_local_main_process) as batches:
+        for x, y in batches:
+            with accelerator.autocast():
+                logits = {k: v.float() for k, v in predict(x).items()}
+            columns, batch_names = [], []
+            for head, z in logits.items():
+                hits = z.topk(min(5, z.shape[-1]), dim=-1).indices.eq(rearrange(y, 'b -> b 1'))  # [B, 5]
+                columns += [hits[:, 0], hits.any(dim=-1), F.cross_entropy(z, y, reduction='none')]
+                batch_names += [_metric_name(head, m) for m in ('top1', 'top5', 'loss')]
+            top1 = {head: z.argmax(dim=-1) for head, z in logits.items()}
+            for a, b in AGREEMENT:
+                if a in top1 and b in top1:
+                    columns.append(top1[a].eq(top1[b]))
+                    batch_names.append(f'agree_{a}_{b}')
+            per_sample = accelerator.gather_for_metrics(rearrange([c.float() for c in columns], 'm b -> b m'))
+            total = per_sample.sum(dim=0) if total is None else total + per_sample.sum(dim=0)
+            count += per_sample.shape[0]
+            names = batch_names
     means = (total / max(count, 1)).tolist()
     result = {n: (v if 'loss' in n else 100 * v) for n, v in zip(names, means)}  # accuracies in percent
     result['num_samples'] = count

@@ -1,28 +1,25 @@
 """Evaluating a student: every head, its EMA, the teacher; and `train.py --eval` on any saved or exported model."""
 import json
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from omegaconf import DictConfig
-from safetensors.torch import load_file
-from timm.models import clean_state_dict
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
 from . import data
-from .build import build_pipeline, log, make_accelerator
-from .checkpoint import EMA_FILE, STATE_FILE, complete_checkpoints
-from .config import ConfigError, load_config
+from .build import build_pipeline, finish, log, make_accelerator
+from .checkpoint import STATE_FILE
+from .config import ConfigError
 from .engine import evaluate
-from .models import Student, build_student, read_state_dict
+from .models import Student, average_heads, build_student
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
+from .weights import config_for, read_weights
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
-StateDict = Dict[str, torch.Tensor]
 
 
 def head_predictor(student: Student, teacher_logits: Callable, with_shadow: bool = True) -> Predict:
@@ -33,7 +30,7 @@ def head_predictor(student: Student, teacher_logits: Callable, with_shadow: bool
         heads = {'cls': s}
         if with_shadow and hs:
             heads.update({('shadow' if i == 0 else f'shadow_{i}'): h for i, h in enumerate(hs)})
-            heads['avg'] = torch.stack([s, *hs]).mean(0)
+            heads['avg'] = average_heads(s, hs)
         t = teacher_logits(x)
         ts = [] if t is None else [t] if isinstance(t, torch.Tensor) else list(t)
         heads.update({('teacher' if i == 0 else f'teacher_{i}'): ti for i, ti in enumerate(ts)})
@@ -68,63 +65,6 @@ def format_table(metrics: Dict[str, float]) -> str:
     return '\n'.join(lines)
 
 
-def _student_keys(state: StateDict) -> StateDict:
-    """Keys of a `Student` (`model.` + timm's) from our checkpoints, DDP saves, exports or plain timm weights."""
-    state = clean_state_dict(state)  # strips DDP's `module.`
-    if not any(k.startswith('model.') for k in state):
-        state = {f'model.{k}': v for k, v in state.items()}
-    if 'model.reg_token' in state:  # a single-head export: its register token is the distillation token
-        state['model.dist_token'] = state.pop('model.reg_token')
-    return state
-
-
-def read_weights(path: Path, trusted: bool = False) -> Tuple[StateDict, Optional[StateDict], Path]:
-    """Student weights (and EMA weights, if any) from a checkpoint folder, a run folder, an export folder or a file.
-
-    Returns:
-        (weights, EMA weights or None, the folder where `eval.json` goes)
-    """
-    path = Path(path)
-    if path.is_dir() and (path / 'checkpoints').is_dir():
-        found = complete_checkpoints(path / 'checkpoints')
-        if not found:
-            raise ConfigError(f'{path}/checkpoints holds no complete checkpoint.')
-        path = found[-1]
-    if path.is_dir():
-        weights = path / 'model.safetensors'
-        if not weights.is_file():
-            raise ConfigError(f'{path} holds no model.safetensors: pass a checkpoint folder (OUTPUT/checkpoints/'
-                              'update_N), a run folder, an export folder, or a weights file.')
-        ema = path / EMA_FILE
-        return (_student_keys(load_file(str(weights))),
-                _student_keys(load_file(str(ema))) if ema.is_file() else None, path)
-    if not path.is_file():
-        raise ConfigError(f"Nothing to evaluate at '{path}'.")
-    return _student_keys(read_state_dict(str(path), trusted)), None, path.parent
-
-
-def find_config(path: Path) -> Optional[Path]:
-    """The `config.yaml` of the run a checkpoint belongs to: next to it, or up to three folders above."""
-    path = Path(path).resolve()
-    for folder in [path if path.is_dir() else path.parent, *list(path.parents)[:3]]:
-        if (folder / 'config.yaml').is_file():
-            return folder / 'config.yaml'
-    return None
-
-
-def config_for(path: str, configs, overrides) -> DictConfig:
-    """The explicit `--config` files, else the checkpoint's own run config, then the overrides."""
-    if configs:
-        return load_config(configs, overrides)
-    found = find_config(Path(path))
-    if found is None:
-        raise ConfigError(f"No config.yaml next to or above '{path}': pass the recipe it was trained with, "
-                          '--config configs/NAME.yaml.')
-    cfg = load_config([str(found)], overrides)
-    cfg.train.output_dir = str(found.parent)  # the run folder, wherever the command is started from
-    return cfg
-
-
 def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]:
     """`train.py --eval PATH`: the configured validation set, every head, EMA and teacher; a table and eval.json."""
     cfg = config_for(path, configs, overrides)
@@ -154,4 +94,5 @@ def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]
     if acc.is_main_process:
         (where / 'eval.json').write_text(json.dumps(metrics, indent=2))
     log(acc, f'evaluation of {path} ({where}/eval.json):\n' + format_table(metrics))
+    finish(acc)
     return metrics

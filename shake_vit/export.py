@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models import save_for_hf
 
 from .config import ConfigError
-from .evaluation import config_for, read_weights
-from .models import Student, build_classifier, build_student, student_kwargs
+from .models import Student, average_heads, build_classifier, build_student, student_kwargs
+from .weights import config_for, read_weights
 
 
 def registered_here(name: str) -> bool:
@@ -109,7 +109,7 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
     x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)
     with torch.no_grad():
         s, hs = student.forward_heads(x)
-        expected = torch.stack([s, *hs]).mean(0) if head == 'both' else s
+        expected = average_heads(s, hs) if head == 'both' else s
         diff = (reloaded(x) - expected).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f'The exported model differs from the student by {diff:.2e}; please report this.')

@@ -17,19 +17,23 @@ import torch.nn.functional as F
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Terms = Dict[str, torch.Tensor]
 
-METHODS = ('shake', 'deit_hard', 'deit_soft', 'kd', 'none')
+KL_REDUCTIONS = ('batchmean', 'numel')
 
 
-def kl_t(student: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+def kl_t(student: torch.Tensor, target: torch.Tensor, temperature: float, reduction: str = 'batchmean') -> torch.Tensor:
     """`KL_T(student -> target) = T^2 * KL(softmax(target / T) || softmax(student / T))`, averaged over the batch.
 
-    The reduction is timm's `batchmean` (sum over classes, mean over samples), the textbook KL. DeiT's soft loss uses
-    `sum / numel`, which is this value divided by the class count; `tests/test_losses.py` pins the difference.
-    Gradients flow into both arguments: callers detach the side that must not move.
+    `reduction='batchmean'` (the default, timm's) sums over classes and averages over samples: the textbook KL.
+    `reduction='numel'` is DeiT's soft loss, `sum / numel`: the batch mean divided by the class count
+    (`tests/test_losses.py` pins the difference). Gradients flow into both arguments: callers detach the side that
+    must not move.
     """
     log_p_student = F.log_softmax(student / temperature, dim=-1)
     log_p_target = F.log_softmax(target / temperature, dim=-1)
-    kl = F.kl_div(log_p_student, log_p_target, reduction='batchmean', log_target=True)
+    if reduction == 'numel':
+        kl = F.kl_div(log_p_student, log_p_target, reduction='sum', log_target=True) / student.numel()
+    else:
+        kl = F.kl_div(log_p_student, log_p_target, reduction='batchmean', log_target=True)
     return kl * temperature ** 2
 
 
@@ -105,11 +109,12 @@ def deit_hard_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.T
 
 
 def deit_soft_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ce: Criterion,
-                   alpha: float = 0.5, temperature: float = 1.0) -> Terms:
-    """DeiT soft distillation: `(1 - a) * CE(s, y) + a * KL_T(h -> t)` with the batch-mean KL (see `kl_t`)."""
+                   alpha: float = 0.5, temperature: float = 1.0, reduction: str = 'batchmean') -> Terms:
+    """DeiT soft distillation: `(1 - a) * CE(s, y) + a * KL_T(h -> t)`; the KL's `reduction` as in `kl_t` (DeiT's
+    own code uses 'numel', which weighs the KL term K times less than the default 'batchmean')."""
     return {
         'ce_cls': (1 - alpha) * ce(s, y),
-        'kl_shadow_teacher': alpha * kl_t(h, t, temperature),
+        'kl_shadow_teacher': alpha * kl_t(h, t, temperature, reduction),
     }
 
 
@@ -125,6 +130,13 @@ def kd_loss(s: torch.Tensor, h: Optional[torch.Tensor], t: torch.Tensor, y: torc
     }
 
 
-def label_loss(s: torch.Tensor, h: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor, ce: Criterion) -> Terms:
-    """No distillation: both heads learn from the labels (DeiT's distilled architecture without a teacher)."""
+def label_loss(s: torch.Tensor, h: Optional[torch.Tensor], t: Optional[torch.Tensor], y: torch.Tensor,
+               ce: Criterion) -> Terms:
+    """No distillation: the classification head learns from the labels, as a plain DeiT or CNN is trained."""
+    return {'ce_cls': ce(s, y)}
+
+
+def both_heads_label_loss(s: torch.Tensor, h: torch.Tensor, t: Optional[torch.Tensor], y: torch.Tensor,
+                          ce: Criterion) -> Terms:
+    """No distillation, both heads on the labels: DeiT's distilled architecture trained without a teacher."""
     return {'ce_cls': ce(s, y), 'ce_shadow': ce(h, y)}

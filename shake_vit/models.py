@@ -1,15 +1,16 @@
-"""The student (a timm DeiT whose distillation token feeds SHAKE's shadow head) and the frozen teacher."""
-from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple
+"""The student: a timm classifier with SHAKE's shadow head(s), on a DeiT's distillation token or on pooled features.
+
+Reading weight files and fine-tuning adaptation live in `shake_vit/weights.py`, the teacher in `shake_vit/teacher.py`.
+"""
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 import timm
 import torch
 import torch.nn as nn
+from einops import reduce
 from omegaconf import DictConfig, OmegaConf
-from timm.models import load_state_dict
-from timm.task import DistillationTeacher
 
-from . import zoo  # noqa: F401  (registers vgg8_bn and the ShuffleNetV2 adapter in timm)
+from . import methods, zoo  # noqa: F401  (zoo registers vgg8_bn and the ShuffleNetV2 adapter in timm)
 from .config import ConfigError
 
 HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])
@@ -25,6 +26,11 @@ def has_distillation_token(model: nn.Module) -> bool:
     return getattr(model, 'num_prefix_tokens', 1) >= 2 and hasattr(model, 'head_dist')
 
 
+def average_heads(s: torch.Tensor, hs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """DeiT's inference: the mean of the cls logits and every shadow head's, [B, K]."""
+    return reduce([s, *hs], 'heads b k -> b k', 'mean')
+
+
 class Student(nn.Module):
     """A timm classifier with SHAKE's shadow head(s) beside its classification head, one per teacher.
 
@@ -34,14 +40,16 @@ class Student(nn.Module):
                 same token (`shadow_heads`).
         pooled: any timm classifier (ResNet, MobileNet, ConvNeXt, ...): the shadow heads read the pooled features
                 that the classification head reads (the shared-backbone form).
+    `num_shadow=0` (methods that train no shadow head: `none`, `kd`) builds none; a distilled DeiT's `head_dist`,
+    part of timm's architecture, then stays frozen and out of every output.
 
-    In training mode the forward returns (cls logits, shadow logits), the latter a tuple with several teachers; in
-    eval mode it returns what `predict` names: the average of all heads (DeiT's inference), or the cls head alone
-    (SHAKE's deliverable).
+    In training mode the forward returns (cls logits, shadow logits), the latter a tuple with several teachers and
+    None without a shadow head; in eval mode it returns what `predict` names: the cls head alone (SHAKE's deliverable)
+    or the average of all heads (DeiT's inference).
     """
 
     def __init__(self, model: nn.Module, placement: str = 'token', num_shadow: int = 1, head: str = 'linear',
-                 hidden: int = 0, predict: str = 'avg'):
+                 hidden: int = 0, predict: str = 'cls'):
         super().__init__()
         if placement == 'token' and not has_distillation_token(model):
             raise ConfigError(
@@ -50,14 +58,16 @@ class Student(nn.Module):
                 'features with model.shadow_on=pooled (the default, auto, does so for students without the token).')
         self.model, self.placement, self.predict = model, placement, predict
         num_classes = model.num_classes
+        self.token_head = placement == 'token' and num_shadow > 0  # timm's head_dist is the first shadow head
         if placement == 'token':
             dim = model.embed_dim
-            if head == 'mlp':
+            if not self.token_head:
+                model.head_dist.requires_grad_(False)  # part of timm's architecture, trained by no loss
+            elif head == 'mlp':
                 model.head_dist = _head(dim, num_classes, head, hidden)
-            extra = num_shadow - 1  # head_dist is the first
         else:
             dim = getattr(model, 'head_hidden_size', None) or model.num_features  # what forward_head(pre_logits) gives
-            extra = num_shadow
+        extra = num_shadow - self.token_head
         self.shadow_heads = nn.ModuleList(_head(dim, num_classes, head, hidden) for _ in range(extra))
 
     @property
@@ -66,34 +76,28 @@ class Student(nn.Module):
 
     @property
     def num_shadow(self) -> int:
-        return len(self.shadow_heads) + (self.placement == 'token')
+        return len(self.shadow_heads) + self.token_head
 
     def forward_heads(self, x: torch.Tensor) -> HeadLogits:
         m = self.model
         if self.placement == 'token':
             tokens = m.forward_features(x)  # [B, 2 + N, D]: cls, dist, patches
             # As VisionTransformerDistilled.forward_head, but every head in every mode.
-            cls, dist = m.head_drop(tokens[:, 0]), m.head_drop(tokens[:, 1])
-            return m.head(cls), [m.head_dist(dist), *(h(dist) for h in self.shadow_heads)]
+            cls, dist = m.head_drop(tokens[:, 0]), m.head_drop(tokens[:, 1])  # [B, D] each
+            first = [m.head_dist(dist)] if self.token_head else []
+            return m.head(cls), [*first, *(h(dist) for h in self.shadow_heads)]
         features = m.forward_features(x)  # [B, C, H, W] for CNNs, tokens for ViTs
+        s = m.forward_head(features)
+        if not self.shadow_heads:
+            return s, []
         pooled = m.forward_head(features, pre_logits=True)  # [B, D]
-        return m.forward_head(features), [h(pooled) for h in self.shadow_heads]
+        return s, [h(pooled) for h in self.shadow_heads]
 
     def forward(self, x: torch.Tensor):
         s, hs = self.forward_heads(x)
         if self.training:
-            return s, (hs[0] if len(hs) == 1 else tuple(hs))
-        return s if self.predict == 'cls' else torch.stack([s, *hs]).mean(0)
-
-    def shadow_parameters(self):
-        yield from self.shadow_heads.parameters()
-        if self.placement == 'token':
-            yield from self.model.head_dist.parameters()
-
-    def set_shadow_trainable(self, trainable: bool) -> None:
-        """Freeze the shadow heads for methods that never train them (so DDP sees no unused parameters)."""
-        for p in self.shadow_parameters():
-            p.requires_grad_(trainable)
+            return s, (None if not hs else hs[0] if len(hs) == 1 else tuple(hs))
+        return s if self.predict == 'cls' else average_heads(s, hs)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> Set[str]:
@@ -155,7 +159,7 @@ def build_classifier(cfg: DictConfig, num_classes: int, training: bool = True) -
     on), the CIFAR form with `model.cifar_stem`. `training=False` is the inference model an export records."""
     m = cfg.model
     if not timm.is_model(m.name):
-        raise ConfigError(_unknown_model(m.name, 'model.name'))
+        raise ConfigError(unknown_model_error(m.name, 'model.name'))
     kwargs = student_kwargs(cfg)
     if training and m.drop_path_rate:  # passed only when on, as timm's train.py does: VGG has no stochastic depth
         kwargs['drop_path_rate'] = m.drop_path_rate
@@ -165,169 +169,41 @@ def build_classifier(cfg: DictConfig, num_classes: int, training: bool = True) -
         raise ConfigError(f"timm's {m.name} does not take the arguments model.kwargs={student_kwargs(cfg)}, "
                           f'model.drop_path_rate={m.drop_path_rate} ({err}). Drop the one it names (for a model '
                           'without stochastic depth: model.drop_path_rate=0).') from None
+    check_patch_grid(model, 'model.kwargs.img_size' if 'img_size' in m.kwargs else 'data.img_size',
+                     'model.kwargs.patch_size' if 'patch_size' in m.kwargs else f"{m.name}'s patch size")
     return cifar_stem(model) if m.cifar_stem else model
 
 
+def check_patch_grid(model: nn.Module, size_key: str, patch_key: str) -> None:
+    """A ViT whose image size its patch size does not divide would train on a grid that drops the border (timm
+    floors the grid): refuse it, naming both numbers and the keys that set them."""
+    pe = getattr(model, 'patch_embed', None)
+    if pe is None or getattr(pe, 'img_size', None) is None or getattr(pe, 'dynamic_img_pad', False):
+        return
+    (h, w), (ph, pw) = pe.img_size, pe.patch_size
+    if h % ph or w % pw:
+        fits = ' or '.join(str(n) for n in sorted({max(ph, h // ph * ph), (h // ph + 1) * ph}))
+        raise ConfigError(
+            f'The image size {h}x{w} ({size_key}) is not a multiple of the patch size {ph}x{pw} ({patch_key}): the '
+            f'{h // ph}x{w // pw} patch grid would leave out the last {h % ph} pixel rows and {w % pw} columns of '
+            f'every image. Use an image size the patch divides ({fits}) or a patch size that divides {h}.')
+
+
 def build_student(cfg: DictConfig, num_classes: int) -> Student:
-    m = cfg.model
+    """The student of the configured method: one shadow head per teacher when the method trains them, none
+    otherwise; its eval-mode output is `model.predict`, else the method's."""
+    m, method = cfg.model, methods.get(cfg.loss.method)
     model = build_classifier(cfg, num_classes)
     placement = m.shadow_on if m.shadow_on != 'auto' else ('token' if has_distillation_token(model) else 'pooled')
-    return Student(model, placement, num_shadow=1 + len(cfg.extra_teachers), head=m.shadow_head,
-                   hidden=m.shadow_hidden_dim, predict=m.predict)
+    num_shadow = 1 + len(cfg.extra_teachers) if method.trains_shadow else 0
+    return Student(model, placement, num_shadow=num_shadow, head=m.shadow_head, hidden=m.shadow_hidden_dim,
+                   predict=m.predict or method.predict)
 
 
-def pretrained_state_dict(source: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
-    """Weights named by `model.pretrained`: a local file, or a timm model name with its tag (downloads once)."""
-    if Path(source).is_file():
-        state = read_state_dict(source, trusted)
-        if state and all(k.startswith('model.') for k in state):  # this trainer's own student weights
-            state = {k[len('model.'):]: v for k, v in state.items()}
-        return state
-    if timm.is_model(source) and '.' in source:
-        try:
-            return timm.create_model(source, pretrained=True).state_dict()
-        except Exception as err:  # offline, unknown tag, HTTP errors
-            raise ConfigError(f"Could not fetch timm's pretrained weights '{source}' ({type(err).__name__}). Offline, "
-                              'download them elsewhere and set model.pretrained=/path/to/file.') from None
-    raise ConfigError(f"model.pretrained='{source}' is neither a file nor a timm model name with a pretrained tag "
-                      "(e.g. 'deit_small_distilled_patch16_224.fb_in1k').")
-
-
-def adapt_pretrained(state: Dict[str, torch.Tensor], model: nn.Module) -> Tuple[Dict[str, torch.Tensor], List[str]]:
-    """Make ViT/DeiT weights fit a distilled student of another size, class count or token layout.
-
-    Returns:
-        the adapted state dict and one line per adaptation made.
-    """
-    from timm.layers import resample_abs_pos_embed, resample_patch_embed
-    state, notes = dict(state), []
-    if 'cls_token' not in state or 'pos_embed' not in state:
-        raise ConfigError('The pretrained weights are not a ViT/DeiT state dict (no cls_token/pos_embed).')
-    prefix = 0 if model.no_embed_class else model.num_prefix_tokens  # 2: cls, dist
-    if 'dist_token' not in state:
-        # A plain ViT/DeiT: the distillation token, its position and the shadow head start from the cls token's.
-        state['dist_token'] = state['cls_token'].clone()
-        if prefix:
-            pos = state['pos_embed']  # [1, 1 + N, D]
-            state['pos_embed'] = torch.cat([pos[:, :1], pos[:, :1], pos[:, 1:]], dim=1)
-        for name in ('weight', 'bias'):
-            if f'head.{name}' in state:
-                state[f'head_dist.{name}'] = state[f'head.{name}'].clone()
-        notes.append('no distillation token in the weights: dist token, its position embedding and the shadow head '
-                     'start as copies of the cls token, its position and the classification head')
-    weight = state.get('patch_embed.proj.weight')
-    if weight is not None and weight.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
-        state['patch_embed.proj.weight'] = resample_patch_embed(weight, list(model.patch_embed.patch_size))
-        notes.append(f'patch embedding resampled from {tuple(weight.shape[-2:])} to {model.patch_embed.patch_size}')
-    pos = state['pos_embed']
-    if pos.shape != model.pos_embed.shape:
-        old = int(round((pos.shape[1] - prefix) ** 0.5))
-        state['pos_embed'] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
-                                                    old_size=[old, old], num_prefix_tokens=prefix)
-        notes.append(f'position embedding resampled from a {old}x{old} to a {model.patch_embed.grid_size} grid, '
-                     f'keeping the {prefix} prefix tokens')
-    for head in ('head', 'head_dist'):
-        current = getattr(model, head)
-        if f'{head}.weight' in state and (not isinstance(current, nn.Linear)
-                                          or state[f'{head}.weight'].shape != current.weight.shape):
-            pretrained = state.pop(f'{head}.weight')
-            state.pop(f'{head}.bias', None)
-            fresh = f'{head} re-initialised ({pretrained.shape[0]} pretrained outputs, {model.num_classes} here)'
-            notes.append(fresh if isinstance(current, nn.Linear) else f'{head} is an MLP here: it starts fresh')
-    return state, notes
-
-
-def load_pretrained(student: Student, source: str, trusted: bool = False) -> List[str]:
-    """Initialise the student from `model.pretrained`; returns what had to be adapted."""
-    state, notes = adapt_pretrained(pretrained_state_dict(source, trusted), student.model)
-    missing, unexpected = student.model.load_state_dict(state, strict=False)
-    fresh = {k for k in missing if k.split('.')[0] in ('head', 'head_dist')}
-    if set(missing) - fresh or unexpected:
-        raise ConfigError(f"The pretrained weights '{source}' do not fit {type(student.model).__name__} "
-                          f'{student.model.embed_dim}-wide x {len(student.model.blocks)} blocks: missing '
-                          f'{sorted(set(missing) - fresh)[:5]}, unexpected {sorted(unexpected)[:5]}. Check model.name '
-                          'and model.kwargs against the checkpoint.')
-    return notes
-
-
-def _unknown_model(name: str, key: str) -> str:
+def unknown_model_error(name: str, key: str) -> str:
     import difflib
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f" Close matches: {', '.join(close)}." if close else ' `timm.list_models()` lists them.'
     return f"'{key}' is '{name}', which timm does not know.{hint}"
 
 
-def build_teacher_model(t: DictConfig, num_classes: int, pretrained: bool = False,
-                        new_head: bool = False) -> nn.Module:
-    """The architecture of teacher config `t` (`teacher` or an `extra_teachers` entry); with `pretrained`, timm's
-    hub weights (needs internet), with a fresh head for `num_classes` when `new_head` (to fit it to new classes)."""
-    if not timm.is_model(t.name):
-        raise ConfigError(_unknown_model(t.name, 'teacher.name'))
-    kwargs = OmegaConf.to_container(t.kwargs, resolve=True)
-    if not pretrained:
-        model = timm.create_model(t.name, num_classes=num_classes, **kwargs)
-        return cifar_stem(model) if t.cifar_stem else model
-    try:
-        model = timm.create_model(t.name, pretrained=True, **(dict(num_classes=num_classes) if new_head else {}),
-                                  **kwargs)
-    except Exception as err:  # hub errors come as many types: offline, unknown tag, HTTP
-        raise ConfigError(f"Could not fetch timm's pretrained weights for teacher.name='{t.name}' "
-                          f'({type(err).__name__}: {str(err).splitlines()[0][:200]}). Offline, download them elsewhere '
-                          'and set teacher.checkpoint=/path/to/weights instead of teacher.pretrained=true.') from None
-    if model.num_classes != num_classes:
-        raise ConfigError(f"The pretrained teacher '{t.name}' predicts {model.num_classes} classes but the data has "
-                          f'{num_classes}: give a teacher trained on these classes (teacher.checkpoint) or let the '
-                          'trainer fit one (teacher.pretrained=false, no checkpoint).')
-    return cifar_stem(model) if t.cifar_stem else model
-
-
-def read_state_dict(path: str, trusted: bool = False) -> Dict[str, torch.Tensor]:
-    """A state dict from a local file: `.safetensors`, or a torch file read with `weights_only=True`.
-
-    timm's `load_state_dict` unwraps `{'state_dict': ...}` and DeiT's `{'model': ...}` and strips `module.`;
-    `use_ema=False` because timm otherwise silently prefers EMA weights when a checkpoint has both. A file that needs
-    arbitrary unpickling (which can run code from the file) is refused unless `trusted`
-    (`train.trust_pickled_files=true`).
-    """
-    if not Path(path).is_file():
-        raise ConfigError(f"Checkpoint '{path}' does not exist.")
-    try:
-        return load_state_dict(path, use_ema=False, weights_only=not trusted)
-    except Exception as err:  # torch, zip, pickle and safetensors each raise their own types for a bad file
-        msg = str(err)
-        if 'Unsupported globals' in msg:
-            found = msg.split('Unsupported globals:', 1)[1].split('. No automatic')[0].strip()
-            raise ConfigError(
-                f"'{path}' stores Python objects besides tensors ({found}); unpickling them could run code from "
-                'the file, so it was refused. If you trust its source, set train.trust_pickled_files=true, or '
-                'convert it once to .safetensors.') from None
-        raise ConfigError(f"'{path}' is not a readable checkpoint (a PyTorch or .safetensors state dict): "
-                          f"{type(err).__name__}: {msg.splitlines()[0][:200]}. Is the file complete?") from None
-
-
-def freeze(model: nn.Module) -> DistillationTeacher:
-    """Wrap a trained classifier as a frozen teacher: eval mode, no gradients, input re-normalisation."""
-    model.requires_grad_(False)
-    return DistillationTeacher(model).eval()
-
-
-def load_teacher(t: DictConfig, num_classes: int, path: Optional[str] = None,
-                 trusted: bool = False) -> DistillationTeacher:
-    """Teacher config `t` from a local file (`path`, else `t.checkpoint`) or timm's hub, frozen."""
-    path = path or t.checkpoint
-    if path is None:
-        return freeze(build_teacher_model(t, num_classes, pretrained=True))
-    model = build_teacher_model(t, num_classes)
-    state = read_state_dict(path, trusted)
-    classifier = model.pretrained_cfg.get('classifier', 'head')  # timm names its head here: 'fc', 'head.fc', ...
-    head = state.get(f'{classifier}.weight')
-    if head is not None and head.shape[0] != num_classes:
-        raise ConfigError(f"The teacher checkpoint '{path}' predicts {head.shape[0]} classes but the data has "
-                          f'{num_classes}: give a teacher trained on these classes, or drop teacher.checkpoint to '
-                          'let the trainer fit one on the training split.')
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{t.name}' "
-                          f"({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs.") from None
-    return freeze(model)

@@ -10,14 +10,17 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
 from . import data
-from .build import build_optimization, build_pipeline, criterion, log, make_accelerator
-from .checkpoint import Checkpointer, CheckpointError, Progress, fault_hook
+from .build import build_optimization, build_pipeline, criterion, finish, log, make_accelerator
+from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, complete_checkpoints, fault_hook, \
+    read_progress
 from .engine import Trainer
 from .evaluation import evaluate_student, format_table
-from .models import Student, build_student, load_pretrained, student_kwargs
+from .methods import loss_fn
+from .models import Student, build_student, student_kwargs
 from .preemption import StopRequest
-from .tasks import DistillationTask, loss_fn, trains_shadow
+from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
+from .weights import load_pretrained
 
 
 def run_identity(cfg: DictConfig, student: Student, num_processes: int) -> Dict[str, Any]:
@@ -28,6 +31,13 @@ def run_identity(cfg: DictConfig, student: Student, num_processes: int) -> Dict[
 
 
 def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
+    """Refuse, before anything expensive (a teacher fit) starts, a checkpoint of another student or process count."""
+    if saved.get('num_processes', current['num_processes']) != current['num_processes']:
+        raise CheckpointError(
+            f"Checkpoint {path} was written by {saved['num_processes']} processes and this run has "
+            f"{current['num_processes']}: resume with the same number of processes (the data position, the RNG "
+            'streams and the global batch depend on it), or start a new run from its weights with '
+            f'model.pretrained={path / "model.safetensors"}.')
     diffs = [f'{k}: checkpoint {saved.get(k)!r}, config {v!r}' for k, v in current.items()
              if k != 'num_processes' and saved.get(k) != v]
     if diffs:
@@ -36,15 +46,17 @@ def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) 
                               f'{path / "model.safetensors"}.')
 
 
-def resolve_resume(resume: Optional[str], ckpt: Checkpointer) -> Optional[Path]:
+def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
+    """The checkpoint folder `--resume` names: 'auto' is the newest complete one under `root`, if any."""
     if resume is None:
         return None
     if resume == 'auto':
-        return ckpt.latest()
+        found = complete_checkpoints(root)
+        return found[-1] if found else None
     path = Path(resume)
-    if not (path / 'trainer_state.json').is_file():
-        raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no trainer_state.json); use --resume auto "
-                              f'or a folder under {ckpt.root}.')
+    if not (path / STATE_FILE).is_file():
+        raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); use --resume auto "
+                              f'or a folder under {root}.')
     return path
 
 
@@ -59,10 +71,13 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     out = Path(cfg.train.output_dir)
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
+    identity = run_identity(cfg, student, acc.num_processes)
+    start = resolve_resume(resume, out / 'checkpoints')
+    if start is not None:
+        check_resumable(read_progress(start).run, identity, start)
     if cfg.model.pretrained and not resume:
         for note in load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files):
             log(acc, f'fine-tuning from {cfg.model.pretrained}: {note}')
-    student.set_shadow_trainable(trains_shadow(cfg))
     pipe = build_pipeline(cfg, acc, splits, student)
     teachers = get_teachers(cfg, acc, pipe)
     set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
@@ -78,12 +93,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes), ema=ema,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
     ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, cfg.ckpt.metric)
-    identity = run_identity(cfg, student, acc.num_processes)
 
     progress = Progress(run=identity)
-    start = resolve_resume(resume, ckpt)
     if start is not None:
-        check_resumable(json.loads((start / 'trainer_state.json').read_text()).get('run', {}), identity, start)
         progress = ckpt.load(start)
         trainer.update = progress.update
         schedule.step_update(num_updates=progress.update)
@@ -128,9 +140,10 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
                 value = progress.metrics.get(cfg.ckpt.metric)
                 if value is not None and (progress.best is None or value > progress.best):
                     progress.best = value
-                m = progress.metrics
-                log(acc, f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.get('loss', float('nan')):.4f}, top-1 cls "
-                         f"{m['top1_cls']:.2f} shadow {m['top1_shadow']:.2f} avg {m['top1_avg']:.2f}")
+                heads = ', '.join(f'{h} {progress.metrics[f"top1_{h}"]:.2f}' for h in ('cls', 'shadow', 'avg')
+                                  if f'top1_{h}' in progress.metrics)
+                log(acc, f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.get('loss', float('nan')):.4f}, "
+                         f'top-1 {heads}')
             progress.epoch, progress.batches_done, progress.update = epoch + 1, 0, trainer.update
             ckpt.save(progress)
             if stop.should_stop(0):  # a signal during the evaluation or the save
@@ -142,7 +155,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     if stopped:
         log(acc, f'stopped by {stop.signal or "a peer process"} at epoch {progress.epoch}, update {trainer.update}; '
                  f'checkpoint {ckpt.latest()}. Continue with the same command plus --resume auto.')
-        acc.end_training()
+        finish(acc)
         return {}
     if not progress.metrics:  # resumed from a finished run's last checkpoint: nothing left to train
         progress.metrics = evaluate_student(student, ema, task, pipe.val_loader, acc)
@@ -153,5 +166,6 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}
         save_file(state, str(out / 'student.safetensors'))
     log(acc, f'final evaluation ({out}/results.json):\n' + format_table(results))
-    acc.end_training()
+    finish(acc)
     return results
+

@@ -1,41 +1,12 @@
 """The training step of every distillation method as a timm `TrainingTask`: student, frozen teacher, named terms."""
-from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
+from einops import rearrange
 from timm.task import DistillationTeacher, TrainingTask
 
-from . import losses
-from .config import temperature
-
-LossFn = Callable[..., Dict[str, torch.Tensor]]  # (s, h, t, y, ce) -> weighted terms
-
-
-def loss_fn(cfg: DictConfig) -> LossFn:
-    """The configured method's loss with its weights bound."""
-    c, T = cfg.loss, temperature(cfg)
-    if c.method == 'shake':
-        return partial(losses.shake_loss, w=losses.ShakeWeights(
-            temperature=T, mutual=c.mutual, teacher=c.teacher_weight, teacher_loss=c.teacher_loss,
-            standardize=c.standardize, shadow_ce=c.shadow_ce, direct_kd=c.direct_kd))
-    if c.method == 'deit_hard':
-        return partial(losses.deit_hard_loss, alpha=c.deit_alpha)
-    if c.method == 'deit_soft':
-        return partial(losses.deit_soft_loss, alpha=c.deit_alpha, temperature=T)
-    if c.method == 'kd':
-        return partial(losses.kd_loss, alpha=c.kd_alpha, temperature=T)
-    return losses.label_loss
-
-
-def needs_teacher(cfg: DictConfig) -> bool:
-    return cfg.loss.method != 'none'
-
-
-def trains_shadow(cfg: DictConfig) -> bool:
-    """Hinton KD acts on the cls head alone; every other method trains the shadow head."""
-    return cfg.loss.method != 'kd'
+from .methods import LossFn
 
 
 class DistillationTask(TrainingTask):
@@ -46,11 +17,12 @@ class DistillationTask(TrainingTask):
     Args:
         student: module whose training-mode forward returns (cls logits [B, K], shadow logits [B, K], or a tuple of
             them with several teachers).
-        teachers: frozen teachers (a single one, a list, or None for methods without one).
+        teachers: frozen teachers (a single one, a list, or None for methods without one), each holding the
+            statistics its inputs are normalised with (`mean_kd`, `std_kd`; see shake_vit/teacher.py).
         loss: the method's loss, `(s, h, t, y, ce) -> {term: weighted value}`; `h` and `t` are tuples with several
             teachers.
         criterion: label loss on class indices or mixup soft targets.
-        mean: the student's input normalisation mean, re-applied for a teacher normalised differently.
+        mean: the student's input normalisation mean, undone for a teacher normalised differently.
         std: likewise the std.
         inference_mode: run the teachers under `torch.inference_mode` rather than `no_grad`.
         teacher_dtype: the teachers' own precision (weights already cast), outside autocast; None follows autocast.
@@ -68,7 +40,7 @@ class DistillationTask(TrainingTask):
         self.teachers = nn.ModuleList([teachers] if isinstance(teachers, DistillationTeacher) else teachers)
         self.loss = loss
         self.criterion = criterion
-        mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+        mean, std = (rearrange(torch.tensor(v), 'c -> 1 c 1 1') for v in (mean, std))
         self.register_buffer('student_mean', mean, persistent=False)
         self.register_buffer('student_std', std, persistent=False)
         # Decided once here: DistillationTeacher.normalize_input compares the tensors on every call, a host-device

@@ -1,27 +1,54 @@
-"""The frozen teacher of a run: loaded from a file, from timm's hub, or fitted first on the training split."""
-import json
-from pathlib import Path
-from typing import Any, Dict, List
+"""The frozen teacher(s) of a run: where each comes from (a file, timm's hub, or fitted first on the training split)
+and the input normalisation it was trained with.
 
+A teacher sees the student's augmented batch re-normalised to its own statistics. Those are the statistics its
+weights were trained with, resolved once per teacher (`Normalisation`): `teacher.mean/std` when set; else what a
+fitted teacher's file records (this trainer writes them into `teacher.safetensors`); else timm's `pretrained_cfg` for
+hub weights; else, for a teacher fitted here or a local file without a record, the data's (what the student gets).
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import timm
 import torch
+import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import broadcast
+from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 from timm.task import ClassificationTask, DistillationTeacher
 
-from . import data
+from . import data, methods
 from .build import Pipeline, criterion, log
-from .config import derive
+from .config import ConfigError, derive
 from .engine import Trainer, evaluate
-from .models import build_teacher_model, freeze, load_teacher
+from .models import unknown_model_error, check_patch_grid, cifar_stem
 from .optim import build_optimizer, build_schedule
-from .tasks import needs_teacher
+from .weights import read_state_dict
+
+RECORD_KEYS = ('mean', 'std')  # what a fitted teacher's .safetensors records in its metadata
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """The per-channel statistics a teacher's inputs are normalised with, and where they come from."""
+
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+    source: str
+
+    def describe(self) -> str:
+        return (f"mean {[round(v, 4) for v in self.mean]}, std {[round(v, 4) for v in self.std]} ({self.source})")
+
 
 def teacher_configs(cfg: DictConfig) -> List[DictConfig]:
     """`teacher` then every `extra_teachers` entry; none for methods without a teacher."""
-    return [cfg.teacher, *cfg.extra_teachers] if needs_teacher(cfg) else []
+    return [cfg.teacher, *cfg.extra_teachers] if methods.get(cfg.loss.method).needs_teacher else []
 
 
 def fitted_path(cfg: DictConfig, index: int) -> Path:
@@ -43,6 +70,97 @@ def _hub_head_fits(t: DictConfig, num_classes: int) -> bool:
     return pretrained_cfg is not None and pretrained_cfg.num_classes == num_classes
 
 
+def build_teacher_model(t: DictConfig, num_classes: int, pretrained: bool = False,
+                        new_head: bool = False) -> nn.Module:
+    """The architecture of teacher config `t` (`teacher` or an `extra_teachers` entry); with `pretrained`, timm's
+    hub weights (needs internet), with a fresh head for `num_classes` when `new_head` (to fit it to new classes)."""
+    if not timm.is_model(t.name):
+        raise ConfigError(unknown_model_error(t.name, 'teacher.name'))
+    kwargs = OmegaConf.to_container(t.kwargs, resolve=True)
+    if not pretrained:
+        model = timm.create_model(t.name, num_classes=num_classes, **kwargs)
+        check_patch_grid(model, 'teacher.kwargs.img_size', 'teacher.kwargs.patch_size')
+        return cifar_stem(model) if t.cifar_stem else model
+    try:
+        model = timm.create_model(t.name, pretrained=True, **(dict(num_classes=num_classes) if new_head else {}),
+                                  **kwargs)
+    except Exception as err:  # hub errors come as many types: offline, unknown tag, HTTP
+        raise ConfigError(f"Could not fetch timm's pretrained weights for teacher.name='{t.name}' "
+                          f'({type(err).__name__}: {str(err).splitlines()[0][:200]}). Offline, download them elsewhere '
+                          'and set teacher.checkpoint=/path/to/weights instead of teacher.pretrained=true.') from None
+    if model.num_classes != num_classes:
+        raise ConfigError(f"The pretrained teacher '{t.name}' predicts {model.num_classes} classes but the data has "
+                          f'{num_classes}: give a teacher trained on these classes (teacher.checkpoint) or let the '
+                          'trainer fit one (teacher.pretrained=false, no checkpoint).')
+    return cifar_stem(model) if t.cifar_stem else model
+
+
+def recorded_normalisation(path: str) -> Optional[Normalisation]:
+    """The statistics a teacher file records (a `.safetensors` this trainer wrote when it fitted the teacher)."""
+    if not str(path).endswith('.safetensors'):
+        return None
+    with safe_open(str(path), framework='pt') as f:
+        meta = f.metadata() or {}
+    if not all(k in meta for k in RECORD_KEYS):
+        return None
+    return Normalisation(tuple(json.loads(meta['mean'])), tuple(json.loads(meta['std'])), f'recorded in {path}')
+
+
+def freeze(model: nn.Module, norm: Normalisation) -> DistillationTeacher:
+    """Wrap a trained classifier as a frozen teacher: eval mode, no gradients, inputs re-normalised to `norm`.
+
+    timm's DistillationTeacher takes the statistics from the model's `pretrained_cfg`, which for a model built
+    without hub weights is the architecture's ImageNet default, not what the weights were trained with.
+    """
+    model.requires_grad_(False)
+    teacher = DistillationTeacher(model).eval()
+    teacher.mean_kd.copy_(rearrange(torch.tensor(norm.mean), 'c -> 1 c 1 1'))
+    teacher.std_kd.copy_(rearrange(torch.tensor(norm.std), 'c -> 1 c 1 1'))
+    teacher.normalisation = norm
+    return teacher
+
+
+def _explicit(t: DictConfig) -> Optional[Normalisation]:
+    if t.mean is None and t.std is None:
+        return None
+    if t.mean is None or t.std is None:
+        raise ConfigError('Set teacher.mean and teacher.std together (the per-channel statistics the teacher was '
+                          f'trained with); only {"mean" if t.std is None else "std"} is set.')
+    return Normalisation(tuple(t.mean), tuple(t.std), 'teacher.mean / teacher.std')
+
+
+def load_teacher(t: DictConfig, num_classes: int, data_norm: Sequence[Sequence[float]], path: Optional[str] = None,
+                 trusted: bool = False) -> DistillationTeacher:
+    """Teacher config `t` from a local file (`path`, else `t.checkpoint`) or timm's hub, frozen, with the input
+    normalisation its weights were trained with (see the module docstring).
+
+    Args:
+        data_norm: (mean, std) of the data pipeline, the fallback for a file that records none.
+    """
+    path = path or t.checkpoint
+    if path is None:
+        model = build_teacher_model(t, num_classes, pretrained=True)
+        cfg = model.pretrained_cfg
+        hub = Normalisation(tuple(cfg['mean']), tuple(cfg['std']), f"timm's pretrained_cfg of {t.name}")
+        return freeze(model, _explicit(t) or hub)
+    model = build_teacher_model(t, num_classes)
+    state = read_state_dict(path, trusted)
+    classifier = model.pretrained_cfg.get('classifier', 'head')  # timm names its head here: 'fc', 'head.fc', ...
+    head = state.get(f'{classifier}.weight')
+    if head is not None and head.shape[0] != num_classes:
+        raise ConfigError(f"The teacher checkpoint '{path}' predicts {head.shape[0]} classes but the data has "
+                          f'{num_classes}: give a teacher trained on these classes, or drop teacher.checkpoint to '
+                          'let the trainer fit one on the training split.')
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{t.name}' "
+                          f"({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs.") from None
+    fallback = Normalisation(tuple(data_norm[0]), tuple(data_norm[1]),
+                             "the data's, as the file records none; set teacher.mean/std if it was trained with others")
+    return freeze(model, _explicit(t) or recorded_normalisation(path) or fallback)
+
+
 def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pipe: Pipeline) -> DistillationTeacher:
     """Train `t.name` on the training split (from timm's pretrained weights when `t.pretrained`), save it as
     `teacher[_index].safetensors` in the run directory, and return it frozen.
@@ -50,12 +168,16 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
     Users distilling on their own classes often have no teacher for them. A teacher fitted earlier in the same
     output directory with the same settings is reused.
     """
+    if _explicit(t) is not None:
+        raise ConfigError('teacher.mean/std name the statistics a teacher was trained with, but this teacher is '
+                          'fitted here, on the data as normalised for the student (data.mean/std): drop '
+                          'teacher.mean/std, or give the teacher that was trained with them (teacher.checkpoint).')
     stem = fitted_path(cfg, index)
     path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
     record = teacher_record(cfg, t)
     if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
         log(acc, f'reusing the teacher fitted earlier: {path}')
-        return load_teacher(t, pipe.num_classes, str(path))
+        return load_teacher(t, pipe.num_classes, (pipe.mean, pipe.std), str(path))
     f = t.fit
     start = "timm's pretrained weights, new head" if t.pretrained else 'scratch'
     log(acc, f'fitting the teacher {t.name} on the training split for {f.epochs} epochs (from {start})')
@@ -81,12 +203,14 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
     model.eval()
     metrics = evaluate(lambda x: {'teacher': model(x)}, pipe.val_loader, acc, desc='teacher eval')
     log(acc, f"fitted teacher: top-1 {metrics['teacher_top1']:.2f}% on {metrics['num_samples']} held-out images")
-    if acc.is_main_process:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    norm = Normalisation(tuple(pipe.mean), tuple(pipe.std), 'what it was fitted with')
+    if acc.is_main_process:  # the file records its normalisation: any later run that loads it feeds it the same
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+                  metadata={'mean': json.dumps(list(norm.mean)), 'std': json.dumps(list(norm.std))})
         record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
     acc.wait_for_everyone()
     acc.free_memory()  # drop Accelerate's references so the student's checkpoints hold the student alone
-    return freeze(model)
+    return freeze(model, norm)
 
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -114,19 +238,25 @@ def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = 
     """Every teacher the config asks for, each from, in this order: its `checkpoint`; timm's pretrained weights when
     their head fits the classes; a teacher fitted earlier in the run directory; a new fit (only when `fit`; without
     it a teacher that cannot be had is left out)."""
-    teachers = []
+    teachers, data_norm = [], (pipe.mean, pipe.std)
     for index, t in enumerate(teacher_configs(cfg)):
         fitted = fitted_path(cfg, index).with_suffix('.safetensors')
         if t.checkpoint:
-            teacher = load_teacher(t, pipe.num_classes, trusted=cfg.train.trust_pickled_files)
+            teacher = load_teacher(t, pipe.num_classes, data_norm, trusted=cfg.train.trust_pickled_files)
         elif t.pretrained and _hub_head_fits(t, pipe.num_classes):
             with acc.main_process_first():  # one hub download per machine
-                teacher = load_teacher(t, pipe.num_classes)
+                teacher = load_teacher(t, pipe.num_classes, data_norm)
         elif fit:
             teacher = fit_teacher(cfg, t, index, acc, pipe)
         elif fitted.is_file():
-            teacher = load_teacher(t, pipe.num_classes, str(fitted))
+            teacher = load_teacher(t, pipe.num_classes, data_norm, str(fitted))
         else:
             break
+        same = tuple(teacher.normalisation.mean) == tuple(pipe.mean) and tuple(teacher.normalisation.std) == \
+            tuple(pipe.std)
+        log(acc, f"teacher{f' {index}' if index else ''} {t.name} receives inputs normalised with "
+                 f"{teacher.normalisation.describe()}: "
+                 + ("the student's, passed through" if same else "re-normalised from the student's "
+                    f'(mean {[round(v, 4) for v in pipe.mean]}, std {[round(v, 4) for v in pipe.std]})'))
         teachers.append(speed_up(teacher.to(acc.device), t))
     return teachers

@@ -9,6 +9,14 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps its process state in singletons; each test starts as a new interpreter would."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 @pytest.fixture(scope='session')
 def imagefolder(tmp_path_factory):
     """A tiny ImageNet-layout folder: train/ and val/, 4 classes, 12 and 5 JPEGs each, 48x40 px."""
@@ -23,3 +31,21 @@ def imagefolder(tmp_path_factory):
                 pixels[:, :, c % 3] = 200 + c * 10  # a class-dependent colour
                 Image.fromarray(pixels).save(folder / f'{i}.jpg', quality=90)
     return root
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory):
+    """One reference run (`helpers.RUN`, in this process), shared by the checkpoint, resume, kill and --eval tests:
+    checkpoints at updates 3, 4, 6 and 8, its fitted teacher, student and EMA weights. Tests copy from it, never
+    write into it (but for eval.json, which --eval writes next to a checkpoint)."""
+    from helpers import RUN, main
+    out = tmp_path_factory.mktemp('reference')
+    main([*RUN, f'train.output_dir={out}'])
+    return out
+
+
+@pytest.fixture(scope='session')
+def teacher_file(reference):
+    """The reference run's fitted test_byobnet teacher (10 digit classes, 32 px), for runs that need a teacher but
+    do not test fitting one: `teacher.checkpoint=...` skips the fit."""
+    return reference / 'teacher.safetensors'

@@ -1,4 +1,11 @@
-"""Helpers shared by the end-to-end tests: run train.py as a user would, in one or two processes."""
+"""Helpers shared by the end-to-end tests: run train.py as a user would, in this process, or in one or two new ones.
+
+`main(args)` runs `train.main(args)` here, which is what `python train.py ARGS` runs after the interpreter starts
+(5 s of imports on this machine): every test uses it unless a process boundary is what it tests (two processes,
+signals, a clean interpreter without shake_vit), and then uses `launch` or `python_train`.
+"""
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -14,6 +21,11 @@ TINY = [
     'teacher.name=test_byobnet', 'teacher.fit.epochs=1', 'train.epochs=1', 'train.max_updates_per_epoch=3',
     'train.log_interval=1', 'eval.batch_size=100',
 ]
+
+# Every RNG consumer on: mixup/cutmix, random erasing, drop path, EMA; 4 updates per epoch, a checkpoint every 3.
+RUN = [*TINY, 'train.epochs=2', 'train.max_updates_per_epoch=4', 'aug.mixup=0.8', 'aug.cutmix=1.0',
+       'aug.re_prob=0.25', 'model.drop_path_rate=0.1', 'train.ema=true', 'train.ema_decay=0.9',
+       'ckpt.interval_updates=3', 'ckpt.keep_last=10', 'train.batch_size=32']
 
 
 def free_port() -> int:
@@ -59,6 +71,24 @@ def python_train(args: Sequence[str], timeout: int = 600, check: bool = True) ->
                           env=dict(os.environ, CUDA_VISIBLE_DEVICES=''))
     if check and proc.returncode != 0:
         raise AssertionError(failure(cmd, proc))
+    return proc
+
+
+def main(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess:
+    """`train.main(ARGS)` in this process, with its stdout and stderr captured: a CompletedProcess as `python_train`
+    returns. Accelerate's process state is reset first, as a new interpreter would have it."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = train.main(list(args))
+    proc = subprocess.CompletedProcess(['train.py', *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f'train.main({" ".join(args)}) returned {code}\n{proc.stdout[-3000:]}\n'
+                             f'{proc.stderr[-3000:]}')
     return proc
 
 

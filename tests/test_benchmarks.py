@@ -41,7 +41,8 @@ def test_ablation_smoke_runs_every_method_on_one_fold(tmp_path):
     assert set(records) == {f'{m}_f0_s0' for m in methods} | {'teacher_f0'}, out
     for m in methods:
         r = records[f'{m}_f0_s0']
-        assert 0 <= r['top1_cls'] <= 100 and 0 <= r['top1_avg'] <= 100 and r['wall_s'] > 0
+        assert 0 <= r['top1_cls'] <= 100 and r['wall_s'] > 0
+        assert ('top1_avg' in r) == (m != 'kd')  # kd trains no shadow head: the cls head is all it has
         assert r['num_samples'] in (449, 450)  # fold 0 of 4 over all 1,797 images is the test set
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     import ablation

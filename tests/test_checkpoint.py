@@ -1,4 +1,6 @@
-"""Checkpoints you can trust: exact resume (1 and 2 processes, mid-epoch), SIGTERM, interrupted saves, --eval."""
+"""Checkpoints you can trust: exact resume (1 and 2 processes, mid-epoch), SIGTERM, interrupted saves, --eval.
+
+The reference run (`helpers.RUN`, checkpoints at updates 3, 4, 6, 8) is the session fixture in conftest.py."""
 import json
 import os
 import shutil
@@ -12,12 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import ROOT, TINY, launch, python_train, results
-
-# Every RNG consumer on: mixup/cutmix, random erasing, drop path, EMA; 4 updates per epoch, a checkpoint every 3.
-RUN = [*TINY, 'train.epochs=2', 'train.max_updates_per_epoch=4', 'aug.mixup=0.8', 'aug.cutmix=1.0',
-       'aug.re_prob=0.25', 'model.drop_path_rate=0.1', 'train.ema=true', 'train.ema_decay=0.9',
-       'ckpt.interval_updates=3', 'ckpt.keep_last=10', 'train.batch_size=32']
+from helpers import ROOT, RUN, launch, main, results
 
 
 def weights(path: Path):
@@ -41,9 +38,10 @@ def resume_copy(source: Path, target: Path, update: int) -> None:
 
 
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp('reference')
-    python_train([*RUN, f'train.output_dir={out}'])
+def two_process_run(tmp_path_factory):
+    """The reference run in two processes (`accelerate launch --multi_gpu`, gloo)."""
+    out = tmp_path_factory.mktemp('two_processes')
+    launch([*RUN, f'train.output_dir={out}'], num_processes=2)
     return out
 
 
@@ -60,26 +58,36 @@ def test_checkpoints_every_epoch_and_every_n_updates(reference):
 @pytest.mark.parametrize('update', [3, 4])  # mid-epoch (batches skipped) and an epoch boundary
 def test_resume_gives_identical_weights_in_one_process(reference, tmp_path, update):
     resume_copy(reference, tmp_path, update)
-    proc = python_train([*RUN, f'train.output_dir={tmp_path}', '--resume', 'auto'])
+    proc = main([*RUN, f'train.output_dir={tmp_path}', '--resume', 'auto'])
     assert f'resumed from {tmp_path}/checkpoints/update_{update:08d}' in proc.stdout
     assert_same_weights(reference / 'student.safetensors', tmp_path / 'student.safetensors')
     last = 'checkpoints/update_00000008/ema.safetensors'
     assert_same_weights(reference / last, tmp_path / last)
 
 
-def test_resume_mid_epoch_gives_identical_weights_in_two_processes(tmp_path):
-    full, resumed = tmp_path / 'full', tmp_path / 'resumed'
-    launch([*RUN, f'train.output_dir={full}'], num_processes=2)
+def test_resume_mid_epoch_gives_identical_weights_in_two_processes(two_process_run, tmp_path):
+    full, resumed = two_process_run, tmp_path / 'resumed'
     resume_copy(full, resumed, 3)
     proc = launch([*RUN, f'train.output_dir={resumed}', '--resume', 'auto'], num_processes=2)
     assert 'resumed from' in proc.stdout and (full / 'checkpoints/update_00000003/random_states_1.pkl').exists()
     assert_same_weights(full / 'student.safetensors', resumed / 'student.safetensors')
 
 
+def test_resume_with_another_number_of_processes_is_refused(two_process_run, tmp_path):
+    """A checkpoint written by two processes, resumed by one: the data position, the RNG streams and the global
+    batch depend on the process count, so the run refuses and says how to go on."""
+    resume_copy(two_process_run, tmp_path, 3)
+    proc = main([*RUN, f'train.output_dir={tmp_path}', '--resume', 'auto'], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert 'was written by 2 processes and this run has 1' in proc.stderr
+    assert 'model.pretrained=' in proc.stderr and 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'results.json').exists()
+
+
 def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(tmp_path):
     long_run = [*RUN, 'train.epochs=3', 'train.max_updates_per_epoch=40', 'ckpt.interval_updates=0']
     uninterrupted, out = tmp_path / 'uninterrupted', tmp_path / 'killed'
-    python_train([*long_run, f'train.output_dir={uninterrupted}'])
+    main([*long_run, f'train.output_dir={uninterrupted}'])
     out.mkdir()
     for f in ('teacher.safetensors', 'teacher.json'):
         shutil.copy(uninterrupted / f, out / f)
@@ -96,13 +104,13 @@ def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(tmp_pat
     newest = sorted((out / 'checkpoints').glob('update_*'))[-1]
     stopped_at = json.loads((newest / 'trainer_state.json').read_text())
     assert stopped_at['epoch'] == 1 and 0 < stopped_at['batches_done'] < 40, stopped_at
-    python_train([*long_run, f'train.output_dir={out}', '--resume', 'auto'])
+    main([*long_run, f'train.output_dir={out}', '--resume', 'auto'])
     assert results(out)['epochs'] == 3
     assert_same_weights(uninterrupted / 'student.safetensors', out / 'student.safetensors')
 
 
 def test_eval_reproduces_the_accuracy_the_run_reported(reference, tmp_path):
-    python_train(['--eval', str(reference)])
+    main(['--eval', str(reference)])
     evaluated = json.loads((reference / 'checkpoints' / 'update_00000008' / 'eval.json').read_text())
     trained = results(reference)
     for key in ('top1_cls', 'top1_shadow', 'top1_avg', 'top5_cls', 'teacher_top1', 'agree_cls_shadow',
@@ -146,7 +154,6 @@ def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_loadable(tmp_
 
 def test_resume_refuses_a_checkpoint_of_another_architecture(reference, tmp_path):
     resume_copy(reference, tmp_path, 4)
-    proc = python_train([*RUN, 'model.kwargs.embed_dim=48', f'train.output_dir={tmp_path}', '--resume', 'auto'],
-                        check=False)
+    proc = main([*RUN, 'model.kwargs.embed_dim=48', f'train.output_dir={tmp_path}', '--resume', 'auto'], check=False)
     assert proc.returncode == 2
     assert 'does not match the configuration' in proc.stderr and 'embed_dim' in proc.stderr

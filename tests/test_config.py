@@ -87,3 +87,57 @@ def test_an_empty_dict_override_clears_and_a_dict_override_adds():
     assert dict(cfg.model.kwargs) == {}
     cfg = load_config(str(ROOT / 'configs' / 'quickstart.yaml'), ['model.kwargs={qkv_bias: false}'])
     assert cfg.model.kwargs.qkv_bias is False and cfg.model.kwargs.embed_dim == 96
+
+
+def test_a_dotted_key_reaches_into_a_dict_whatever_came_before():
+    quickstart = str(ROOT / 'configs' / 'quickstart.yaml')
+    cfg = load_config(quickstart, ['model.kwargs={}', 'model.kwargs.img_size=32', 'teacher.kwargs={}',
+                                   'teacher.kwargs.drop_rate=0.1'])
+    assert dict(cfg.model.kwargs) == {'img_size': 32} and dict(cfg.teacher.kwargs) == {'drop_rate': 0.1}
+    cfg = load_config(None, ['extra_teachers=[{name: test_resnet}]', 'extra_teachers.0.kwargs.drop_rate=0.2'])
+    assert cfg.extra_teachers[0].kwargs.drop_rate == 0.2 and cfg.extra_teachers[0].name == 'test_resnet'
+
+
+def test_an_empty_dict_means_the_same_in_a_recipe_and_on_the_command_line(tmp_path):
+    """`kwargs: {}` in a recipe layer empties the dict as `model.kwargs={}` does; on a typed section (`aug: {}`,
+    `aug={}`) both change nothing."""
+    layer = tmp_path / 'cnn.yaml'
+    layer.write_text(f"_base_: {ROOT / 'configs' / 'quickstart.yaml'}\nmodel: {{name: test_resnet, kwargs: {{}}}}\n"
+                     'aug: {}\n')
+    from_recipe = load_config(str(layer))
+    from_override = load_config(str(ROOT / 'configs' / 'quickstart.yaml'), ['model.name=test_resnet',
+                                                                          'model.kwargs={}', 'aug={}'])
+    assert dict(from_recipe.model.kwargs) == dict(from_override.model.kwargs) == {}
+    assert from_recipe == from_override
+    assert from_recipe.aug.scale == [0.75, 1.0]  # the quick start's own values survive `aug: {}`
+    assert load_config(str(layer), ['model.kwargs.depth=2']).model.kwargs == {'depth': 2}
+
+
+def test_overrides_stand_before_between_and_after_flags():
+    from train import parse_args
+    args = parse_args(['train.epochs=1', '--print-config', 'data.img_size=48', '--config', 'a.yaml', 'x.y=2'])
+    assert args.print_config and args.config == ['a.yaml']
+    assert args.overrides == ['train.epochs=1', 'data.img_size=48', 'x.y=2']
+
+
+def test_every_method_is_one_registry_entry_that_the_config_reads():
+    """The config's choices, the default temperature, the teacher and the shadow heads all come from
+    shake_vit/methods.py; a method registered there is a valid `loss.method` at once."""
+    from shake_vit import methods
+    assert set(methods.METHODS) == {'shake', 'deit_hard', 'deit_soft', 'kd', 'none', 'none_both_heads'}
+    for name, m in methods.METHODS.items():
+        cfg = load_config(None, [f'loss.method={name}'])
+        assert methods.temperature(cfg) == (m.temperature or 1.0)
+        assert callable(methods.loss_fn(cfg))
+    assert (methods.get('none').needs_teacher, methods.get('none').trains_shadow) == (False, False)
+    assert (methods.get('kd').needs_teacher, methods.get('kd').trains_shadow) == (True, False)
+    assert methods.get('shake').predict == 'cls' and methods.get('deit_hard').predict == 'avg'
+    probe = methods.register(methods.Method('probe', lambda c, T: None, 'a test entry', temperature=2.0))
+    try:
+        assert methods.temperature(load_config(None, ['loss.method=probe'])) == 2.0
+    finally:
+        del methods.METHODS[probe.name]
+    with pytest.raises(ConfigError, match="'loss.method' is 'probe'"):
+        load_config(None, ['loss.method=probe'])
+    with pytest.raises(ConfigError, match="extra_teachers is set but loss.method is 'kd'"):
+        load_config(None, ['loss.method=kd', 'extra_teachers=[{name: a}]'])

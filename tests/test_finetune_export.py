@@ -8,9 +8,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from helpers import TINY, python_train, results
-from shake_vit.config import load_config
-from shake_vit.models import build_student, load_pretrained
+from helpers import TINY, main, results
+from shake_vit.config import ConfigError, load_config
+from shake_vit.models import build_student
+from shake_vit.weights import load_pretrained
 
 # Source weights: 64 px, 8-pixel patches (8x8 grid), 7 classes. The student: 32 px (4x4 grid), 10 digit classes.
 SOURCE = dict(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=7)
@@ -58,9 +59,10 @@ def test_distilled_weights_keep_both_prefix_tokens_when_resampled(saved_weights)
 
 
 @pytest.mark.parametrize('which', ['vit', 'deit'])
-def test_finetuning_with_shake_from_saved_weights_trains_and_evaluates(saved_weights, which, tmp_path):
+def test_finetuning_with_shake_from_saved_weights_trains_and_evaluates(saved_weights, which, teacher_file, tmp_path):
     path, _ = saved_weights[which]
-    proc = python_train([*TINY, f'model.pretrained={path}', f'train.output_dir={tmp_path}'])
+    proc = main([*TINY, f'model.pretrained={path}', f'teacher.checkpoint={teacher_file}',
+                 f'train.output_dir={tmp_path}'])
     assert 'fine-tuning from' in proc.stdout and 'position embedding resampled' in proc.stdout
     r = results(tmp_path)
     assert r['num_samples'] == 360 and 'top1_cls' in r and 'teacher_top1' in r
@@ -86,9 +88,9 @@ with torch.no_grad():
 
 
 @pytest.fixture(scope='module')
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, teacher_file):
     out = tmp_path_factory.mktemp('trained')
-    python_train([*TINY, f'train.output_dir={out}'])
+    main([*TINY, f'teacher.checkpoint={teacher_file}', f'train.output_dir={out}'])
     return out
 
 
@@ -96,7 +98,7 @@ def trained(tmp_path_factory):
 def test_export_loads_in_plain_timm_with_the_trainers_logits(trained, head, tmp_path):
     from safetensors.torch import load_file
     export_dir = tmp_path / f'export_{head}'
-    proc = python_train(['--export', str(trained), '--export-head', head, '--export-dir', str(export_dir)])
+    proc = main(['--export', str(trained), '--export-head', head, '--export-dir', str(export_dir)])
     assert 'exported' in proc.stdout
     config = json.loads((export_dir / 'config.json').read_text())
     assert config['architecture'] == ('deit_tiny_distilled_patch16_224' if head == 'both' else 'deit_tiny_patch16_224')
@@ -120,22 +122,22 @@ def test_export_loads_in_plain_timm_with_the_trainers_logits(trained, head, tmp_
 
 def test_eval_accepts_an_export(trained, tmp_path):
     export_dir = tmp_path / 'exported'
-    python_train(['--export', str(trained), '--export-dir', str(export_dir)])
-    python_train(['--eval', str(export_dir)])
+    main(['--export', str(trained), '--export-dir', str(export_dir)])
+    main(['--eval', str(export_dir)])
     evaluated = json.loads((export_dir / 'eval.json').read_text())
     assert evaluated['top1_cls'] == results(trained)['top1_cls'] and 'top1_shadow' not in evaluated
 
 
 @pytest.mark.parametrize('name, cifar', [('test_resnet', True), ('shufflenet_v2_x0_5', False)])
-def test_a_cnn_exports_and_says_how_to_load_it(name, cifar, tmp_path):
+def test_a_cnn_exports_and_says_how_to_load_it(name, cifar, teacher_file, tmp_path):
     """A CIFAR form is checked, and loaded, through shake_vit's cifar_stem (timm alone builds the ImageNet stem); an
     architecture shake_vit registers (the ShuffleNetV2 adapter) loads through timm once shake_vit is imported."""
     from safetensors.torch import load_file
     from shake_vit.models import cifar_stem
     out, exported = tmp_path / 'cnn', tmp_path / 'exported'
-    python_train([*TINY, f'model.name={name}', 'model.kwargs={}', 'model.drop_path_rate=0',
-                  f'model.cifar_stem={str(cifar).lower()}', f'train.output_dir={out}'])
-    proc = python_train(['--export', str(out), '--export-dir', str(exported)])
+    main([*TINY, f'model.name={name}', 'model.kwargs={}', 'model.drop_path_rate=0',
+          f'teacher.checkpoint={teacher_file}', f'model.cifar_stem={str(cifar).lower()}', f'train.output_dir={out}'])
+    proc = main(['--export', str(out), '--export-dir', str(exported)])
     assert 'exported the CNN' in proc.stdout
     if cifar:
         assert 'from shake_vit.models import cifar_stem' in proc.stdout
@@ -144,6 +146,44 @@ def test_a_cnn_exports_and_says_how_to_load_it(name, cifar, tmp_path):
     else:
         assert f'once shake_vit has registered {name}' in proc.stdout
         timm.create_model(f'local-dir:{exported}', pretrained=True)
-    python_train(['--eval', str(exported)])
+    main(['--eval', str(exported)])
     evaluated = json.loads((exported / 'eval.json').read_text())
     assert evaluated['top1_cls'] == results(out)['top1_cls']
+
+
+def test_weights_of_another_width_or_depth_are_refused_naming_both_architectures(tmp_path):
+    """A 192-wide DeiT-Ti file into a 96-wide student: `load_state_dict` would stop with a raw size-mismatch
+    traceback even with strict=False; the error names both architectures and the fix instead."""
+    wide = timm.create_model('deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=10)
+    torch.save({'model': wide.state_dict()}, tmp_path / 'deit_ti.pth')
+    student = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=96', 'model.kwargs.depth=2',
+               'model.kwargs.num_heads=2']
+    with pytest.raises(ConfigError) as err:
+        load_pretrained(build_student(load_config(None, student), 10), str(tmp_path / 'deit_ti.pth'))
+    message = str(err.value)
+    assert 'the weights are a ViT 192 wide, 2 blocks, 8-px patches, without a distillation token' in message
+    assert 'the student (deit_tiny_distilled_patch16_224) is 96 wide, 2 blocks, 8-px patches, with a' in message
+    assert 'model.kwargs.embed_dim / depth / num_heads' in message
+    deep = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.depth=3', 'model.kwargs.num_heads=3']
+    with pytest.raises(ConfigError, match='192 wide, 2 blocks.*192 wide, 3 blocks'):
+        load_pretrained(build_student(load_config(None, deep), 10), str(tmp_path / 'deit_ti.pth'))
+    # The same weights fit a student of their own width and depth (another patch size and class count adapt).
+    fits = ['data.img_size=32', 'model.kwargs.patch_size=4', 'model.kwargs.depth=2', 'model.kwargs.num_heads=3']
+    notes = load_pretrained(build_student(load_config(None, fits), 7), str(tmp_path / 'deit_ti.pth'))
+    assert any('patch embedding resampled' in n for n in notes) and any('re-initialised' in n for n in notes)
+
+
+def test_a_cnn_fine_tunes_from_its_own_familys_weights_with_a_fresh_head(tmp_path):
+    """Any timm classifier: the backbone loads as saved, a classifier of another class count starts fresh."""
+    torch.manual_seed(0)
+    source = timm.create_model('test_resnet', num_classes=7)
+    torch.save(source.state_dict(), tmp_path / 'resnet.pth')
+    cfg = load_config(None, ['data.img_size=32', 'model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0'])
+    student = build_student(cfg, 10)
+    notes = load_pretrained(student, str(tmp_path / 'resnet.pth'))
+    assert notes == ['fc re-initialised (7 pretrained outputs, 10 here)']
+    weights = student.model.state_dict()
+    assert all(torch.equal(weights[k], v) for k, v in source.state_dict().items() if not k.startswith('fc.'))
+    with pytest.raises(ConfigError, match='not weights of this architecture'):
+        load_pretrained(build_student(load_config(None, ['data.img_size=32', 'model.name=resnet10t',
+                                                         'model.kwargs={}']), 10), str(tmp_path / 'resnet.pth'))

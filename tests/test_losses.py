@@ -50,10 +50,23 @@ def test_kl_t_matches_hand_computation_and_scales_with_t_squared():
 def test_kl_reduction_is_batchmean_which_is_deit_sum_over_numel_times_classes():
     s, t = f64(S), f64(TT)
     T = 2.0
+    # facebookresearch/deit losses.py, distillation_type 'soft', written out:
     deit = F.kl_div(F.log_softmax(s / T, 1), F.log_softmax(t / T, 1), reduction='sum', log_target=True) \
         * T * T / s.numel()
     num_classes = s.shape[1]
     assert losses.kl_t(s, t, T).item() == pytest.approx(deit.item() * num_classes, abs=1e-12)
+    assert losses.kl_t(s, t, T, reduction='numel').item() == pytest.approx(deit.item(), abs=1e-12)
+
+
+def test_deit_soft_at_deits_own_scale_is_a_switch():
+    from shake_vit.config import load_config
+    from shake_vit.methods import loss_fn
+    s, h, t = f64(S), f64(H), f64(TT)
+    default = loss_fn(load_config(None, ['loss.method=deit_soft']))(s, h, t, Y, ce)
+    deit = loss_fn(load_config(None, ['loss.method=deit_soft', 'loss.deit_soft_reduction=numel']))(s, h, t, Y, ce)
+    assert default['kl_shadow_teacher'].item() == pytest.approx(0.5 * kl_by_hand(H, TT, 1.0), abs=1e-12)
+    assert deit['kl_shadow_teacher'].item() == pytest.approx(0.5 * kl_by_hand(H, TT, 1.0) / 3, abs=1e-12)
+    assert deit['ce_cls'].item() == default['ce_cls'].item()
 
 
 def test_standardize_is_pi_times_zscore_over_classes_for_any_class_count():
@@ -128,9 +141,11 @@ def test_deit_soft_and_kd_weights():
     assert kd['kl_cls_teacher'].item() == pytest.approx(0.9 * kl_by_hand(S, TT, 4.0), abs=1e-12)
 
 
-def test_label_loss_trains_both_heads_on_labels():
+def test_none_trains_the_cls_head_alone_and_none_both_heads_both():
     s, h, _ = _leaves()
-    terms = losses.label_loss(s, h, None, Y, ce)
+    terms = losses.label_loss(s, None, None, Y, ce)
+    assert set(terms) == {'ce_cls'} and terms['ce_cls'].item() == pytest.approx(F.cross_entropy(s, Y).item())
+    terms = losses.both_heads_label_loss(s, h, None, Y, ce)
     sum(terms.values()).backward()
     assert s.grad is not None and h.grad is not None
     assert terms['ce_shadow'].item() == pytest.approx(F.cross_entropy(h.detach(), Y).item())
@@ -140,7 +155,8 @@ def test_soft_targets_from_mixup_work_with_every_method():
     from timm.loss import SoftTargetCrossEntropy
     s, h, t = f64(S), f64(H), f64(TT)
     soft_y = f64([[0.7, 0.3, 0.0], [0.0, 0.4, 0.6]])
-    for fn in (losses.shake_loss, losses.deit_hard_loss, losses.deit_soft_loss, losses.kd_loss, losses.label_loss):
+    for fn in (losses.shake_loss, losses.deit_hard_loss, losses.deit_soft_loss, losses.kd_loss, losses.label_loss,
+               losses.both_heads_label_loss):
         terms = fn(s, h, t, soft_y, SoftTargetCrossEntropy())
         assert all(torch.isfinite(v) for v in terms.values())
 

@@ -1,11 +1,12 @@
-"""The student factory, its two heads, and the frozen teacher."""
+"""The student factory, its heads, and the frozen teacher built from a file."""
 import pytest
 import timm
 import torch
 
 from shake_vit.config import ConfigError, load_config
-from shake_vit.models import build_student, freeze, load_teacher
+from shake_vit.models import build_student
 from shake_vit.optim import build_optimizer
+from shake_vit.teacher import Normalisation, build_teacher_model, freeze, load_teacher
 
 TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=2',
         'model.kwargs.num_heads=2']
@@ -23,7 +24,7 @@ def test_vit_keyword_arguments_pass_through_from_the_config():
 
 
 def test_training_yields_both_heads_and_eval_the_deit_average_or_the_cls_head():
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, [*TINY, 'model.predict=avg'])
     student = build_student(cfg, num_classes=5)
     x = torch.randn(3, 3, 32, 32)
     student.train()
@@ -68,7 +69,6 @@ def test_cnn_student_gets_a_shadow_head_on_its_pooled_features():
 
 
 def test_vgg_cifar_form_is_crds_vgg_and_vgg8_is_registered_in_timm():
-    from shake_vit.models import build_teacher_model
     cfg = load_config(None, ['data.img_size=32', 'model.name=vgg8_bn', 'model.cifar_stem=true',
                              'model.drop_path_rate=0'])
     student = build_student(cfg, num_classes=100)
@@ -126,7 +126,7 @@ def test_one_shadow_head_per_teacher():
     deit.train()
     s, hs = deit(torch.randn(2, 3, 32, 32))
     assert isinstance(hs, tuple) and len(hs) == 2 and all(h.shape == (2, 4) for h in hs)
-    cnn = build_student(load_config(None, ['data.img_size=32', 'model.name=resnet10t',
+    cnn = build_student(load_config(None, ['data.img_size=32', 'model.name=resnet10t', 'model.predict=avg',
                                            'extra_teachers=[{name: a}, {name: b}]']), num_classes=4)
     assert cnn.num_shadow == 3
     cnn.eval()
@@ -157,11 +157,13 @@ def test_teacher_loads_a_saved_timm_state_dict_and_is_frozen(tmp_path):
                          ('.safetensors', lambda sd, p: save_file(sd, p))):
         path = str(tmp_path / f'teacher{suffix}')
         save({k: v.contiguous() for k, v in reference.state_dict().items()}, path)
-        teacher = load_teacher(cfg.teacher, 6, path)
+        teacher = load_teacher(cfg.teacher, 6, ((0.5,) * 3, (0.25,) * 3), path)
         assert not teacher.training and not teacher.model.training
         assert all(not p.requires_grad for p in teacher.parameters())
         x = torch.randn(2, 3, 32, 32)
         assert torch.allclose(teacher(x), reference.eval()(x), atol=1e-6)
+        # A file that records no normalisation: the teacher gets the data's (given), not the architecture's ImageNet
+        assert teacher.mean_kd.flatten().tolist() == [0.5] * 3 and teacher.std_kd.flatten().tolist() == [0.25] * 3
 
 
 def test_frozen_teacher_stays_in_eval_mode_inside_the_task():
@@ -169,7 +171,7 @@ def test_frozen_teacher_stays_in_eval_mode_inside_the_task():
     from shake_vit.losses import shake_loss
     cfg = load_config(None, TINY)
     student = build_student(cfg, num_classes=3)
-    teacher = freeze(timm.create_model('test_byobnet', num_classes=3))
+    teacher = freeze(timm.create_model('test_byobnet', num_classes=3), Normalisation((0.5,) * 3, (0.5,) * 3, 'test'))
     task = DistillationTask(student, teacher, shake_loss, torch.nn.CrossEntropyLoss(), (0.5,) * 3, (0.5,) * 3)
     task.train()
     assert student.training and not teacher.model.training

@@ -8,7 +8,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from helpers import ROOT, launch, python_train, results
+from helpers import ROOT, launch, main, results
 
 RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if not p.name.startswith('smoke'))
 IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
@@ -41,7 +41,7 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_smoke_variant_of_every_recipe_runs(recipe, imagefolder, tmp_path):
     out = tmp_path / 'run'
-    python_train(['--config', f'configs/{recipe}', *smoke_args(recipe, imagefolder), f'train.output_dir={out}'])
+    main(['--config', f'configs/{recipe}', *smoke_args(recipe, imagefolder), f'train.output_dir={out}'])
     r = results(out)
     assert r['epochs'] == 2 and r['num_samples'] > 0
 
@@ -117,13 +117,25 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
 
 def test_print_config_shows_the_derived_values_and_trains_nothing(imagefolder, tmp_path):
     out = tmp_path / 'never'
-    proc = python_train(['--config', IMAGENET_SHAKE, f'data.root={imagefolder}', 'train.batch_size=8',
-                         f'train.output_dir={out}', '--print-config'])
+    proc = main(['--config', IMAGENET_SHAKE, f'data.root={imagefolder}', 'train.batch_size=8',
+                 f'train.output_dir={out}', '--print-config'])
     assert 'name: regnety_160.deit_in1k' in proc.stdout and 'auto_augment: rand-m9-mstd0.5-inc1' in proc.stdout
     # 48 images, one process: 6 batches of 8; lr = 5e-4 * 8 / 512; 5 of 300 epochs of warmup.
     assert '# derived: processes 1, global batch 8, lr 7.81e-06, 6 updates/epoch, 1800 updates, 30 warmup updates' \
         in proc.stdout
+    assert '# method: shake' in proc.stdout and 'predicts with the cls head' in proc.stdout
     assert not out.exists()
+
+
+def test_print_config_works_before_the_data_is_mounted(tmp_path):
+    """Overrides on both sides of the flag; the data root does not exist yet: the config and every value that does
+    not need the data are printed, and the rest is named."""
+    proc = main(['train.batch_size=8', '--config', IMAGENET_SHAKE, '--print-config',
+                 f'data.root={tmp_path / "not_mounted"}'])
+    assert 'batch_size: 8' in proc.stdout and f'root: {tmp_path / "not_mounted"}' in proc.stdout
+    assert ('# derived: processes 1, global batch 8, lr 7.81e-06, updates per epoch, total and warmup updates need '
+            'the data') in proc.stdout
+    assert "# data: not readable here (data.root" in proc.stdout and "has no 'train/' folder" in proc.stdout
 
 
 def test_cnn_recipe_smoke_runs_in_two_processes(tmp_path):
@@ -144,12 +156,27 @@ def test_cnn_recipes_train_their_own_architectures(recipe, student, teacher, tmp
     """The smoke overlay swaps in test_resnet; here the recipe's own families train, in their CIFAR form: CRD's
     vgg8 (shake_vit registers it in timm) and torchvision's ShuffleNetV2 through the adapter (its smallest width)."""
     out = tmp_path / 'run'
-    python_train(['--config', f'configs/{recipe}', '--config', 'configs/smoke_cnn.yaml', f'model.name={student}',
-                  f'teacher.name={teacher}', 'data.name=fake', 'data.num_classes=100', 'data.fake_size=[64,32]',
-                  f'train.output_dir={out}'])
+    main(['--config', f'configs/{recipe}', '--config', 'configs/smoke_cnn.yaml', f'model.name={student}',
+          f'teacher.name={teacher}', 'data.name=fake', 'data.num_classes=100', 'data.fake_size=[64,32]',
+          f'train.output_dir={out}'])
     r = results(out)
     assert r['epochs'] == 2 and r['num_samples'] == 32 and 'top1_shadow' in r and 'teacher_top1' in r
     from safetensors.torch import load_file
     weights = load_file(str(out / 'student.safetensors'))
     expected = 'model.features.0.weight' if student.startswith('vgg') else 'model.stage2.0.branch2.0.weight'
     assert expected in weights and 'shadow_heads.0.weight' in weights  # that family, with its pooled shadow head
+
+
+def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
+    """facebookresearch/deit datasets.py, build_transform at 32 px: timm's DeiT pipeline with RandomCrop(32,
+    padding=4) in place of the random-resized crop. The CRD recipes are the same path with everything else off."""
+    from shake_vit import data
+    from shake_vit.config import load_config
+    cfg = load_config([str(ROOT / 'configs/deit_tiny_shake_cifar100.yaml')])
+    train_tf = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)[0].transforms
+    assert isinstance(train_tf[0], T.RandomCrop) and train_tf[0].size == (32, 32) and train_tf[0].padding == 4
+    assert isinstance(train_tf[1], T.RandomHorizontalFlip) and isinstance(train_tf[2], RandAugment)
+    assert isinstance(train_tf[-1], RandomErasing) and train_tf[-1].mode == 'pixel'
+    crd = load_config([str(ROOT / 'configs/cnn_resnet34_resnet18_cifar100.yaml')])
+    crd_tf = data.build_transforms(crd, (0.5,) * 3, (0.5,) * 3)[0].transforms
+    assert [type(t).__name__ for t in crd_tf] == ['RandomCrop', 'RandomHorizontalFlip', 'MaybeToTensor', 'Normalize']

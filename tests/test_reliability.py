@@ -1,4 +1,7 @@
-"""Every bad input gets a one-paragraph error before training; no fault loses work (docs/reliability.md)."""
+"""Every bad input gets a one-paragraph error before training; no fault loses work (docs/reliability.md).
+
+Configuration errors are checked in this process (`helpers.main`, what `python train.py` runs); the kill tests need
+a process to kill and run train.py as one."""
 import os
 import shutil
 import subprocess
@@ -9,17 +12,19 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from helpers import ROOT, TINY, python_train, results
-from test_checkpoint import RUN, assert_same_weights
+from helpers import ROOT, RUN, TINY, main, results
+from test_checkpoint import assert_same_weights
 
 
 def fails(args, *expected, code=2):
-    """train.py exits with `code`, prints one `error:` paragraph containing `expected`, and no traceback."""
-    proc = python_train(args, check=False)
+    """train.py exits with `code` and prints one `error:` paragraph containing `expected` (an uncaught exception,
+    which a user would see as a traceback, fails the test)."""
+    proc = main(args, check=False)
     assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
-    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    assert len(errors) == 1, proc.stderr[-2000:]
     for text in expected:
-        assert text in proc.stderr, (text, proc.stderr[-2000:])
+        assert text in errors[0], (text, errors[0])
     return proc
 
 
@@ -58,6 +63,9 @@ class Payload:
     (['model.name=vit_tiny_patch16_224', 'model.shadow_on=token'], ['no distillation token', 'distilled DeiT']),
     (['train.batch_size=63', 'aug.mixup=0.8'], ["'train.batch_size' is 63", 'even when mixup']),
     (['data.name=imagefolder'], ['data.root is not set']),
+    (['data.img_size=30'], ['The image size 30x30 (data.img_size) is not a multiple of the patch size 8x8 '
+                            '(model.kwargs.patch_size)', 'the 3x3 patch grid would leave out the last 6',
+                            '(24 or 32)']),
 ])
 def test_bad_configuration_values(args, expected, tmp_path):
     fails([*TINY, f'train.output_dir={tmp_path / "run"}', *args], *expected)
@@ -89,7 +97,7 @@ def test_teacher_checkpoint_missing_unreadable_wrong_classes_or_pickled(teachers
 
 
 def test_explicit_opt_in_loads_a_trusted_pickled_file(teachers, tmp_path):
-    python_train([*TINY, f'teacher.checkpoint={teachers / "pickled.pth"}', 'train.trust_pickled_files=true',
+    main([*TINY, f'teacher.checkpoint={teachers / "pickled.pth"}', 'train.trust_pickled_files=true',
                   f'train.output_dir={tmp_path / "run"}'])
     assert (teachers / 'payload_ran').exists()  # unpickling ran code: why it is opt-in
     os.remove(teachers / 'payload_ran')
@@ -101,10 +109,10 @@ def test_output_directory_that_cannot_be_created(tmp_path):
     fails([*TINY, f'train.output_dir={blocker / "run"}'], "train.output_dir", 'is not writable')
 
 
-def test_resume_with_another_class_count_is_refused(tmp_path):
+def test_resume_with_another_class_count_is_refused(reference, tmp_path):
     out = tmp_path / 'run'
-    python_train([*TINY, f'train.output_dir={out}'])
-    fails(['data.name=fake', 'data.num_classes=7', *TINY, f'train.output_dir={out}', '--resume', 'auto'],
+    shutil.copytree(reference / 'checkpoints' / 'update_00000008', out / 'checkpoints' / 'update_00000008')
+    fails(['data.name=fake', 'data.num_classes=7', *RUN, f'train.output_dir={out}', '--resume', 'auto'],
           'does not match the configuration', 'num_classes')
 
 
@@ -135,14 +143,6 @@ def test_nan_loss_stops_with_the_term_and_update_and_keeps_the_last_good_checkpo
 # SIGKILL at several points, then `--resume auto`: the run completes with the reference's weights every time.
 KILL_POINTS = ['update:2', 'save:3', 'update:5', 'save:4']
 
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp('reference')
-    python_train([*RUN, f'train.output_dir={out}'])
-    return out
-
-
 @pytest.mark.parametrize('point', KILL_POINTS)
 def test_sigkill_then_resume_auto_completes_with_identical_weights(reference, point, tmp_path):
     out = tmp_path / 'run'
@@ -155,8 +155,32 @@ def test_sigkill_then_resume_auto_completes_with_identical_weights(reference, po
     assert not (out / 'results.json').exists()
     if point.startswith('save'):  # died mid-save: the half-written checkpoint is only a temporary folder
         assert (out / 'checkpoints' / f'.tmp-update_{int(point.split(":")[1]):08d}').is_dir()
-    python_train([*RUN, f'train.output_dir={out}', '--resume', 'auto'])
+    main([*RUN, f'train.output_dir={out}', '--resume', 'auto'])
     assert results(out)['epochs'] == 2
     assert_same_weights(reference / 'student.safetensors', out / 'student.safetensors')
     assert_same_weights(reference / 'checkpoints/update_00000008/ema.safetensors',
                         out / 'checkpoints/update_00000008/ema.safetensors')
+
+
+def test_a_corrupt_image_names_the_file_and_the_last_checkpoint_stays_usable(imagefolder, tmp_path):
+    """A truncated JPEG met mid-run (in a loader worker): one error line naming the file, exit status 2, the last
+    checkpoint intact; `--check-data` lists it; once the file is replaced, `--resume auto` finishes the run."""
+    from shake_vit.checkpoint import complete_checkpoints
+    root, out = tmp_path / 'data', tmp_path / 'run'
+    shutil.copytree(imagefolder, root)
+    run = [*TINY, 'data.name=imagefolder', f'data.root={root}', 'train.batch_size=8', 'train.max_updates_per_epoch=0',
+           'eval.batch_size=8', f'train.output_dir={out}']
+    main(run)  # epoch 1 of 1: 6 updates, every image read
+    bad = root / 'train' / 'class_2' / '3.jpg'
+    good = bad.read_bytes()
+    bad.write_bytes(good[:len(good) // 3])  # a truncated download
+    proc = fails([*run, 'train.epochs=2', 'data.num_workers=1', '--resume', 'auto'], f"Cannot read the image '{bad}'",
+                 'OSError', '--check-data')
+    assert 'DataLoader worker' not in proc.stderr
+    assert [p.name for p in complete_checkpoints(out / 'checkpoints')] == ['update_00000006']
+    check = main([*run, '--check-data', 'data.num_workers=1'], check=False)
+    assert check.returncode == 2 and '1 of 68 images cannot be read' in check.stdout and str(bad) in check.stdout
+    bad.write_bytes(good)
+    assert 'all 68 images of imagefolder are readable' in main([*run, '--check-data']).stdout
+    main([*run, 'train.epochs=2', '--resume', 'auto'])
+    assert results(out)['epochs'] == 2

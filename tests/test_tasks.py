@@ -4,20 +4,22 @@ import timm
 import torch
 
 from shake_vit.config import load_config
-from shake_vit.models import build_student, freeze
-from shake_vit.tasks import DistillationTask, loss_fn, trains_shadow
+from shake_vit.methods import loss_fn
+from shake_vit.models import build_student
+from shake_vit.tasks import DistillationTask
+from shake_vit.teacher import Normalisation, freeze
 
 TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=1',
         'model.kwargs.num_heads=2']
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET = Normalisation(MEAN, STD, 'test')
 
 
 def make_task(method, **overrides):
     cfg = load_config(None, [*TINY, f'loss.method={method}', *[f'{k}={v}' for k, v in overrides.items()]])
     torch.manual_seed(0)
     student = build_student(cfg, num_classes=4)
-    student.set_shadow_trainable(trains_shadow(cfg))
-    teacher = freeze(timm.create_model('test_byobnet', num_classes=4))
+    teacher = freeze(timm.create_model('test_byobnet', num_classes=4), IMAGENET)
     return DistillationTask(student, teacher, loss_fn(cfg), torch.nn.CrossEntropyLoss(), MEAN, STD).train()
 
 
@@ -26,7 +28,8 @@ def make_task(method, **overrides):
     ('deit_hard', {'ce_cls', 'ce_shadow_teacher'}),
     ('deit_soft', {'ce_cls', 'kl_shadow_teacher'}),
     ('kd', {'ce_cls', 'kl_cls_teacher'}),
-    ('none', {'ce_cls', 'ce_shadow'}),
+    ('none', {'ce_cls'}),
+    ('none_both_heads', {'ce_cls', 'ce_shadow'}),
 ])
 def test_step_returns_named_terms_that_sum_to_the_loss(method, terms):
     task = make_task(method)
@@ -46,18 +49,47 @@ def test_teacher_receives_no_gradient_and_student_does():
     assert student.model.dist_token.grad is not None
 
 
-def test_kd_freezes_the_unused_shadow_head():
-    task = make_task('kd')
+@pytest.mark.parametrize('method', ['kd', 'none'])
+def test_methods_without_a_shadow_head_freeze_the_deits_and_report_none(method):
+    task = make_task(method)
+    student = task.trainable_module
+    assert student.num_shadow == 0 and student.predict == 'cls'
     task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))['loss'].backward()
-    assert task.trainable_module.model.head_dist.weight.grad is None
-    assert not task.trainable_module.model.head_dist.weight.requires_grad
+    assert student.model.head_dist.weight.grad is None and not student.model.head_dist.weight.requires_grad
+    student.eval()
+    x = torch.randn(2, 3, 32, 32)
+    s, hs = student.forward_heads(x)
+    assert hs == [] and torch.equal(student(x), s)
+
+
+def test_none_with_a_plain_deit_is_timms_classifier_alone():
+    """DeiT's 72.20 baseline: deit_tiny_patch16_224 trained on its head, no shadow head anywhere."""
+    cfg = load_config(None, [*TINY, 'model.name=deit_tiny_patch16_224', 'loss.method=none'])
+    student = build_student(cfg, num_classes=4)
+    assert student.num_shadow == 0 and len(student.shadow_heads) == 0
+    assert {n.split('.')[0] for n, _ in student.named_parameters()} == {'model'}
+    task = DistillationTask(student, None, loss_fn(cfg), torch.nn.CrossEntropyLoss(), MEAN, STD).train()
+    out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert set(k for k, v in out.items() if v.ndim == 0) == {'loss', 'ce_cls'}
+    student.eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(student(x), student.model(x))
+
+
+def test_the_eval_output_follows_the_method_unless_model_predict_says():
+    x = torch.randn(2, 3, 32, 32)
+    for method, predict in (('shake', 'cls'), ('deit_hard', 'avg'), ('deit_soft', 'avg'), ('none_both_heads', 'avg')):
+        student = build_student(load_config(None, [*TINY, f'loss.method={method}']), num_classes=4).eval()
+        s, (h,) = student.forward_heads(x)
+        assert student.predict == predict
+        assert torch.allclose(student(x), s if predict == 'cls' else (s + h) / 2, atol=1e-6)
+    student = build_student(load_config(None, [*TINY, 'loss.method=shake', 'model.predict=avg']), num_classes=4)
+    assert student.predict == 'avg'
 
 
 def test_teacher_input_is_renormalised_when_its_mean_and_std_differ():
     cfg = load_config(None, TINY)
-    teacher = freeze(timm.create_model('test_byobnet', num_classes=4))
-    teacher.mean_kd.fill_(0.5)
-    teacher.std_kd.fill_(0.5)
+    teacher = freeze(timm.create_model('test_byobnet', num_classes=4), Normalisation((0.5,) * 3, (0.5,) * 3, 'test'))
     task = DistillationTask(build_student(cfg, num_classes=4), teacher, loss_fn(cfg), None, MEAN, STD)
     assert task.renormalize == [True]
     pixels = torch.rand(2, 3, 32, 32)
@@ -68,7 +100,7 @@ def test_teacher_input_is_renormalised_when_its_mean_and_std_differ():
 
 
 def test_default_temperatures_follow_each_method():
-    from shake_vit.config import temperature
+    from shake_vit.methods import temperature
     assert temperature(load_config(None, ['loss.method=shake'])) == 4.0
     assert temperature(load_config(None, ['loss.method=deit_soft'])) == 1.0
     assert temperature(load_config(None, ['loss.method=deit_soft', 'loss.temperature=3'])) == 3.0

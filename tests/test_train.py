@@ -3,7 +3,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from helpers import TINY, launch, python_train, results, scalar_tags
+from helpers import TINY, launch, main, python_train, results, scalar_tags
 
 DIGITS_VAL = 360  # 20% of 1,797, stratified
 
@@ -43,9 +43,9 @@ def test_run_directory_holds_config_weights_and_every_loss_term_in_tensorboard(t
 
 def test_one_process_with_plain_python_reuses_the_fitted_teacher(tmp_path):
     out = tmp_path / 'one'
-    first = python_train([*TINY, f'train.output_dir={out}'])
+    first = python_train([*TINY, f'train.output_dir={out}'])  # a new interpreter, no launcher
     assert 'fitting the teacher test_byobnet' in first.stdout
-    second = python_train([*TINY, f'train.output_dir={out}', 'loss.method=deit_hard'])
+    second = main([*TINY, f'train.output_dir={out}', 'loss.method=deit_hard'])
     assert 'reusing the teacher fitted earlier' in second.stdout
     r = results(out)
     assert r['num_samples'] == DIGITS_VAL

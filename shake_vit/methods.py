@@ -1,0 +1,94 @@
+"""One registry entry per distillation method: everything the trainer needs to know about it, in one place.
+
+An entry holds the method's loss (bound to the `loss` config section), its default temperature, whether it needs a
+teacher, whether it trains the shadow head(s), whether it takes several teachers, and what the student outputs in
+eval mode unless `model.predict` says otherwise. Nothing else in the package branches on a method's name: the config
+reads its choices and defaults here, the student its heads, the task its loss. A new method (or a new task family's
+methods, e.g. detection) is one `register(Method(...))`.
+"""
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, Optional
+
+import torch
+from omegaconf import DictConfig
+
+from . import losses
+
+LossFn = Callable[..., Dict[str, torch.Tensor]]  # (s, h, t, y, ce) -> {term: weighted value}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A distillation method.
+
+    Attributes:
+        name: the `loss.method` value.
+        build: `(loss config section, temperature) -> loss function` with its weights bound.
+        summary: one line for docs and `--print-config`.
+        temperature: the published default T (`loss.temperature: null` takes it); None for methods without one.
+        needs_teacher: whether a teacher is built (and fitted, when no weights are given).
+        trains_shadow: whether the student gets shadow heads and trains them; without, a pooled-feature student has
+            none and a distilled DeiT's `head_dist` stays frozen and unreported.
+        several_teachers: whether `extra_teachers` may be set (one shadow head per teacher).
+        predict: the student's eval-mode output unless `model.predict` is set: 'cls' (the classification head, SHAKE's
+            deliverable) or 'avg' (the average of all heads, DeiT's inference).
+    """
+
+    name: str
+    build: Callable[[DictConfig, Optional[float]], LossFn]
+    summary: str
+    temperature: Optional[float] = None
+    needs_teacher: bool = True
+    trains_shadow: bool = True
+    several_teachers: bool = False
+    predict: str = 'cls'
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    return METHODS[name]
+
+
+def _shake(c: DictConfig, T: float) -> LossFn:
+    return partial(losses.shake_loss, w=losses.ShakeWeights(
+        temperature=T, mutual=c.mutual, teacher=c.teacher_weight, teacher_loss=c.teacher_loss,
+        standardize=c.standardize, shadow_ce=c.shadow_ce, direct_kd=c.direct_kd))
+
+
+register(Method('shake', _shake, 'SHAKE (paper Eq. 5/6): shadow heads follow the teachers, mutual KL with the cls head',
+                temperature=4.0, several_teachers=True, predict='cls'))
+register(Method('deit_hard', lambda c, T: partial(losses.deit_hard_loss, alpha=c.deit_alpha),
+                "DeiT hard distillation: the distillation head learns the teacher's argmax", predict='avg'))
+register(Method('deit_soft', lambda c, T: partial(losses.deit_soft_loss, alpha=c.deit_alpha, temperature=T,
+                                                  reduction=c.deit_soft_reduction),
+                "DeiT soft distillation: the distillation head learns the teacher's softened output",
+                temperature=1.0, predict='avg'))
+register(Method('kd', lambda c, T: partial(losses.kd_loss, alpha=c.kd_alpha, temperature=T),
+                'Hinton KD on the classification head', temperature=4.0, trains_shadow=False, predict='cls'))
+register(Method('none', lambda c, T: losses.label_loss,
+                'no distillation: the classification head on the labels (a plain DeiT / CNN)', needs_teacher=False,
+                trains_shadow=False, predict='cls'))
+register(Method('none_both_heads', lambda c, T: losses.both_heads_label_loss,
+                "no distillation, both heads on the labels (DeiT's distilled architecture without a teacher)",
+                needs_teacher=False, predict='avg'))
+
+
+def temperature(cfg: DictConfig) -> float:
+    """The KD temperature in force: the configured one, else the method's published default (1 without one)."""
+    if cfg.loss.temperature is not None:
+        return float(cfg.loss.temperature)
+    default = get(cfg.loss.method).temperature
+    return 1.0 if default is None else default
+
+
+def loss_fn(cfg: DictConfig) -> LossFn:
+    """The configured method's loss with its weights bound."""
+    return get(cfg.loss.method).build(cfg.loss, temperature(cfg))

@@ -1,0 +1,207 @@
+"""Weight files: reading them safely, finding the run config they belong to, and adapting them for fine-tuning.
+
+Readers: `read_state_dict` (any local file, never unpickling code unless trusted), `read_weights` (a run, checkpoint
+or export folder, for `--eval` and `--export`), `config_for` (the config a checkpoint was trained with). Fine-tuning:
+`load_pretrained` fits ViT/DeiT weights of another image size, patch size, class count or token layout into the
+student, and refuses weights of another width or depth with an error that names both architectures.
+"""
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+import torch.nn as nn
+from einops import repeat
+from omegaconf import DictConfig
+from safetensors.torch import load_file
+from timm.models import clean_state_dict, load_state_dict
+
+from .checkpoint import EMA_FILE, complete_checkpoints
+from .config import ConfigError, load_config
+
+StateDict = Dict[str, torch.Tensor]
+
+
+def read_state_dict(path: str, trusted: bool = False) -> StateDict:
+    """A state dict from a local file: `.safetensors`, or a torch file read with `weights_only=True`.
+
+    timm's `load_state_dict` unwraps `{'state_dict': ...}` and DeiT's `{'model': ...}` and strips `module.`;
+    `use_ema=False` because timm otherwise silently prefers EMA weights when a checkpoint has both. A file that needs
+    arbitrary unpickling (which can run code from the file) is refused unless `trusted`
+    (`train.trust_pickled_files=true`).
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"Checkpoint '{path}' does not exist.")
+    try:
+        return load_state_dict(path, use_ema=False, weights_only=not trusted)
+    except Exception as err:  # torch, zip, pickle and safetensors each raise their own types for a bad file
+        msg = str(err)
+        if 'Unsupported globals' in msg:
+            found = msg.split('Unsupported globals:', 1)[1].split('. No automatic')[0].strip()
+            raise ConfigError(
+                f"'{path}' stores Python objects besides tensors ({found}); unpickling them could run code from "
+                'the file, so it was refused. If you trust its source, set train.trust_pickled_files=true, or '
+                'convert it once to .safetensors.') from None
+        raise ConfigError(f"'{path}' is not a readable checkpoint (a PyTorch or .safetensors state dict): "
+                          f"{type(err).__name__}: {msg.splitlines()[0][:200]}. Is the file complete?") from None
+
+
+def pretrained_state_dict(source: str, trusted: bool = False) -> StateDict:
+    """Weights named by `model.pretrained`: a local file, or a timm model name with its tag (downloads once)."""
+    if Path(source).is_file():
+        state = read_state_dict(source, trusted)
+        if state and all(k.startswith('model.') for k in state):  # this trainer's own student weights
+            state = {k[len('model.'):]: v for k, v in state.items()}
+        return state
+    if timm.is_model(source) and '.' in source:
+        try:
+            return timm.create_model(source, pretrained=True).state_dict()
+        except Exception as err:  # offline, unknown tag, HTTP errors
+            raise ConfigError(f"Could not fetch timm's pretrained weights '{source}' ({type(err).__name__}). Offline, "
+                              'download them elsewhere and set model.pretrained=/path/to/file.') from None
+    raise ConfigError(f"model.pretrained='{source}' is neither a file nor a timm model name with a pretrained tag "
+                      "(e.g. 'deit_small_distilled_patch16_224.fb_in1k').")
+
+
+def adapt_vit(state: StateDict, model: nn.Module) -> Tuple[StateDict, List[str]]:
+    """Make ViT/DeiT weights fit a distilled student of another image size, patch size, class count or token layout.
+
+    Returns:
+        the adapted state dict and one line per adaptation made.
+    """
+    from timm.layers import resample_abs_pos_embed, resample_patch_embed
+    state, notes = dict(state), []
+    prefix = 0 if model.no_embed_class else model.num_prefix_tokens  # 2: cls, dist
+    if 'dist_token' not in state and hasattr(model, 'dist_token'):
+        # A plain ViT/DeiT: the distillation token, its position and the shadow head start from the cls token's.
+        state['dist_token'] = state['cls_token'].clone()
+        if prefix:
+            pos = state['pos_embed']  # [1, 1 + N, D]: the cls position, then the grid
+            state['pos_embed'] = torch.cat([repeat(pos[:, 0], '1 d -> 1 two d', two=2), pos[:, 1:]], dim=1)
+        for name in ('weight', 'bias'):
+            if f'head.{name}' in state:
+                state[f'head_dist.{name}'] = state[f'head.{name}'].clone()
+        notes.append('no distillation token in the weights: dist token, its position embedding and the shadow head '
+                     'start as copies of the cls token, its position and the classification head')
+    weight = state.get('patch_embed.proj.weight')  # [D, C, p, p]
+    if weight is not None and weight.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
+        state['patch_embed.proj.weight'] = resample_patch_embed(weight, list(model.patch_embed.patch_size))
+        notes.append(f'patch embedding resampled from {tuple(weight.shape[-2:])} to {model.patch_embed.patch_size}')
+    pos = state['pos_embed']  # [1, prefix + H * W, D]
+    if pos.shape[1] != model.pos_embed.shape[1]:
+        old = int(round((pos.shape[1] - prefix) ** 0.5))
+        state['pos_embed'] = resample_abs_pos_embed(pos, new_size=list(model.patch_embed.grid_size),
+                                                    old_size=[old, old], num_prefix_tokens=prefix)
+        notes.append(f'position embedding resampled from a {old}x{old} to a {model.patch_embed.grid_size} grid, '
+                     f'keeping the {prefix} prefix tokens')
+    return state, notes
+
+
+def _vit_shape(state: StateDict) -> str:
+    """Width, depth, patch and prefix tokens of ViT weights (a state dict), as a user would name the architecture."""
+    depth = len({m.group(1) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))})
+    patch = state['patch_embed.proj.weight'].shape[-1] if 'patch_embed.proj.weight' in state else '?'
+    token = 'with' if 'dist_token' in state else 'without'
+    return f"{state['cls_token'].shape[-1]} wide, {depth} blocks, {patch}-px patches, {token} a distillation token"
+
+
+def load_pretrained(student: nn.Module, source: str, trusted: bool = False) -> List[str]:
+    """Initialise the student (a `Student`) from `model.pretrained`; returns what had to be adapted.
+
+    ViT/DeiT weights are adapted to the student (`adapt_vit`); for every family a classifier of another class count
+    (or an MLP shadow head) starts fresh. Weights of another width or depth are refused, naming both.
+    """
+    model = student.model
+    state = pretrained_state_dict(source, trusted)
+    notes: List[str] = []
+    vit = 'cls_token' in state and 'pos_embed' in state
+    theirs = _vit_shape(state) if vit else ''  # before any adaptation
+    if vit and hasattr(model, 'pos_embed'):
+        state, notes = adapt_vit(state, model)
+    current = model.state_dict()
+    heads = [n for n in ('head', 'head_dist') if isinstance(getattr(model, n, None), nn.Module)] \
+        if vit else [getattr(model, 'pretrained_cfg', {}).get('classifier', 'head')]
+    for head in heads:
+        weight = state.get(f'{head}.weight')
+        if weight is not None and (f'{head}.weight' not in current or weight.shape != current[f'{head}.weight'].shape):
+            state = {k: v for k, v in state.items() if not k.startswith(f'{head}.')}
+            notes.append(f'{head} re-initialised ({weight.shape[0]} pretrained outputs, {model.num_classes} here)'
+                         if f'{head}.weight' in current else f'{head} is an MLP here: it starts fresh')
+    fresh = tuple(f'{h}.' for h in heads)
+    wrong = [k for k, v in state.items() if k in current and v.shape != current[k].shape]
+    missing = [k for k in current if k not in state and not k.startswith(fresh)]
+    unexpected = [k for k in state if k not in current]
+    if wrong or missing or unexpected:
+        if vit and hasattr(model, 'blocks'):
+            what = (f"the weights are a ViT {theirs}; the student ({model.pretrained_cfg.get('architecture')}) "
+                    f'is {_vit_shape(current)}. Image size, patch size, class count and a missing distillation '
+                    'token are adapted; width, depth and extra tokens cannot be. Pick weights of the student\'s '
+                    'architecture, or make the student match them (model.name of their architecture, or '
+                    'model.kwargs.embed_dim / depth / num_heads)')
+        else:
+            what = ('they are not weights of this architecture. Check model.name and model.kwargs against the '
+                    'checkpoint')
+        detail = '; '.join(part for part in (
+            f'shapes differ for {wrong[:3]}' if wrong else '', f'missing {missing[:3]}' if missing else '',
+            f'unexpected {unexpected[:3]}' if unexpected else '') if part)
+        raise ConfigError(f"The pretrained weights '{source}' do not fit the student: {what} ({detail}).")
+    model.load_state_dict(state, strict=False)
+    return notes
+
+
+def _student_keys(state: StateDict) -> StateDict:
+    """Keys of a `Student` (`model.` + timm's) from our checkpoints, DDP saves, exports or plain timm weights."""
+    state = clean_state_dict(state)  # strips DDP's `module.`
+    if not any(k.startswith('model.') for k in state):
+        state = {f'model.{k}': v for k, v in state.items()}
+    if 'model.reg_token' in state:  # a single-head export: its register token is the distillation token
+        state['model.dist_token'] = state.pop('model.reg_token')
+    return state
+
+
+def read_weights(path: Path, trusted: bool = False) -> Tuple[StateDict, Optional[StateDict], Path]:
+    """Student weights (and EMA weights, if any) from a checkpoint folder, a run folder, an export folder or a file.
+
+    Returns:
+        (weights, EMA weights or None, the folder where `eval.json` goes)
+    """
+    path = Path(path)
+    if path.is_dir() and (path / 'checkpoints').is_dir():
+        found = complete_checkpoints(path / 'checkpoints')
+        if not found:
+            raise ConfigError(f'{path}/checkpoints holds no complete checkpoint.')
+        path = found[-1]
+    if path.is_dir():
+        weights = path / 'model.safetensors'
+        if not weights.is_file():
+            raise ConfigError(f'{path} holds no model.safetensors: pass a checkpoint folder (OUTPUT/checkpoints/'
+                              'update_N), a run folder, an export folder, or a weights file.')
+        ema = path / EMA_FILE
+        return (_student_keys(load_file(str(weights))),
+                _student_keys(load_file(str(ema))) if ema.is_file() else None, path)
+    if not path.is_file():
+        raise ConfigError(f"Nothing to evaluate at '{path}'.")
+    return _student_keys(read_state_dict(str(path), trusted)), None, path.parent
+
+
+def find_config(path: Path) -> Optional[Path]:
+    """The `config.yaml` of the run a checkpoint belongs to: next to it, or up to three folders above."""
+    path = Path(path).resolve()
+    for folder in [path if path.is_dir() else path.parent, *list(path.parents)[:3]]:
+        if (folder / 'config.yaml').is_file():
+            return folder / 'config.yaml'
+    return None
+
+
+def config_for(path: str, configs: Optional[Sequence[str]], overrides: Sequence[str]) -> DictConfig:
+    """The explicit `--config` files, else the checkpoint's own run config, then the overrides."""
+    if configs:
+        return load_config(configs, overrides)
+    found = find_config(Path(path))
+    if found is None:
+        raise ConfigError(f"No config.yaml next to or above '{path}': pass the recipe it was trained with, "
+                          '--config configs/NAME.yaml.')
+    cfg = load_config([str(found)], overrides)
+    cfg.train.output_dir = str(found.parent)  # the run folder, wherever the command is started from
+    return cfg

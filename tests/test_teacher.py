@@ -1,0 +1,65 @@
+"""The teacher receives inputs normalised as its weights were trained: fitted here, reloaded from its own file, or
+read from a file of another tool (docs/method.md, "The teacher's inputs")."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from helpers import TINY, main, results
+
+# Statistics far from ImageNet's (what timm's DistillationTeacher would apply for test_byobnet): before the fix the
+# teacher fitted below scored 97.22 at fit time and 10.00 (chance) during distillation.
+STATS = ['data.mean=[0.2,0.3,0.4]', 'data.std=[0.5,0.4,0.3]']
+# A teacher fitted well enough (4 epochs, ~97%) that feeding it wrong inputs shows; one student epoch.
+FIT = [*TINY, 'teacher.fit.epochs=4', 'train.max_updates_per_epoch=0']
+
+
+@pytest.fixture(scope='module')
+def fitted(tmp_path_factory):
+    out = tmp_path_factory.mktemp('fitted')
+    proc = main([*FIT, *STATS, f'train.output_dir={out}'])
+    fit_top1 = json.loads((out / 'teacher.json').read_text())['metrics']['teacher_top1']
+    return out, proc, fit_top1
+
+
+def test_a_fitted_teacher_scores_during_distillation_what_it_scored_when_fitted(fitted):
+    out, proc, fit_top1 = fitted
+    assert fit_top1 > 90  # a wrongly normalised input would show as a drop
+    assert results(out)['teacher_top1'] == fit_top1
+    assert 'receives inputs normalised with mean [0.2, 0.3, 0.4], std [0.5, 0.4, 0.3] (what it was fitted with)' \
+        in proc.stdout
+    assert proc.stdout.count('receives inputs normalised') == 1  # said once
+
+
+def test_the_fitted_teachers_file_records_its_normalisation_for_later_runs_and_eval(fitted, tmp_path):
+    out, _, fit_top1 = fitted
+    main(['--eval', str(out)])
+    assert json.loads((out / 'checkpoints' / 'update_00000022' / 'eval.json').read_text())['teacher_top1'] == fit_top1
+    # Another run, with the student normalised the default way: the teacher's file says what it needs.
+    proc = main([*FIT, 'train.max_updates_per_epoch=1', f'teacher.checkpoint={out}/teacher.safetensors',
+                 f'train.output_dir={tmp_path / "again"}'])
+    assert f'(recorded in {out}/teacher.safetensors): re-normalised from the student' in proc.stdout
+    assert results(tmp_path / 'again')['teacher_top1'] == pytest.approx(fit_top1, abs=0.3)  # 1 image of 360: rounding
+
+
+def test_a_file_without_a_record_gets_the_datas_statistics_or_teacher_mean_std(fitted, tmp_path):
+    out, _, fit_top1 = fitted
+    plain = tmp_path / 'teacher.pth'  # another tool's file: a bare state dict, no normalisation recorded
+    torch.save(load_file(str(out / 'teacher.safetensors')), plain)
+    proc = main([*FIT, *STATS, 'train.max_updates_per_epoch=1', f'teacher.checkpoint={plain}',
+                 f'train.output_dir={tmp_path / "data_stats"}'])
+    assert "(the data's, as the file records none" in proc.stdout
+    assert results(tmp_path / 'data_stats')['teacher_top1'] == fit_top1
+    proc = main([*FIT, 'train.max_updates_per_epoch=1', f'teacher.checkpoint={plain}', 'teacher.mean=[0.2,0.3,0.4]',
+                 'teacher.std=[0.5,0.4,0.3]', f'train.output_dir={tmp_path / "explicit"}'])
+    assert '(teacher.mean / teacher.std): re-normalised from the student' in proc.stdout
+    assert results(tmp_path / 'explicit')['teacher_top1'] == pytest.approx(fit_top1, abs=0.3)
+
+
+def test_teacher_statistics_for_a_teacher_fitted_here_are_refused(tmp_path):
+    proc = main([*TINY, 'teacher.mean=[0.5,0.5,0.5]', 'teacher.std=[0.5,0.5,0.5]', f'train.output_dir={tmp_path}'],
+                check=False)
+    assert proc.returncode == 2 and 'this teacher is fitted here' in proc.stderr
+    proc = main([*TINY, 'teacher.mean=[0.5,0.5]', f'train.output_dir={tmp_path}'], check=False)
+    assert proc.returncode == 2 and "'teacher.mean' is [0.5, 0.5]" in proc.stderr
