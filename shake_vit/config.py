@@ -327,10 +327,13 @@ def validate(cfg: DictConfig) -> None:
                           'several teachers are SHAKE\'s (one shadow head each). Use loss.method=shake, or drop '
                           'extra_teachers.')
     for who in ('data', 'teacher', *(f'extra_teachers.{i}' for i in range(len(cfg.extra_teachers)))):
-        for stat in ('mean', 'std'):
-            value = OmegaConf.select(cfg, f'{who}.{stat}')
+        mean, std = OmegaConf.select(cfg, f'{who}.mean'), OmegaConf.select(cfg, f'{who}.std')
+        for stat, value in (('mean', mean), ('std', std)):
             _check(value is None or (len(value) == 3 and (stat == 'mean' or min(value) > 0)), f'{who}.{stat}',
                    value if value is None else list(value), 'null or three per-channel values (std positive)')
+        if (mean is None) != (std is None):
+            raise ConfigError(f"Set {who}.mean and {who}.std together (per-channel input statistics); only "
+                              f"{who}.{'mean' if std is None else 'std'} is set.")
     t, o, a, d = cfg.train, cfg.optim, cfg.aug, cfg.data
     _check(t.epochs >= 1, 'train.epochs', t.epochs, 'at least 1')
     _check(t.batch_size >= 1, 'train.batch_size', t.batch_size, 'at least 1')

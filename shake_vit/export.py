@@ -41,6 +41,9 @@ def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
             model.load_state_dict(state)
             return model.eval()
     if head == 'both':
+        if student.num_shadow == 0:
+            raise ConfigError(f"--export-head both averages the distillation head, which loss.method="
+                              f"'{cfg.loss.method}' does not train: export the classification head, --export-head cls.")
         if not isinstance(student.model.head_dist, nn.Linear):
             raise ConfigError('The shadow head is an MLP (model.shadow_head=mlp), which plain timm cannot build: '
                               'export the classification head alone with --export-head cls.')
@@ -113,7 +116,8 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
         diff = (reloaded(x) - expected).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f'The exported model differs from the student by {diff:.2e}; please report this.')
-    what = 'CNN' if student.placement == 'pooled' else 'two-head DeiT' if head == 'both' else 'cls-head ViT'
+    what = 'timm classifier' if student.placement == 'pooled' else 'two-head DeiT' if head == 'both' else \
+        'cls-head ViT'
     print(f'[shake-vit] exported the {what} to {out} (max logit difference to the student {diff:.1e}). Load it with '
           f'{how}')
     return out

@@ -121,12 +121,8 @@ def freeze(model: nn.Module, norm: Normalisation) -> DistillationTeacher:
 
 
 def _explicit(t: DictConfig) -> Optional[Normalisation]:
-    if t.mean is None and t.std is None:
-        return None
-    if t.mean is None or t.std is None:
-        raise ConfigError('Set teacher.mean and teacher.std together (the per-channel statistics the teacher was '
-                          f'trained with); only {"mean" if t.std is None else "std"} is set.')
-    return Normalisation(tuple(t.mean), tuple(t.std), 'teacher.mean / teacher.std')
+    """`teacher.mean/std` (the config checks they come together)."""
+    return None if t.mean is None else Normalisation(tuple(t.mean), tuple(t.std), 'teacher.mean / teacher.std')
 
 
 def load_teacher(t: DictConfig, num_classes: int, data_norm: Sequence[Sequence[float]], path: Optional[str] = None,

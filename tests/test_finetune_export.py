@@ -138,7 +138,7 @@ def test_a_cnn_exports_and_says_how_to_load_it(name, cifar, teacher_file, tmp_pa
     main([*TINY, f'model.name={name}', 'model.kwargs={}', 'model.drop_path_rate=0',
           f'teacher.checkpoint={teacher_file}', f'model.cifar_stem={str(cifar).lower()}', f'train.output_dir={out}'])
     proc = main(['--export', str(out), '--export-dir', str(exported)])
-    assert 'exported the CNN' in proc.stdout
+    assert 'exported the timm classifier' in proc.stdout
     if cifar:
         assert 'from shake_vit.models import cifar_stem' in proc.stdout
         model = cifar_stem(timm.create_model(name, num_classes=10))
@@ -187,3 +187,22 @@ def test_a_cnn_fine_tunes_from_its_own_familys_weights_with_a_fresh_head(tmp_pat
     with pytest.raises(ConfigError, match='not weights of this architecture'):
         load_pretrained(build_student(load_config(None, ['data.img_size=32', 'model.name=resnet10t',
                                                          'model.kwargs={}']), 10), str(tmp_path / 'resnet.pth'))
+
+
+def test_the_plain_deit_baseline_exports_as_timms_vit_and_an_untrained_shadow_head_is_not_exported(teacher_file,
+                                                                                                    tmp_path):
+    """`none` on deit_tiny_patch16_224 (DeiT's 72.20 row) is timm's ViT through and through; a distilled DeiT trained
+    with kd has a head_dist no loss trained, so --export-head both (which averages it in) is refused."""
+    out, exported = tmp_path / 'none', tmp_path / 'exported'
+    main([*TINY, 'model.name=deit_tiny_patch16_224', 'loss.method=none', f'train.output_dir={out}'])
+    r = results(out)
+    assert 'top1_shadow' not in r and 'top1_avg' not in r and 'teacher_top1' not in r  # no shadow head, no teacher
+    assert not (out / 'teacher.safetensors').exists()
+    assert 'exported the timm classifier' in main(['--export', str(out), '--export-dir', str(exported)]).stdout
+    assert json.loads((exported / 'config.json').read_text())['architecture'] == 'deit_tiny_patch16_224'
+    main(['--eval', str(exported)])
+    assert json.loads((exported / 'eval.json').read_text())['top1_cls'] == r['top1_cls']
+    kd = tmp_path / 'kd'
+    main([*TINY, 'loss.method=kd', f'teacher.checkpoint={teacher_file}', f'train.output_dir={kd}'])
+    proc = main(['--export', str(kd), '--export-head', 'both'], check=False)
+    assert proc.returncode == 2 and "loss.method='kd' does not train" in proc.stderr

@@ -63,3 +63,5 @@ def test_teacher_statistics_for_a_teacher_fitted_here_are_refused(tmp_path):
     assert proc.returncode == 2 and 'this teacher is fitted here' in proc.stderr
     proc = main([*TINY, 'teacher.mean=[0.5,0.5]', f'train.output_dir={tmp_path}'], check=False)
     assert proc.returncode == 2 and "'teacher.mean' is [0.5, 0.5]" in proc.stderr
+    proc = main([*TINY, 'teacher.mean=[0.5,0.5,0.5]', f'train.output_dir={tmp_path}'], check=False)
+    assert proc.returncode == 2 and 'Set teacher.mean and teacher.std together' in proc.stderr
