@@ -35,8 +35,9 @@ def parse_args(argv):
                    'fresh when there is none) or from a checkpoint folder')
     p.add_argument('--eval', metavar='PATH', help='evaluate a run folder, checkpoint folder, export folder or file')
     p.add_argument('--export', metavar='PATH', help='export a run/checkpoint as a plain timm model')
-    p.add_argument('--export-head', choices=('cls', 'both'), default='cls',
-                   help="cls: SHAKE's classification head alone (default); both: the DeiT with its two heads")
+    p.add_argument('--export-head', choices=('cls', 'both'),
+                   help="cls: the classification head alone; both: the distilled DeiT with its two heads (timm "
+                        "averages them). Default: what the student predicts with (SHAKE: cls, DeiT's methods: both)")
     p.add_argument('--export-dir', metavar='DIR', help='where to export (default: next to the checkpoint)')
     p.add_argument('--export-ema', action='store_true', help='export the EMA weights')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for configuration errors')
@@ -57,10 +58,14 @@ def print_config(cfg) -> None:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         method = methods.get(cfg.loss.method)
         output = {'cls': 'the cls head', 'avg': 'the average of all heads'}[cfg.model.predict or method.predict]
-        print(f'# method: {method.name}, {method.summary}; temperature {methods.temperature(cfg):g}; the student '
-              f'predicts with {output}')
+        uses_t = method.temperature is not None or cfg.loss.temperature is not None
+        print(f'# method: {method.name}, {method.summary}; '
+              f"{f'temperature {methods.temperature(cfg):g}' if uses_t else 'no temperature'}; the student predicts "
+              f'with {output}')
     try:
-        splits = data.build_splits(cfg)
+        offline = cfg.copy()
+        offline.data.download = False  # printing a config never downloads a data set
+        splits = data.build_splits(offline)
     except ConfigError as err:
         if state.is_main_process:
             print(f'# derived: {derive(cfg, state.num_processes, None).describe()}')

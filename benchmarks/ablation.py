@@ -46,6 +46,8 @@ METHODS = {
 }
 NONE_NOTE = ('The `none` rows train both heads on the labels (`loss.method=none_both_heads`; `none` itself trains the '
              "classification head alone, DeiT's plain baseline).")
+KD_NOTE = (' `kd` trains no shadow head: its shadow and average columns are not models it predicts with (nan in runs '
+           'since 2026-11-27, an untrained head in earlier records).')
 LAMBDAS = (0.5, 1.0, 2.0)
 GRID = [(lam, T) for lam in LAMBDAS for T in (1.0, 4.0)]
 HEADS = ('cls', 'shadow', 'avg')
@@ -208,7 +210,7 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
               'start DeiT (32 px, 8-px patches, 64 wide, 4 blocks) at batch 32 and lr 3e-3, '
               f'{args.epochs} epochs. Teacher: timm test_byobnet fitted '
               f"once per training split (test top-1 per fold: {', '.join(f'{t:.2f}' for t in summary['teacher_top1'])}"
-              '). Numbers are test top-1 (%), mean +- std over runs. ' + NONE_NOTE, '',
+              '). Numbers are test top-1 (%), mean +- std over runs. ' + NONE_NOTE + KD_NOTE, '',
               '| method | cls head | shadow head | average | cls median [worst] | stalled starts | '
               'cls vs none (95% CI) | cls vs deit_hard (95% CI) | time vs kd |',
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']

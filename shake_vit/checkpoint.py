@@ -37,6 +37,7 @@ class Progress:
     update: int = 0  # optimizer updates so far
     metrics: Dict[str, float] = field(default_factory=dict)  # the latest evaluation
     best: Optional[float] = None  # best value of the tracked metric so far
+    best_of: str = ''  # the metrics entry `best` tracks (ckpt.metric, else what the student predicts with)
     run: Dict[str, Any] = field(default_factory=dict)  # what must match on resume (architecture, classes, ...)
 
 
@@ -73,6 +74,12 @@ def complete_checkpoints(root: Path) -> List[Path]:
         except (OSError, ValueError, TypeError):
             continue  # unreadable state file: not a usable checkpoint
     return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(root: Path) -> Optional[Path]:
+    """The newest complete checkpoint under `root`, or None."""
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
 
 
 class Checkpointer:
@@ -147,13 +154,7 @@ class Checkpointer:
             shutil.rmtree(stale, ignore_errors=True)
 
     def latest(self) -> Optional[Path]:
-        found = complete_checkpoints(self.root)
-        return found[-1] if found else None
-
-    def best(self) -> Optional[Path]:
-        scored = [(read_progress(d).metrics.get(self.metric), d) for d in complete_checkpoints(self.root)]
-        scored = [(v, d) for v, d in scored if v is not None]
-        return max(scored, key=lambda item: item[0])[1] if scored else None
+        return latest_checkpoint(self.root)
 
     def load(self, path: Path) -> Progress:
         """Restore student, optimizer, scaler, RNG states and EMA; returns where to continue."""

@@ -163,7 +163,8 @@ class TrainConfig:
 class CheckpointConfig:
     interval_updates: int = 0  # also save every N updates mid-epoch (0: only at epoch ends)
     keep_last: int = 3  # newest checkpoints kept; the best one is always kept too
-    metric: str = 'top1_cls'  # evaluation entry that picks the best checkpoint (higher is better)
+    metric: Optional[str] = None  # evaluation entry that picks the best checkpoint (higher is better); null:
+    # the top-1 of what the student predicts with (top1_cls for SHAKE, top1_avg for DeiT's methods)
     stop_check_every: int = 10  # updates between the processes' agreement on a SIGTERM/SIGINT stop
 
 

@@ -25,7 +25,15 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.ti
 
 
 class BadImage(ConfigError):
-    """An image file that cannot be decoded; the message names the file and how to find every other bad one."""
+    """An image file that cannot be decoded; the message names the file and how to find every other bad one.
+
+    `detail` (the file and PIL's reason) is kept only in the process that raised it: a DataLoader worker's error
+    reaches the main process rebuilt from its message alone, wrapped in the worker's traceback (see `reason`).
+    """
+
+    def __init__(self, message: str, detail: str = ''):
+        super().__init__(message)
+        self.detail = detail
 
     @staticmethod
     def reason(err: BaseException) -> str:
@@ -39,9 +47,10 @@ def read_image(path: str) -> Image.Image:
         with open(path, 'rb') as f:
             return Image.open(f).convert('RGB')
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError or DecompressionBombError for bad files
-        raise BadImage(f"Cannot read the image '{path}' ({type(err).__name__}: {str(err).splitlines()[0][:200]}). "
-                       'Replace or remove the file, then continue with --resume auto; `python train.py --config ... '
-                       '--check-data` lists every unreadable image of a data set before a long run.') from None
+        detail = f"'{path}' ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+        raise BadImage(f'Cannot read the image {detail}. Replace or remove the file, then continue with --resume '
+                       'auto; `python train.py --config ... --check-data` lists every unreadable image of a data set '
+                       'before a long run.', detail) from None
 
 
 @dataclass
@@ -119,10 +128,11 @@ def cifar_splits(cfg: DictConfig) -> Splits:
     try:
         train = cls(root, train=True, download=cfg.data.download)
         val = cls(root, train=False, download=cfg.data.download)
-    except RuntimeError as err:
-        raise ConfigError(
-            f"{cls.__name__} is not under '{root}' ({err}). Either set data.download=true on a machine with internet, "
-            f"or put the extracted python-version archive there ('{root}/{cls.base_folder}/').") from None
+    except (RuntimeError, OSError) as err:  # missing files; offline, a download fails with URLError (an OSError)
+        how = ('the download failed; offline, put' if cfg.data.download else
+               'either set data.download=true on a machine with internet, or put')
+        raise ConfigError(f"{cls.__name__} is not under '{root}' ({type(err).__name__}: {err}): {how} the extracted "
+                          f"python-version archive there ('{root}/{cls.base_folder}/').") from None
     return Splits(train, val, list(train.classes))
 
 
@@ -159,8 +169,8 @@ class _Probe(Dataset):
         try:
             self.dataset[i]
             return ''
-        except BadImage as err:
-            return BadImage.reason(err).split(' Replace or remove')[0]
+        except BadImage as err:  # raised here, in this worker: its detail is at hand
+            return err.detail
 
 
 def find_bad_images(cfg: DictConfig, splits: Splits) -> List[str]:

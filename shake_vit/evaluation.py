@@ -12,12 +12,11 @@ from torch.utils.data import DataLoader
 from . import data
 from .build import build_pipeline, finish, log, make_accelerator
 from .checkpoint import STATE_FILE
-from .config import ConfigError
 from .engine import evaluate
 from .models import Student, average_heads, build_student
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
-from .weights import config_for, read_weights
+from .weights import config_for, load_student, read_weights
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 
@@ -50,14 +49,16 @@ def evaluate_student(student: Student, ema: Optional[ModelEmaV3], task: Distilla
     return metrics
 
 
-def format_table(metrics: Dict[str, float]) -> str:
+def format_table(metrics: Dict[str, float], predict: Optional[str] = None) -> str:
+    """The evaluation as a table; `predict` ('cls' or 'avg') marks the head the student predicts with."""
     rows = [('student cls head', 'cls'), ('shadow head', 'shadow'), ('average (DeiT)', 'avg')]
     lines = [f"{'head':<20}{'top-1':>8}{'top-5':>8}", '-' * 36]
     for label, head in rows:
         for prefix, tag in (('', ''), ('ema_', '  EMA ')):
             if f'{prefix}top1_{head}' in metrics:
+                mark = '  <- the model' if head == predict and not prefix else ''
                 lines.append(f"{tag + label:<20}{metrics[f'{prefix}top1_{head}']:>8.2f}"
-                             f"{metrics[f'{prefix}top5_{head}']:>8.2f}")
+                             f"{metrics[f'{prefix}top5_{head}']:>8.2f}{mark}")
     if 'teacher_top1' in metrics:
         lines.append(f"{'teacher':<20}{metrics['teacher_top1']:>8.2f}{metrics['teacher_top5']:>8.2f}")
     agree = f"; cls/shadow agreement {metrics['agree_cls_shadow']:.2f}%" if 'agree_cls_shadow' in metrics else ''
@@ -73,16 +74,11 @@ def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
     weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
-    missing, unexpected = student.load_state_dict(weights, strict=False)
-    shadow = ('model.head_dist', 'shadow_heads')
-    with_shadow = not any(k.startswith(shadow) for k in missing)
-    if unexpected or [k for k in missing if not k.startswith(shadow)]:
-        raise ConfigError(f"The weights in '{path}' do not fit the configured student {cfg.model.name} "
-                          f'(missing {missing[:5]}, unexpected {unexpected[:5]}): pass the config it was trained with.')
+    with_shadow = load_student(student, weights, path, cfg)
     ema = None
     if ema_weights is not None:
         ema = ModelEmaV3(student)
-        ema.module.load_state_dict(ema_weights)
+        load_student(ema.module, ema_weights, path, cfg)
     student.to(acc.device)
     pipe = build_pipeline(cfg, acc, splits, student)
     teachers = get_teachers(cfg, acc, pipe, fit=False)
@@ -93,6 +89,6 @@ def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]
         metrics['update'] = json.loads((where / STATE_FILE).read_text())['update']
     if acc.is_main_process:
         (where / 'eval.json').write_text(json.dumps(metrics, indent=2))
-    log(acc, f'evaluation of {path} ({where}/eval.json):\n' + format_table(metrics))
+    log(acc, f'evaluation of {path} ({where}/eval.json):\n' + format_table(metrics, student.predict))
     finish(acc)
     return metrics

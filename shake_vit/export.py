@@ -19,7 +19,7 @@ from timm.models import save_for_hf
 
 from .config import ConfigError
 from .models import Student, average_heads, build_classifier, build_student, student_kwargs
-from .weights import config_for, read_weights
+from .weights import config_for, load_student, read_weights
 
 
 def registered_here(name: str) -> bool:
@@ -72,9 +72,19 @@ def _classes_in(weights: Dict[str, torch.Tensor], cfg: DictConfig) -> int:
     return weights[f'model.{name}'].shape[0]
 
 
-def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Optional[str] = None,
+def timm_builds_both(student: Student) -> bool:
+    """Whether the student's average of heads is a timm model: a distilled DeiT with one linear shadow head."""
+    return student.placement == 'token' and student.num_shadow == 1 and isinstance(student.model.head_dist, nn.Linear)
+
+
+def export(path: str, configs=(), overrides=(), head: Optional[str] = None, out_dir: Optional[str] = None,
            use_ema: bool = False) -> Path:
-    """`train.py --export PATH`: write the plain timm model and check it reproduces the student's logits."""
+    """`train.py --export PATH`: write the plain timm model and check it reproduces the student's logits.
+
+    Args:
+        head: 'cls' or 'both'; None exports what the student predicts with (`model.predict`, else the method's: the
+            cls head for SHAKE, both heads for DeiT's methods), the cls head where plain timm cannot build the average.
+    """
     cfg = config_for(path, configs, overrides)
     weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
     if use_ema:
@@ -83,8 +93,16 @@ def export(path: str, configs=(), overrides=(), head: str = 'cls', out_dir: Opti
         weights = ema_weights
     num_classes = _classes_in(weights, cfg)
     student = build_student(cfg, num_classes)
-    student.load_state_dict(weights)
+    with_shadow = load_student(student, weights, Path(path), cfg)
     student.eval()
+    if head is None:
+        head = 'both' if student.predict == 'avg' and with_shadow and timm_builds_both(student) else 'cls'
+        if student.predict == 'avg' and head == 'cls':
+            print('[shake-vit] the student predicts with the average of its heads, which plain timm cannot build for '
+                  'it: exporting the classification head')
+    elif head == 'both' and not with_shadow:
+        raise ConfigError(f"--export-head both: the weights in '{path}' hold no shadow head (an export of the cls "
+                          'head?): export the classification head, --export-head cls.')
     model = plain_model(cfg, student, head)
     out = Path(out_dir or where / f'export_{head}')
     if out.exists():

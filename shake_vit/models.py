@@ -196,6 +196,9 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
     model = build_classifier(cfg, num_classes)
     placement = m.shadow_on if m.shadow_on != 'auto' else ('token' if has_distillation_token(model) else 'pooled')
     num_shadow = 1 + len(cfg.extra_teachers) if method.trains_shadow else 0
+    if m.predict == 'avg' and not num_shadow:
+        raise ConfigError(f"model.predict=avg averages the shadow heads with the cls head, but loss.method="
+                          f"'{method.name}' trains no shadow head: drop model.predict (the cls head is the model).")
     return Student(model, placement, num_shadow=num_shadow, head=m.shadow_head, hidden=m.shadow_hidden_dim,
                    predict=m.predict or method.predict)
 

@@ -11,7 +11,7 @@ from timm.utils import ModelEmaV3
 
 from . import data
 from .build import build_optimization, build_pipeline, criterion, finish, log, make_accelerator
-from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, complete_checkpoints, fault_hook, \
+from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fault_hook, latest_checkpoint, \
     read_progress
 from .engine import Trainer
 from .evaluation import evaluate_student, format_table
@@ -51,8 +51,7 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
     if resume is None:
         return None
     if resume == 'auto':
-        found = complete_checkpoints(root)
-        return found[-1] if found else None
+        return latest_checkpoint(root)
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise CheckpointError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}); use --resume auto "
@@ -75,9 +74,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     start = resolve_resume(resume, out / 'checkpoints')
     if start is not None:
         check_resumable(read_progress(start).run, identity, start)
-    if cfg.model.pretrained and not resume:
-        for note in load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files):
-            log(acc, f'fine-tuning from {cfg.model.pretrained}: {note}')
+    if cfg.model.pretrained and start is None:  # a resumed run has its weights in the checkpoint
+        notes = load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files)
+        log(acc, f'fine-tuning from {cfg.model.pretrained}' + ''.join(f'\n    {note}' for note in notes))
     pipe = build_pipeline(cfg, acc, splits, student)
     teachers = get_teachers(cfg, acc, pipe)
     set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
@@ -92,11 +91,14 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
                             **teacher_options(cfg)).to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes), ema=ema,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
-    ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, cfg.ckpt.metric)
+    metric = cfg.ckpt.metric or f'top1_{student.predict}'  # the best checkpoint by what the student predicts with
+    ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, metric)
 
-    progress = Progress(run=identity)
+    progress = Progress(run=identity, best_of=metric)
     if start is not None:
         progress = ckpt.load(start)
+        if progress.best_of != metric:  # another ckpt.metric than the run began with: its best starts again
+            progress.best, progress.best_of = None, metric
         trainer.update = progress.update
         schedule.step_update(num_updates=progress.update)
         log(acc, f'resumed from {start}: epoch {progress.epoch}, batch {progress.batches_done}, '
@@ -137,7 +139,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
             if (epoch + 1) % cfg.eval.interval == 0 or last:
                 progress.metrics = evaluate_student(student, ema, task, pipe.val_loader, acc)
                 acc.log({f'val/{k}': v for k, v in progress.metrics.items()}, step=trainer.update)
-                value = progress.metrics.get(cfg.ckpt.metric)
+                value = progress.metrics.get(metric)
                 if value is not None and (progress.best is None or value > progress.best):
                     progress.best = value
                 heads = ', '.join(f'{h} {progress.metrics[f"top1_{h}"]:.2f}' for h in ('cls', 'shadow', 'avg')
@@ -165,7 +167,6 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}
         save_file(state, str(out / 'student.safetensors'))
-    log(acc, f'final evaluation ({out}/results.json):\n' + format_table(results))
+    log(acc, f'final evaluation ({out}/results.json):\n' + format_table(results, student.predict))
     finish(acc)
     return results
-

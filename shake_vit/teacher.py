@@ -27,7 +27,7 @@ from . import data, methods
 from .build import Pipeline, criterion, log
 from .config import ConfigError, derive
 from .engine import Trainer, evaluate
-from .models import unknown_model_error, check_patch_grid, cifar_stem
+from .models import check_patch_grid, cifar_stem, unknown_model_error
 from .optim import build_optimizer, build_schedule
 from .weights import read_state_dict
 
@@ -57,8 +57,9 @@ def fitted_path(cfg: DictConfig, index: int) -> Path:
 
 
 def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
-    """What a fitted teacher depends on; a saved teacher is reused only when this matches."""
-    keep = {'teacher': {k: v for k, v in t.items() if k != 'checkpoint'}, 'aug': cfg.aug,
+    """What a fitted teacher depends on; a saved teacher is reused only when this matches. `teacher.mean/std` are
+    left out: a fitted teacher cannot have them, and teachers fitted before they existed stay reusable."""
+    keep = {'teacher': {k: v for k, v in t.items() if k not in ('checkpoint', 'mean', 'std')}, 'aug': cfg.aug,
             'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from safetensors.torch import load_file
 from timm.models import clean_state_dict, load_state_dict
 
-from .checkpoint import EMA_FILE, complete_checkpoints
+from .checkpoint import EMA_FILE, latest_checkpoint
 from .config import ConfigError, load_config
 
 StateDict = Dict[str, torch.Tensor]
@@ -51,8 +51,9 @@ def pretrained_state_dict(source: str, trusted: bool = False) -> StateDict:
     """Weights named by `model.pretrained`: a local file, or a timm model name with its tag (downloads once)."""
     if Path(source).is_file():
         state = read_state_dict(source, trusted)
-        if state and all(k.startswith('model.') for k in state):  # this trainer's own student weights
-            state = {k[len('model.'):]: v for k, v in state.items()}
+        if any(k.startswith('model.') for k in state) and all(k.startswith(('model.', 'shadow_heads.')) for k in state):
+            # this trainer's own student weights: the timm model under `model.`; extra shadow heads start fresh
+            state = {k[len('model.'):]: v for k, v in state.items() if k.startswith('model.')}
         return state
     if timm.is_model(source) and '.' in source:
         try:
@@ -64,19 +65,30 @@ def pretrained_state_dict(source: str, trusted: bool = False) -> StateDict:
                       "(e.g. 'deit_small_distilled_patch16_224.fb_in1k').")
 
 
+def _prefix_tokens(state: StateDict) -> int:
+    """The tokens before the patches in ViT weights: cls, a distillation token, register tokens."""
+    return 1 + ('dist_token' in state) + (state['reg_token'].shape[1] if 'reg_token' in state else 0)
+
+
 def adapt_vit(state: StateDict, model: nn.Module) -> Tuple[StateDict, List[str]]:
-    """Make ViT/DeiT weights fit a distilled student of another image size, patch size, class count or token layout.
+    """Make ViT/DeiT weights fit a ViT student (distilled or not) of another image size, patch size, class count or
+    token layout.
 
     Returns:
         the adapted state dict and one line per adaptation made.
     """
     from timm.layers import resample_abs_pos_embed, resample_patch_embed
     state, notes = dict(state), []
-    prefix = 0 if model.no_embed_class else model.num_prefix_tokens  # 2: cls, dist
-    if 'dist_token' not in state and hasattr(model, 'dist_token'):
+    distilled = hasattr(model, 'dist_token')
+    embedded = 0 if model.no_embed_class else 1  # whether the prefix tokens have positions (timm's and DeiT's ViTs)
+    if distilled and 'dist_token' not in state and 'reg_token' in state and state['reg_token'].shape[1] == 1:
+        # this trainer's cls-head export: one register token where the distillation token was, [cls, reg, patches]
+        state['dist_token'] = state.pop('reg_token')
+        notes.append("the weights' register token becomes the distillation token (a shake-vit cls-head export)")
+    if distilled and 'dist_token' not in state:
         # A plain ViT/DeiT: the distillation token, its position and the shadow head start from the cls token's.
         state['dist_token'] = state['cls_token'].clone()
-        if prefix:
+        if embedded:
             pos = state['pos_embed']  # [1, 1 + N, D]: the cls position, then the grid
             state['pos_embed'] = torch.cat([repeat(pos[:, 0], '1 d -> 1 two d', two=2), pos[:, 1:]], dim=1)
         for name in ('weight', 'bias'):
@@ -84,6 +96,21 @@ def adapt_vit(state: StateDict, model: nn.Module) -> Tuple[StateDict, List[str]]
                 state[f'head_dist.{name}'] = state[f'head.{name}'].clone()
         notes.append('no distillation token in the weights: dist token, its position embedding and the shadow head '
                      'start as copies of the cls token, its position and the classification head')
+    if not distilled and 'dist_token' in state:
+        # A distilled DeiT into a plain ViT (e.g. the `none` baseline): the distillation token goes, with its
+        # position ([cls, dist, patches] -> [cls, patches]) and its head.
+        del state['dist_token']
+        if embedded:
+            pos = state['pos_embed']
+            state['pos_embed'] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)
+        state = {k: v for k, v in state.items() if not k.startswith('head_dist.')}
+        notes.append("the weights' distillation token, its position embedding and its head are dropped: the student "
+                     'has none')
+    if _prefix_tokens(state) != model.num_prefix_tokens:
+        raise ConfigError(f'The pretrained weights have {_prefix_tokens(state)} tokens before the patches and the '
+                          f'student {model.num_prefix_tokens} (cls, distillation and register tokens); only a '
+                          "distillation token is added or dropped. Pick weights with the student's token layout.")
+    prefix = model.num_prefix_tokens * embedded  # rows of pos_embed before the grid
     weight = state.get('patch_embed.proj.weight')  # [D, C, p, p]
     if weight is not None and weight.shape[-2:] != model.patch_embed.proj.weight.shape[-2:]:
         state['patch_embed.proj.weight'] = resample_patch_embed(weight, list(model.patch_embed.patch_size))
@@ -103,7 +130,8 @@ def _vit_shape(state: StateDict) -> str:
     depth = len({m.group(1) for k in state if (m := re.match(r'blocks\.(\d+)\.', k))})
     patch = state['patch_embed.proj.weight'].shape[-1] if 'patch_embed.proj.weight' in state else '?'
     token = 'with' if 'dist_token' in state else 'without'
-    return f"{state['cls_token'].shape[-1]} wide, {depth} blocks, {patch}-px patches, {token} a distillation token"
+    return (f"{state['cls_token'].shape[-1]} wide, {depth} block{'s' * (depth != 1)}, {patch}-px patches, {token} a "
+            'distillation token')
 
 
 def load_pretrained(student: nn.Module, source: str, trusted: bool = False) -> List[str]:
@@ -168,10 +196,10 @@ def read_weights(path: Path, trusted: bool = False) -> Tuple[StateDict, Optional
     """
     path = Path(path)
     if path.is_dir() and (path / 'checkpoints').is_dir():
-        found = complete_checkpoints(path / 'checkpoints')
-        if not found:
+        newest = latest_checkpoint(path / 'checkpoints')
+        if newest is None:
             raise ConfigError(f'{path}/checkpoints holds no complete checkpoint.')
-        path = found[-1]
+        path = newest
     if path.is_dir():
         weights = path / 'model.safetensors'
         if not weights.is_file():
@@ -183,6 +211,25 @@ def read_weights(path: Path, trusted: bool = False) -> Tuple[StateDict, Optional
     if not path.is_file():
         raise ConfigError(f"Nothing to evaluate at '{path}'.")
     return _student_keys(read_state_dict(str(path), trusted)), None, path.parent
+
+
+def load_student(student: nn.Module, weights: StateDict, path: Path, cfg: DictConfig) -> bool:
+    """Saved weights (from `read_weights`) into the student the config builds, for `--eval` and `--export`.
+
+    Returns:
+        whether the weights hold the shadow heads (a cls-head export has none, and is fine without them).
+    """
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    shadow = ('model.head_dist', 'shadow_heads')
+    if unexpected or [k for k in missing if not k.startswith(shadow)]:
+        hint = ''
+        if cfg.loss.method == 'none' and any(k.startswith(shadow) for k in unexpected):
+            hint = (' A run trained with loss.method=none before 2026-11-27 trained both heads on the labels: that is '
+                    'loss.method=none_both_heads now (add it to the command).')
+        raise ConfigError(f"The weights in '{path}' do not fit the configured student {cfg.model.name} "
+                          f'(missing {missing[:5]}, unexpected {unexpected[:5]}): pass the config it was trained '
+                          f'with.{hint}')
+    return not any(k.startswith(shadow) for k in missing)
 
 
 def find_config(path: Path) -> Optional[Path]:

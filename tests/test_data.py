@@ -100,9 +100,19 @@ def test_imagefolder_errors_name_the_problem(tmp_path, imagefolder):
     assert len(splits.train) == 48 and len(splits.val) == 20 and len(splits.classes) == 4
 
 
-def test_cifar_offline_without_files_says_where_to_put_them(tmp_path):
+def test_cifar_offline_without_files_says_where_to_put_them(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match='data.download=true'):
         data.build_splits(load_config(None, ['data.name=cifar100', f'data.root={tmp_path}']))
+    from urllib.error import URLError
+
+    from torchvision.datasets import CIFAR100
+
+    def offline(self):  # what torchvision's download raises without a network (name resolution fails)
+        raise URLError('[Errno -2] Name or service not known')
+    monkeypatch.setattr(CIFAR100, 'download', offline)
+    with pytest.raises(ConfigError, match=r"URLError.*the download failed; offline, put the extracted python-version "
+                                          r"archive there \('.*/cifar-100-python/'\)"):
+        data.build_splits(load_config(None, ['data.name=cifar100', f'data.root={tmp_path}', 'data.download=true']))
 
 
 def test_deit_randaugment_survives_its_strongest_posterize():

@@ -58,11 +58,33 @@ def test_distilled_weights_keep_both_prefix_tokens_when_resampled(saved_weights)
     assert not any('re-initialised' in n for n in notes)
 
 
+def test_distilled_weights_fit_a_plain_vit_and_a_cls_export_fits_a_distilled_student(saved_weights, tmp_path):
+    """The `none` baseline (a plain ViT) from a distilled DeiT: its distillation token, position and head go. A
+    shake-vit cls-head export ([cls, reg, patches]) back into a distilled student: the register token is the
+    distillation token again. This trainer's own student.safetensors, extra shadow heads and all, loads too."""
+    path, source = saved_weights['deit']
+    plain = build_student(load_config(None, [*STUDENT, 'model.name=deit_tiny_patch16_224', 'loss.method=none']), 7)
+    notes = load_pretrained(plain, str(path))
+    assert any('distillation token, its position embedding and its head are dropped' in n for n in notes)
+    assert torch.equal(plain.model.cls_token, source['cls_token'])
+    assert torch.equal(plain.model.blocks[0].mlp.fc1.weight, source['blocks.0.mlp.fc1.weight'])
+    assert plain.model.pos_embed.shape == (1, 1 + 16, 32)
+    export = timm.create_model('deit_tiny_patch16_224', reg_tokens=1, **SOURCE)
+    save_file({k: v.contiguous() for k, v in export.state_dict().items()}, str(tmp_path / 'export.safetensors'))
+    student = build_student(load_config(None, STUDENT), 7)
+    notes = load_pretrained(student, str(tmp_path / 'export.safetensors'))
+    assert torch.equal(student.model.dist_token, export.reg_token) and 'register token becomes' in notes[0]
+    two = build_student(load_config(None, [*STUDENT, 'extra_teachers=[{name: test_resnet}]']), 7)
+    save_file({k: v.contiguous() for k, v in two.state_dict().items()}, str(tmp_path / 'student.safetensors'))
+    assert load_pretrained(build_student(load_config(None, STUDENT), 7), str(tmp_path / 'student.safetensors')) == []
+
+
 @pytest.mark.parametrize('which', ['vit', 'deit'])
 def test_finetuning_with_shake_from_saved_weights_trains_and_evaluates(saved_weights, which, teacher_file, tmp_path):
     path, _ = saved_weights[which]
+    # --resume auto, as a requeued job passes it: with no checkpoint yet the run starts from the weights
     proc = main([*TINY, f'model.pretrained={path}', f'teacher.checkpoint={teacher_file}',
-                 f'train.output_dir={tmp_path}'])
+                 f'train.output_dir={tmp_path}', '--resume', 'auto'])
     assert 'fine-tuning from' in proc.stdout and 'position embedding resampled' in proc.stdout
     r = results(tmp_path)
     assert r['num_samples'] == 360 and 'top1_cls' in r and 'teacher_top1' in r
@@ -206,3 +228,34 @@ def test_the_plain_deit_baseline_exports_as_timms_vit_and_an_untrained_shadow_he
     main([*TINY, 'loss.method=kd', f'teacher.checkpoint={teacher_file}', f'train.output_dir={kd}'])
     proc = main(['--export', str(kd), '--export-head', 'both'], check=False)
     assert proc.returncode == 2 and "loss.method='kd' does not train" in proc.stderr
+
+
+def test_what_the_student_predicts_with_picks_the_best_checkpoint_the_table_mark_and_the_default_export(teacher_file,
+                                                                                                        tmp_path):
+    """deit_hard predicts with the average of its heads (DeiT's inference): the best checkpoint is chosen by
+    top1_avg, the table marks that row, and --export writes the two-head DeiT unless told otherwise."""
+    out = tmp_path / 'deit_hard'
+    proc = main([*TINY, 'loss.method=deit_hard', f'teacher.checkpoint={teacher_file}', f'train.output_dir={out}'])
+    assert [line for line in proc.stdout.splitlines() if '<- the model' in line][0].startswith('average (DeiT)')
+    state = json.loads(next((out / 'checkpoints').glob('update_*/trainer_state.json')).read_text())
+    assert state['best_of'] == 'top1_avg' and state['best'] == state['metrics']['top1_avg']
+    exported = main(['--export', str(out), '--export-dir', str(tmp_path / 'exported')])
+    assert 'exported the two-head DeiT' in exported.stdout
+    config = json.loads((tmp_path / 'exported' / 'config.json').read_text())
+    assert config['architecture'] == 'deit_tiny_distilled_patch16_224'
+    assert 'exported the cls-head ViT' in main(['--export', str(out), '--export-head', 'cls',
+                                                '--export-dir', str(tmp_path / 'cls')]).stdout
+
+
+def test_a_run_of_the_old_none_says_how_to_evaluate_and_export_it(tmp_path):
+    """Until 2026-11-27 `none` trained both heads on the labels: such a run's weights hold a shadow head the `none`
+    student no longer has. --eval and --export say to name it none_both_heads, and then work."""
+    out = tmp_path / 'old_none'
+    main([*TINY, 'model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'loss.method=none_both_heads',
+          f'train.output_dir={out}'])
+    config = out / 'config.yaml'
+    config.write_text(config.read_text().replace('method: none_both_heads', 'method: none'))  # as the old run wrote it
+    for command in (['--eval', str(out)], ['--export', str(out), '--export-dir', str(tmp_path / 'exported')]):
+        proc = main(command, check=False)
+        assert proc.returncode == 2 and 'that is loss.method=none_both_heads now' in proc.stderr, proc.stderr
+        main([*command, 'loss.method=none_both_heads'])

@@ -127,9 +127,18 @@ def test_print_config_shows_the_derived_values_and_trains_nothing(imagefolder, t
     assert not out.exists()
 
 
-def test_print_config_works_before_the_data_is_mounted(tmp_path):
+def test_print_config_works_before_the_data_is_mounted(tmp_path, monkeypatch):
     """Overrides on both sides of the flag; the data root does not exist yet: the config and every value that does
-    not need the data are printed, and the rest is named."""
+    not need the data are printed, and the rest is named. Printing never downloads (the CIFAR recipes' commands
+    carry data.download=true)."""
+    from torchvision.datasets import CIFAR100
+
+    def download(self):
+        raise AssertionError('--print-config downloaded the data set')
+    monkeypatch.setattr(CIFAR100, 'download', download)
+    proc = main(['--config', 'configs/cnn_vgg13_vgg8_cifar100.yaml', f'data.root={tmp_path}', 'data.download=true',
+                 '--print-config'])
+    assert 'download: true' in proc.stdout and '# data: not readable here (CIFAR100 is not under' in proc.stdout
     proc = main(['train.batch_size=8', '--config', IMAGENET_SHAKE, '--print-config',
                  f'data.root={tmp_path / "not_mounted"}'])
     assert 'batch_size: 8' in proc.stdout and f'root: {tmp_path / "not_mounted"}' in proc.stdout
@@ -180,3 +189,14 @@ def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
     crd = load_config([str(ROOT / 'configs/cnn_resnet34_resnet18_cifar100.yaml')])
     crd_tf = data.build_transforms(crd, (0.5,) * 3, (0.5,) * 3)[0].transforms
     assert [type(t).__name__ for t in crd_tf] == ['RandomCrop', 'RandomHorizontalFlip', 'MaybeToTensor', 'Normalize']
+
+
+def test_the_none_recipe_is_a_plain_deit_on_its_cls_head():
+    """DeiT's 72.20 row: deit_tiny_patch16_224 (no distillation token), no teacher, no shadow head."""
+    from shake_vit import methods
+    from shake_vit.config import load_config
+    from shake_vit.models import build_student
+    cfg = load_config([str(ROOT / 'configs/deit_tiny_none_in1k.yaml')], ['data.img_size=32', 'model.kwargs.depth=1'])
+    assert cfg.model.name == 'deit_tiny_patch16_224' and not methods.get(cfg.loss.method).needs_teacher
+    student = build_student(cfg, 1000)
+    assert student.num_shadow == 0 and not hasattr(student.model, 'dist_token') and student.predict == 'cls'

@@ -3,10 +3,13 @@ read from a file of another tool (docs/method.md, "The teacher's inputs")."""
 import json
 
 import pytest
+import timm
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from helpers import TINY, main, results
+from shake_vit.config import load_config
+from shake_vit.teacher import load_teacher
 
 # Statistics far from ImageNet's (what timm's DistillationTeacher would apply for test_byobnet): before the fix the
 # teacher fitted below scored 97.22 at fit time and 10.00 (chance) during distillation.
@@ -65,3 +68,23 @@ def test_teacher_statistics_for_a_teacher_fitted_here_are_refused(tmp_path):
     assert proc.returncode == 2 and "'teacher.mean' is [0.5, 0.5]" in proc.stderr
     proc = main([*TINY, 'teacher.mean=[0.5,0.5,0.5]', f'train.output_dir={tmp_path}'], check=False)
     assert proc.returncode == 2 and 'Set teacher.mean and teacher.std together' in proc.stderr
+
+
+def test_hub_weights_bring_their_pretrained_cfg_statistics_and_a_fit_from_them_the_datas(tmp_path):
+    """timm's pretrained weights (a local file stands in for the download, through timm's own pretrained_cfg
+    overlay): the teacher gets its pretrained_cfg's statistics whatever the data's; fitted from those weights with
+    a new head, it gets the data's, which it was fitted with."""
+    torch.manual_seed(0)
+    hub = timm.create_model('test_byobnet', num_classes=10)
+    save_file({k: v.contiguous() for k, v in hub.state_dict().items()}, str(tmp_path / 'hub.safetensors'))
+    overlay = (f'teacher.kwargs.pretrained_cfg_overlay={{file: {tmp_path}/hub.safetensors, num_classes: 10, '
+               'mean: [0.3,0.3,0.3], std: [0.2,0.2,0.2]}')
+    t = load_config(None, ['teacher.name=test_byobnet', 'teacher.pretrained=true', overlay]).teacher
+    teacher = load_teacher(t, 10, ((0.5,) * 3, (0.5,) * 3))
+    assert teacher.normalisation.source == "timm's pretrained_cfg of test_byobnet"
+    assert teacher.mean_kd.flatten().tolist() == pytest.approx([0.3] * 3)
+    assert teacher.std_kd.flatten().tolist() == pytest.approx([0.2] * 3)
+    assert all(torch.equal(v, hub.state_dict()[k]) for k, v in teacher.model.state_dict().items())
+    proc = main([*TINY, *STATS, 'teacher.pretrained=true', overlay, f'train.output_dir={tmp_path / "fit"}'])
+    assert "(from timm's pretrained weights, new head)" in proc.stdout
+    assert 'mean [0.2, 0.3, 0.4], std [0.5, 0.4, 0.3] (what it was fitted with)' in proc.stdout
