@@ -66,6 +66,8 @@ class Payload:
     (['data.img_size=30'], ['The image size 30x30 (data.img_size) is not a multiple of the patch size 8x8 '
                             '(model.kwargs.patch_size)', 'the 3x3 patch grid would leave out the last 6',
                             '(24 or 32)']),
+    (['loss.method=kd', 'model.predict=avg'], ["model.predict=avg averages the shadow heads with the cls head, but "
+                                               "loss.method='kd' trains no shadow head"]),
 ])
 def test_bad_configuration_values(args, expected, tmp_path):
     fails([*TINY, f'train.output_dir={tmp_path / "run"}', *args], *expected)
