@@ -1,4 +1,5 @@
-"""Training-step throughput of none, deit_hard and shake, against timm's TokenDistillationTask doing DeiT-hard.
+"""Training-step throughput of none, deit_hard and shake, against timm's TokenDistillationTask doing DeiT-hard; and, on
+CRD's CIFAR pair, of SHAKE's two CNN shadow heads against KD (the paper: SHAKE x1.18 of KD on CIFAR-100).
 
 Every method runs through the same loop (shake_vit.engine.Trainer.step: mixup off, forward, backward, AdamW update)
 on the same synthetic batch already on the device, so only the task differs. The methods are interleaved within each
@@ -6,6 +7,7 @@ repeat, warm-up steps are excluded, and the median over repeats is reported; rat
 
     python benchmarks/step_throughput.py                      # CPU configuration (this machine)
     python benchmarks/step_throughput.py --preset gpu         # DeiT-S + RegNetY-16GF, 224 px, bf16, batch 256
+    python benchmarks/step_throughput.py --preset cifar --methods kd shake --variant model.shadow_on=teacher
     python benchmarks/step_throughput.py --steps 1 --repeats 1 --warmup 0 --no-memory   # the smoke test
 
 Peak memory: on CUDA the allocator's peak per method; on the CPU the peak resident set of a separate process that
@@ -45,8 +47,13 @@ PRESETS = {
     # The DeiT setting: DeiT-S student, RegNetY-16GF teacher, 224 px, bf16, 256 images per step.
     'gpu': ['model.name=deit_small_distilled_patch16_224', 'teacher.name=regnety_160', 'data.img_size=224',
             'train.batch_size=256', 'train.mixed_precision=bf16'],
+    # CRD's resnet32x4 -> resnet8x4 at CIFAR's 32 px and batch 64, fp32, the shadow head on the pooled features
+    # (`--variant model.shadow_on=teacher`: the authors' proxy teacher on the teacher's maps).
+    'cifar': ['model.name=cifar_resnet8x4', 'model.kwargs={}', 'model.drop_path_rate=0', 'model.shadow_on=pooled',
+              'teacher.name=cifar_resnet32x4', 'data.img_size=32', 'train.batch_size=64', 'train.mixed_precision=no',
+              'optim.opt=momentum'],
 }
-METHODS = ('none', 'deit_hard', 'shake', 'timm_token_hard')
+METHODS = ('none', 'deit_hard', 'shake', 'timm_token_hard', 'kd')
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NUM_CLASSES = 1000
 
@@ -54,7 +61,11 @@ NUM_CLASSES = 1000
 def build(method: str, cfg: DictConfig, acc: Accelerator) -> Trainer:
     """A Trainer whose task is ours for `method`, or timm's TokenDistillationTask for 'timm_token_hard'."""
     torch.manual_seed(0)
-    student = build_student(cfg, NUM_CLASSES)
+    method_cfg = cfg.copy()
+    # the 'none' row is the two-head student without a teacher (the step docs/benchmarks.md reports); timm's task
+    # trains the distilled DeiT deit_hard trains
+    method_cfg.loss.method = {'none': 'none_both_heads', 'timm_token_hard': 'deit_hard'}.get(method, method)
+    student = build_student(method_cfg, NUM_CLASSES)
     optimizer = build_optimizer(cfg.optim, student, lr=1e-4)
     student, optimizer = acc.prepare(student, optimizer)
     if cfg.train.compile:  # what Accelerate's dynamo_backend='inductor' does in prepare, per configuration here
@@ -69,9 +80,6 @@ def build(method: str, cfg: DictConfig, acc: Accelerator) -> Trainer:
                                      distill_type='hard', task_loss_weight=0.5, device=acc.device, verbose=False)
         task.trainable_module = student.model if hasattr(student, 'model') else student
     else:
-        method_cfg = cfg.copy()
-        # the 'none' row is the two-head student without a teacher (the step docs/benchmarks.md reports)
-        method_cfg.loss.method = 'none_both_heads' if method == 'none' else method
         task = DistillationTask(student, teacher, loss_fn(method_cfg), torch.nn.CrossEntropyLoss(), MEAN, STD,
                                 **teacher_options(cfg))
     return Trainer(acc, task.to(acc.device), optimizer, schedule=None, log_interval=10 ** 9)
@@ -155,7 +163,7 @@ def flops_per_step(cfg: DictConfig, device: torch.device) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--preset', choices=sorted(PRESETS), default='cpu')
-    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=METHODS)
+    p.add_argument('--methods', nargs='+', default=['none', 'deit_hard', 'shake', 'timm_token_hard'], choices=METHODS)
     p.add_argument('--steps', type=int, default=5, help='timed steps per repeat')
     p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--repeats', type=int, default=5)
@@ -190,7 +198,9 @@ def main() -> None:
         mem = f"{r['peak_gib']:.2f}" if r['peak_gib'] is not None else 'not measured'
         print(f"| {name} | {1000 * r['step_s']:.1f} | {r['images_per_sec']:.1f} | {mem} |")
     step = {name: r['step_s'] for name, r in results.items()}
-    pairs = [('shake', 'deit_hard'), ('deit_hard', 'timm_token_hard'), ('deit_hard', 'none'), ('shake', 'none')]
+    pairs = [('shake', 'deit_hard'), ('deit_hard', 'timm_token_hard'), ('deit_hard', 'none'), ('shake', 'none'),
+             ('shake', 'kd')]
+    pairs += [(f'shake [{v}]', 'kd') for v in args.variant]
     pairs += [(f'{m} [{v}]', m) for v in args.variant for m in args.methods]
     print('\n| ratio (step time) | value |\n| --- | --- |')
     for a, b in pairs:

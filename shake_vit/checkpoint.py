@@ -38,6 +38,7 @@ class Progress:
     metrics: Dict[str, float] = field(default_factory=dict)  # the latest evaluation
     best: Optional[float] = None  # best value of the tracked metric so far
     best_of: str = ''  # the metrics entry `best` tracks (ckpt.metric, else what the student predicts with)
+    best_epoch: int = 0  # the epoch (1-based) that scored `best`
     run: Dict[str, Any] = field(default_factory=dict)  # what must match on resume (architecture, classes, ...)
 
 

@@ -79,6 +79,9 @@ class ModelConfig:
     predict: Optional[str] = None  # eval-mode output: cls | avg (all heads); null: the method's (shake cls, deit avg)
     pretrained: Optional[str] = None  # fine-tune from: a local file (timm / DeiT / .safetensors) or a timm name.tag
     shadow_on: str = 'auto'  # token (a DeiT's distillation token) | pooled (any classifier's pooled features) | auto
+    # | teacher (the authors' proxy teacher on the teacher's feature maps, shake_vit.models.ProxyTeacherHead)
+    proxy_features: Optional[List[int]] = None  # shadow_on=teacher: 3 indices into the teacher's feature maps; null:
+    # the maps the SHAKE authors fused for CRD's networks, the last three for other timm CNNs
     cifar_stem: bool = False  # CIFAR form of a timm ResNet/MobileNet (32-px stem) or VGG (CRD's head); see README
 
 
@@ -90,6 +93,7 @@ class TeacherFitConfig:
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 1
+    sched: str = 'cosine'  # cosine | multistep (optim.decay_milestones, CRD's teachers) | step | constant
 
 
 @dataclass
@@ -129,7 +133,9 @@ class OptimConfig:
     lr: Optional[float] = None  # absolute lr; null: base_lr * global_batch / lr_base_size (DeiT's rule)
     base_lr: float = 5e-4
     lr_base_size: int = 512
-    weight_decay: float = 0.05  # never on biases, norms, cls/dist tokens or position embeddings
+    weight_decay: float = 0.05
+    filter_bias_and_bn: bool = True  # no weight decay on biases, norms, cls/dist tokens and position embeddings
+    # (timm, DeiT); false: on every parameter (CRD's SGD)
     momentum: float = 0.9
     clip_grad: Optional[float] = None
     fused: bool = True  # fused AdamW/Adam kernels when training on CUDA
@@ -194,8 +200,9 @@ CHOICES = {
     'loss.deit_soft_reduction': KL_REDUCTIONS,
     'model.shadow_head': ('linear', 'mlp'),
     'model.predict': (None, 'avg', 'cls'),
-    'model.shadow_on': ('auto', 'token', 'pooled'),
+    'model.shadow_on': ('auto', 'token', 'pooled', 'teacher'),
     'optim.sched': ('cosine', 'multistep', 'step', 'constant'),
+    'teacher.fit.sched': ('cosine', 'multistep', 'step', 'constant'),
     'train.mixed_precision': ('no', 'bf16', 'fp16'),
     'teacher.precision': ('auto', 'fp32', 'bf16', 'fp16'),
     'aug.re_mode': ('pixel', 'const', 'rand'),

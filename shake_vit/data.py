@@ -15,6 +15,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from timm.data import Mixup, create_transform
+from timm.data.transforms import str_to_interp_mode
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 from torchvision import transforms as T
@@ -189,7 +190,8 @@ def build_transforms(cfg: DictConfig, mean: Sequence[float], std: Sequence[float
 
     `aug.train_crop=pad_crop` is DeiT's 32-px path (facebookresearch/deit `datasets.py`, `build_transform` for
     inputs of 32 px): timm's pipeline with its random-resized crop swapped for a random crop after zero padding,
-    everything after it (RandAugment, flip, erasing) unchanged. With those off it is CRD's CIFAR protocol.
+    everything after it (RandAugment, flip, erasing) unchanged. With those off it is CRD's CIFAR protocol. Images of
+    another size are first resized to `data.img_size` (PIL leaves an image of that size untouched).
     """
     a = cfg.aug
     mean, std = tuple(mean), tuple(std)
@@ -197,8 +199,10 @@ def build_transforms(cfg: DictConfig, mean: Sequence[float], std: Sequence[float
         cfg.data.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
         color_jitter=tuple(a.color_jitter) if any(a.color_jitter) else None, auto_augment=a.auto_augment,
         interpolation=a.interpolation, mean=mean, std=std, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
-    if a.train_crop == 'pad_crop':
-        train.transforms[0] = T.RandomCrop(cfg.data.img_size, padding=a.crop_padding)  # timm's crop comes first
+    if a.train_crop == 'pad_crop':  # in place of timm's crop, which comes first; the resize is a no-op at img_size
+        size = cfg.data.img_size  # (CIFAR's 32 px) and brings other images to it, as the crop needs
+        train.transforms[0:1] = [T.Resize(size, interpolation=str_to_interp_mode(a.interpolation)),
+                                 T.RandomCrop(size, padding=a.crop_padding)]
     val = create_transform(cfg.data.img_size, is_training=False, interpolation=a.interpolation, mean=mean, std=std,
                            crop_pct=a.crop_pct)
     return train, val

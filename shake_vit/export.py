@@ -32,11 +32,11 @@ def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
     """The timm model equal to `student` in eval mode (`both`) or to its cls head (`cls`)."""
     kwargs: Dict[str, Any] = dict(student_kwargs(cfg), num_classes=student.num_classes)
     state = student.model.state_dict()
-    if student.placement == 'pooled' or student.num_shadow > 1:
+    if student.placement != 'token' or student.num_shadow > 1:
         if head == 'both':
             raise ConfigError('--export-head both exports a distilled DeiT with one shadow head; this student has its '
                               'shadow heads outside timm\'s model. Export the classification head: --export-head cls.')
-        if student.placement == 'pooled':  # the timm classifier itself is SHAKE's deliverable
+        if student.placement != 'token':  # the timm classifier itself is SHAKE's deliverable
             model = build_classifier(cfg, student.num_classes, training=False)
             model.load_state_dict(state)
             return model.eval()
@@ -134,7 +134,7 @@ def export(path: str, configs=(), overrides=(), head: Optional[str] = None, out_
         diff = (reloaded(x) - expected).abs().max().item()
     if diff > 1e-4:
         raise RuntimeError(f'The exported model differs from the student by {diff:.2e}; please report this.')
-    what = 'timm classifier' if student.placement == 'pooled' else 'two-head DeiT' if head == 'both' else \
+    what = 'timm classifier' if student.placement != 'token' else 'two-head DeiT' if head == 'both' else \
         'cls-head ViT'
     print(f'[shake-vit] exported the {what} to {out} (max logit difference to the student {diff:.1e}). Load it with '
           f'{how}')

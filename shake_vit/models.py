@@ -2,18 +2,22 @@
 
 Reading weight files and fine-tuning adaptation live in `shake_vit/weights.py`, the teacher in `shake_vit/teacher.py`.
 """
-from typing import Any, Dict, List, Sequence, Set, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import timm
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import reduce
+from timm.models._features import feature_take_indices
 from omegaconf import DictConfig, OmegaConf
 
-from . import methods, zoo  # noqa: F401  (zoo registers vgg8_bn and the ShuffleNetV2 adapter in timm)
+from . import crd, methods, zoo  # noqa: F401  (crd and zoo register architectures timm lacks in its registry)
 from .config import ConfigError
 
 HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])
+ProxyInput = Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]  # a teacher's 3 maps, its classifier weight, bias
 
 
 def _head(dim: int, num_classes: int, kind: str, hidden: int) -> nn.Module:
@@ -31,15 +35,64 @@ def average_heads(s: torch.Tensor, hs: Sequence[torch.Tensor]) -> torch.Tensor:
     return reduce([s, *hs], 'heads b k -> b k', 'mean')
 
 
+@dataclass(frozen=True)
+class ProxySpec:
+    """What a proxy-teacher head needs to know of its teacher: which of its feature maps it fuses (indices into the
+    teacher's `forward_intermediates`), their channels, the stride between them, and the classifier's input width."""
+
+    indices: Tuple[int, ...]
+    channels: Tuple[int, int, int]
+    strides: Tuple[int, int]
+    out_channels: int
+
+
+def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(oup),
+                         nn.ReLU(inplace=True))
+
+
+class ProxyTeacherHead(nn.Module):
+    """The SHAKE authors' CNN shadow head (lliai/SHAKE `shake/models/util.py`, class `Shake`): a proxy teacher built
+    on the frozen teacher's feature maps `f1, f2, f3` and scored by the teacher's own classifier, detached.
+
+        h = W_t . GAP(fuse5(fuse3(fuse1(f1) + fuse2(f2)) + fuse4(f3))) + b_t
+
+    fuse1 and fuse3 are 3x3 conv-BN-ReLU that move to the next map's width and resolution (stride 2 where it halves),
+    fuse2 and fuse4 1x1 conv-BN-ReLU, fuse5 a 3x3 conv-BN-ReLU to the classifier's input width (the authors' keeps
+    f3's width, the same thing for every teacher they ran). Only the fusion layers train.
+    """
+
+    def __init__(self, spec: ProxySpec):
+        super().__init__()
+        (c1, c2, c3), (s1, s2) = spec.channels, spec.strides
+        self.indices = spec.indices
+        self.fuse1 = _conv_bn_relu(c1, c2, 3, s1)
+        self.fuse2 = _conv_bn_relu(c2, c2, 1, 1)
+        self.fuse3 = _conv_bn_relu(c2, c3, 3, s2)
+        self.fuse4 = _conv_bn_relu(c3, c3, 1, 1)
+        self.fuse5 = _conv_bn_relu(c3, spec.out_channels, 3, 1)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+
+    def forward(self, maps: Sequence[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        f1, f2, f3 = maps  # [B, C_i, H_i, W_i], the teacher's, no gradient
+        x = self.fuse5(self.fuse3(self.fuse1(f1) + self.fuse2(f2)) + self.fuse4(f3))  # [B, C, H3, W3]
+        return F.linear(reduce(x, 'b c h w -> b c', 'mean'), weight.detach(), bias.detach())  # [B, K]
+
+
 class Student(nn.Module):
     """A timm classifier with SHAKE's shadow head(s) beside its classification head, one per teacher.
 
-    Two placements, as the paper's two systems:
-        token:  a distilled DeiT: the distillation token feeds the shadow head, which *is* timm's `head_dist`, so
-                the state dict under `model.` stays a plain timm checkpoint; further teachers' shadow heads read the
-                same token (`shadow_heads`).
-        pooled: any timm classifier (ResNet, MobileNet, ConvNeXt, ...): the shadow heads read the pooled features
-                that the classification head reads (the shared-backbone form).
+    Three placements:
+        token:   a distilled DeiT: the distillation token feeds the shadow head, which *is* timm's `head_dist`, so
+                 the state dict under `model.` stays a plain timm checkpoint; further teachers' shadow heads read the
+                 same token (`shadow_heads`). The paper's ViT system.
+        pooled:  any timm classifier (ResNet, MobileNet, ConvNeXt, ...): the shadow heads read the pooled features
+                 that the classification head reads (the shared-backbone form).
+        teacher: any timm classifier: each shadow head is a proxy teacher on its teacher's feature maps
+                 (`ProxyTeacherHead`, from `proxy_specs`), fed through the forward's `proxy_inputs`. The authors'
+                 CNN system.
     `num_shadow=0` (methods that train no shadow head: `none`, `kd`) builds none; a distilled DeiT's `head_dist`,
     part of timm's architecture, then stays frozen and out of every output.
 
@@ -49,7 +102,7 @@ class Student(nn.Module):
     """
 
     def __init__(self, model: nn.Module, placement: str = 'token', num_shadow: int = 1, head: str = 'linear',
-                 hidden: int = 0, predict: str = 'cls'):
+                 hidden: int = 0, predict: str = 'cls', proxy_specs: Sequence[ProxySpec] = ()):
         super().__init__()
         if placement == 'token' and not has_distillation_token(model):
             raise ConfigError(
@@ -68,7 +121,10 @@ class Student(nn.Module):
         else:
             dim = getattr(model, 'head_hidden_size', None) or model.num_features  # what forward_head(pre_logits) gives
         extra = num_shadow - self.token_head
-        self.shadow_heads = nn.ModuleList(_head(dim, num_classes, head, hidden) for _ in range(extra))
+        if placement == 'teacher':
+            self.shadow_heads = nn.ModuleList(ProxyTeacherHead(spec) for spec in proxy_specs[:num_shadow])
+        else:
+            self.shadow_heads = nn.ModuleList(_head(dim, num_classes, head, hidden) for _ in range(extra))
 
     @property
     def num_classes(self) -> int:
@@ -78,8 +134,13 @@ class Student(nn.Module):
     def num_shadow(self) -> int:
         return len(self.shadow_heads) + self.token_head
 
-    def forward_heads(self, x: torch.Tensor) -> HeadLogits:
+    def forward_heads(self, x: torch.Tensor, proxy_inputs: Optional[Sequence[ProxyInput]] = None) -> HeadLogits:
+        """Every head's logits. `proxy_inputs` (placement 'teacher'): per teacher, its maps and classifier; without
+        them (no teacher at hand, e.g. `--eval` of an export) there are no shadow logits."""
         m = self.model
+        if self.placement == 'teacher':
+            s = m.forward_head(m.forward_features(x))
+            return s, [h(*inputs) for h, inputs in zip(self.shadow_heads, proxy_inputs or ())]
         if self.placement == 'token':
             tokens = m.forward_features(x)  # [B, 2 + N, D]: cls, dist, patches
             # As VisionTransformerDistilled.forward_head, but every head in every mode.
@@ -93,8 +154,8 @@ class Student(nn.Module):
         pooled = m.forward_head(features, pre_logits=True)  # [B, D]
         return s, [h(pooled) for h in self.shadow_heads]
 
-    def forward(self, x: torch.Tensor):
-        s, hs = self.forward_heads(x)
+    def forward(self, x: torch.Tensor, proxy_inputs: Optional[Sequence[ProxyInput]] = None):
+        s, hs = self.forward_heads(x, proxy_inputs)
         if self.training:
             return s, (None if not hs else hs[0] if len(hs) == 1 else tuple(hs))
         return s if self.predict == 'cls' else average_heads(s, hs)
@@ -189,6 +250,44 @@ def check_patch_grid(model: nn.Module, size_key: str, patch_key: str) -> None:
             f'every image. Use an image size the patch divides ({fits}) or a patch size that divides {h}.')
 
 
+def build_teacher_architecture(t: DictConfig, num_classes: int) -> nn.Module:
+    """Teacher config `t`'s architecture (`teacher` or an `extra_teachers` entry) with fresh weights: its timm
+    keyword arguments and, with `cifar_stem`, its CIFAR form."""
+    if not timm.is_model(t.name):
+        raise ConfigError(unknown_model_error(t.name, 'teacher.name'))
+    model = timm.create_model(t.name, num_classes=num_classes, **OmegaConf.to_container(t.kwargs, resolve=True))
+    check_patch_grid(model, 'teacher.kwargs.img_size', 'teacher.kwargs.patch_size')
+    return cifar_stem(model) if t.cifar_stem else model
+
+
+def proxy_spec(t: DictConfig, num_classes: int, indices: Optional[Sequence[int]] = None) -> ProxySpec:
+    """What a proxy-teacher head on teacher `t` fuses: `indices` into the teacher's feature maps (`feature_info`),
+    else the teacher's own choice (`proxy_feature_indices`: CRD's networks name the maps the authors fused), else its
+    last three. Read from the architecture alone, built on the meta device (no weights, no data)."""
+    with torch.device('meta'):
+        teacher = build_teacher_architecture(t, num_classes)
+    info = list(getattr(teacher, 'feature_info', None) or [])
+    if not info or not hasattr(teacher, 'forward_intermediates'):
+        raise ConfigError(f"model.shadow_on=teacher fuses the teacher's feature maps, and timm's {t.name} exposes none "
+                          '(no feature_info / forward_intermediates): put the shadow head on the student '
+                          '(model.shadow_on=pooled), or pick another teacher.')
+    chosen = list(indices or getattr(teacher, 'proxy_feature_indices', None) or (-3, -2, -1))
+    if len(chosen) != 3 or not all(-len(info) <= i < len(info) for i in chosen):
+        raise ConfigError(f'model.proxy_features is {chosen}: three indices into the {len(info)} feature maps of '
+                          f"{t.name} ({', '.join(str(f['module']) for f in info)}) are needed.")
+    take, _ = feature_take_indices(len(info), chosen)
+    chs, red = [info[i]['num_chs'] for i in take], [info[i]['reduction'] for i in take]
+    if red[1] % red[0] or red[2] % red[1]:
+        raise ConfigError(f'The feature maps {take} of {t.name} have reductions {red}: each must divide the next for '
+                          'the proxy teacher to fuse them; choose others with model.proxy_features.')
+    classifier = teacher.get_classifier()
+    classifier = classifier[0] if isinstance(classifier, tuple) else classifier
+    if not isinstance(classifier, nn.Linear):
+        raise ConfigError(f"The proxy teacher scores with the teacher's linear classifier, and {t.name}'s is a "
+                          f'{type(classifier).__name__}: use model.shadow_on=pooled with this teacher.')
+    return ProxySpec(tuple(take), tuple(chs), (red[1] // red[0], red[2] // red[1]), classifier.in_features)
+
+
 def build_student(cfg: DictConfig, num_classes: int) -> Student:
     """The student of the configured method: one shadow head per teacher when the method trains them, none
     otherwise; its eval-mode output is `model.predict`, else the method's."""
@@ -199,8 +298,14 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
     if m.predict == 'avg' and not num_shadow:
         raise ConfigError(f"model.predict=avg averages the shadow heads with the cls head, but loss.method="
                           f"'{method.name}' trains no shadow head: drop model.predict (the cls head is the model).")
+    specs = []
+    if placement == 'teacher' and num_shadow:
+        if not method.needs_teacher:
+            raise ConfigError(f"model.shadow_on=teacher builds the shadow head on the teacher's features, but "
+                              f"loss.method='{method.name}' has no teacher: use model.shadow_on=auto.")
+        specs = [proxy_spec(t, num_classes, m.proxy_features) for t in [cfg.teacher, *cfg.extra_teachers]]
     return Student(model, placement, num_shadow=num_shadow, head=m.shadow_head, hidden=m.shadow_hidden_dim,
-                   predict=m.predict or method.predict)
+                   predict=m.predict or method.predict, proxy_specs=specs)
 
 
 def unknown_model_error(name: str, key: str) -> str:

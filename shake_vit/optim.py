@@ -11,13 +11,15 @@ from timm.scheduler.scheduler import Scheduler
 
 def build_optimizer(o: DictConfig, model: nn.Module, lr: float,
                     weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
-    """timm's optimizer factory; `filter_bias_and_bn` plus the model's `no_weight_decay()` keep weight decay off
-    biases, norm weights, the cls/dist tokens and the position embeddings."""
+    """timm's optimizer factory. With `optim.filter_bias_and_bn` (the default, timm's and DeiT's), it and the model's
+    `no_weight_decay()` keep weight decay off biases, norm weights, the cls/dist tokens and the position embeddings;
+    off, every parameter decays, as CRD's SGD does."""
     wd = o.weight_decay if weight_decay is None else weight_decay
     extra = {}
     if o.fused and torch.cuda.is_available() and o.opt.lower() in ('adamw', 'adam'):
         extra['fused'] = True  # one kernel per step instead of one per parameter tensor
-    return create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=wd, momentum=o.momentum, filter_bias_and_bn=True,
+    return create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=wd, momentum=o.momentum,
+                               filter_bias_and_bn=o.filter_bias_and_bn,
                                **extra)
 
 

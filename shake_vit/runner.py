@@ -98,7 +98,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     if start is not None:
         progress = ckpt.load(start)
         if progress.best_of != metric:  # another ckpt.metric than the run began with: its best starts again
-            progress.best, progress.best_of = None, metric
+            progress.best, progress.best_of, progress.best_epoch = None, metric, 0
         trainer.update = progress.update
         schedule.step_update(num_updates=progress.update)
         log(acc, f'resumed from {start}: epoch {progress.epoch}, batch {progress.batches_done}, '
@@ -141,7 +141,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
                 acc.log({f'val/{k}': v for k, v in progress.metrics.items()}, step=trainer.update)
                 value = progress.metrics.get(metric)
                 if value is not None and (progress.best is None or value > progress.best):
-                    progress.best = value
+                    progress.best, progress.best_epoch = value, epoch + 1
                 heads = ', '.join(f'{h} {progress.metrics[f"top1_{h}"]:.2f}' for h in ('cls', 'shadow', 'avg')
                                   if f'top1_{h}' in progress.metrics)
                 log(acc, f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.get('loss', float('nan')):.4f}, "
@@ -162,7 +162,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     if not progress.metrics:  # resumed from a finished run's last checkpoint: nothing left to train
         progress.metrics = evaluate_student(student, ema, task, pipe.val_loader, acc)
     trained = (trainer.update - first_update) * d.global_batch  # images this invocation trained on
-    results = dict(progress.metrics, epochs=cfg.train.epochs, train_images_per_sec=trained / max(train_time, 1e-9))
+    # The final evaluation, and the best one by `metric` over the run (CRD's logs report the best epoch's top-1).
+    results = dict(progress.metrics, epochs=cfg.train.epochs, train_images_per_sec=trained / max(train_time, 1e-9),
+                   **({f'best_{metric}': progress.best, 'best_epoch': progress.best_epoch} if progress.best else {}))
     if acc.is_main_process:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}

@@ -1,5 +1,5 @@
 """The training step of every distillation method as a timm `TrainingTask`: student, frozen teacher, named terms."""
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -7,6 +7,9 @@ from einops import rearrange
 from timm.task import DistillationTeacher, TrainingTask
 
 from .methods import LossFn
+from .models import ProxyInput
+
+Teachers = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # one teacher's logits [B, K], or one per teacher
 
 
 class DistillationTask(TrainingTask):
@@ -16,7 +19,7 @@ class DistillationTask(TrainingTask):
 
     Args:
         student: module whose training-mode forward returns (cls logits [B, K], shadow logits [B, K], or a tuple of
-            them with several teachers).
+            them with several teachers); a `Student` with proxy-teacher heads also takes the teachers' maps.
         teachers: frozen teachers (a single one, a list, or None for methods without one), each holding the
             statistics its inputs are normalised with (`mean_kd`, `std_kd`; see shake_vit/teacher.py).
         loss: the method's loss, `(s, h, t, y, ce) -> {term: weighted value}`; `h` and `t` are tuples with several
@@ -47,6 +50,12 @@ class DistillationTask(TrainingTask):
         # synchronisation per step on a GPU.
         self.renormalize = [not (torch.equal(mean, t.mean_kd.cpu()) and torch.equal(std, t.std_kd.cpu()))
                             for t in self.teachers]
+        # Which feature maps each teacher's proxy-teacher head fuses (student placement 'teacher'), else None.
+        heads = getattr(getattr(student, 'module', student), 'shadow_heads', ())  # under DDP, the student is .module
+        indices = [getattr(h, 'indices', None) for h in heads]
+        self.proxy_indices = indices if indices and indices[0] is not None else [None] * len(self.teachers)
+        if len(self.proxy_indices) != len(self.teachers):
+            raise ValueError(f'{len(self.proxy_indices)} proxy-teacher heads for {len(self.teachers)} teachers.')
 
     @property
     def teacher(self) -> Optional[DistillationTeacher]:
@@ -57,30 +66,47 @@ class DistillationTask(TrainingTask):
         self.teachers.eval()  # BatchNorm statistics of the teachers must never move
         return self
 
-    def _one_teacher(self, teacher: DistillationTeacher, renormalize: bool, x: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode() if self.inference_mode else torch.no_grad():
+    def _one_teacher(self, teacher: DistillationTeacher, renormalize: bool, x: torch.Tensor,
+                     indices: Optional[Sequence[int]]) -> Tuple[torch.Tensor, Optional[ProxyInput]]:
+        """One teacher's logits [B, K] and, when its proxy head needs them (`indices`), its feature maps and
+        classifier, in one forward."""
+        # Maps for the proxy head enter the student's graph: they must not be inference-mode tensors.
+        with torch.inference_mode() if self.inference_mode and indices is None else torch.no_grad():
             if renormalize:  # from the student's normalisation to the teacher's
                 x = (x * self.student_std + self.student_mean - teacher.mean_kd) / teacher.std_kd
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            if self.teacher_dtype is None:
-                t = teacher(x)
-            else:
+            if self.teacher_dtype is None:  # under the run's autocast, if any
+                t, proxy = self._run(teacher, x, indices)
+            else:  # the teacher's own precision, its weights already cast
                 with torch.autocast(x.device.type, enabled=False):
-                    t = teacher(x.to(self.teacher_dtype))
+                    t, proxy = self._run(teacher, x.to(self.teacher_dtype), indices)
             t = t.float()
         # An inference-mode tensor cannot be saved for the student's backward: a normal copy ([B, K], cheap) can.
-        return t.clone() if self.inference_mode else t
+        return (t.clone() if self.inference_mode and indices is None else t), proxy
 
-    def teacher_logits(self, x: torch.Tensor):
-        """Teacher logits [B, K] for student-normalised images [B, C, H, W] (a tuple with several teachers, None
-        without one); never part of the autograd graph."""
-        logits = tuple(self._one_teacher(t, r, x) for t, r in zip(self.teachers, self.renormalize))
-        if not logits:
-            return None
-        return logits[0] if len(logits) == 1 else logits
+    @staticmethod
+    def _run(teacher: DistillationTeacher, x: torch.Tensor,
+             indices: Optional[Sequence[int]]) -> Tuple[torch.Tensor, Optional[ProxyInput]]:
+        if indices is None:
+            return teacher(x), None
+        final, maps = teacher.model.forward_intermediates(x, indices=list(indices))  # maps [B, C_i, H_i, W_i]
+        fc = teacher.model.get_classifier()
+        return teacher.model.forward_head(final), ([f.float() for f in maps], fc.weight.float(), fc.bias.float())
+
+    def teacher_outputs(self, x: torch.Tensor) -> Tuple[Optional[Teachers], Optional[List[ProxyInput]]]:
+        """For student-normalised images [B, C, H, W]: the teachers' logits [B, K] (a tuple with several teachers,
+        None without one) and, for a student with proxy-teacher heads, each teacher's maps and classifier (else
+        None); never part of the autograd graph."""
+        outs = [self._one_teacher(t, r, x, i) for t, r, i in zip(self.teachers, self.renormalize, self.proxy_indices)]
+        if not outs:
+            return None, None
+        logits = tuple(t for t, _ in outs)
+        proxy = [p for _, p in outs] if outs[0][1] is not None else None
+        return (logits[0] if len(logits) == 1 else logits), proxy
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        s, h = self.trainable_module(input)
-        terms = self.loss(s, h, self.teacher_logits(input), target, self.criterion)
+        t, proxy = self.teacher_outputs(input)
+        s, h = self.trainable_module(input) if proxy is None else self.trainable_module(input, proxy)
+        terms = self.loss(s, h, t, target, self.criterion)
         return {'loss': sum(terms.values()), **terms, 'logits_cls': s}

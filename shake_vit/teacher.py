@@ -24,10 +24,11 @@ from timm.models import get_pretrained_cfg
 from timm.task import ClassificationTask, DistillationTeacher
 
 from . import data, methods
+from .crd import CRD_NAMES
 from .build import Pipeline, criterion, log
 from .config import ConfigError, derive
 from .engine import Trainer, evaluate
-from .models import check_patch_grid, cifar_stem, unknown_model_error
+from .models import build_teacher_architecture, cifar_stem, unknown_model_error
 from .optim import build_optimizer, build_schedule
 from .weights import read_state_dict
 
@@ -75,13 +76,11 @@ def build_teacher_model(t: DictConfig, num_classes: int, pretrained: bool = Fals
                         new_head: bool = False) -> nn.Module:
     """The architecture of teacher config `t` (`teacher` or an `extra_teachers` entry); with `pretrained`, timm's
     hub weights (needs internet), with a fresh head for `num_classes` when `new_head` (to fit it to new classes)."""
+    if not pretrained:
+        return build_teacher_architecture(t, num_classes)
     if not timm.is_model(t.name):
         raise ConfigError(unknown_model_error(t.name, 'teacher.name'))
     kwargs = OmegaConf.to_container(t.kwargs, resolve=True)
-    if not pretrained:
-        model = timm.create_model(t.name, num_classes=num_classes, **kwargs)
-        check_patch_grid(model, 'teacher.kwargs.img_size', 'teacher.kwargs.patch_size')
-        return cifar_stem(model) if t.cifar_stem else model
     try:
         model = timm.create_model(t.name, pretrained=True, **(dict(num_classes=num_classes) if new_head else {}),
                                   **kwargs)
@@ -94,6 +93,13 @@ def build_teacher_model(t: DictConfig, num_classes: int, pretrained: bool = Fals
                           f'{num_classes}: give a teacher trained on these classes (teacher.checkpoint) or let the '
                           'trainer fit one (teacher.pretrained=false, no checkpoint).')
     return cifar_stem(model) if t.cifar_stem else model
+
+
+def crd_hint(path: str) -> str:
+    """CRD keeps its teachers as save/models/<name>_vanilla/ckpt_epoch_240.pth: name the network registered here."""
+    folder = Path(path).parent.name
+    crd = folder[:-len('_vanilla')] if folder.endswith('_vanilla') else None
+    return f" The file looks like CRD's {crd}: teacher.name={CRD_NAMES[crd]}." if crd in CRD_NAMES else ''
 
 
 def recorded_normalisation(path: str) -> Optional[Normalisation]:
@@ -152,7 +158,8 @@ def load_teacher(t: DictConfig, num_classes: int, data_norm: Sequence[Sequence[f
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{t.name}' "
-                          f"({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs.") from None
+                          f"({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs."
+                          f'{crd_hint(path)}') from None
     fallback = Normalisation(tuple(data_norm[0]), tuple(data_norm[1]),
                              "the data's, as the file records none; set teacher.mean/std if it was trained with others")
     return freeze(model, _explicit(t) or recorded_normalisation(path) or fallback)
@@ -184,7 +191,7 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
     d = derive(cfg, acc.num_processes, len(pipe.train_loader))
     optimizer = build_optimizer(cfg.optim, model, lr=f.lr, weight_decay=f.weight_decay)
     schedule = build_schedule(cfg.optim, optimizer, f.epochs, d.updates_per_epoch, warmup_epochs=f.warmup_epochs,
-                              sched='cosine')
+                              sched=f.sched)
     model, optimizer = acc.prepare(model, optimizer)
     task.trainable_module = model
     task.to(acc.device)

@@ -1,7 +1,8 @@
 """Student and teacher architectures timm lacks, registered in timm's model registry so that every factory here
 (students, teachers, export, `--eval`) builds them by name, as any timm model.
 
-    vgg8_bn                  CRD's vgg8 (the paper's VGG13 -> VGG8 CIFAR pair) in timm's own VGG family.
+    vgg8_bn                  CRD's vgg8 layers in timm's own VGG family (with `cifar_stem`, its last stage at 2x2
+                             where CRD's runs at 4x4: the exact one is cifar_vgg8, shake_vit/crd.py).
     shufflenet_v2_x{0_5,1_0,1_5,2_0}
                              torchvision's ShuffleNetV2 behind timm's classifier interface (a thin adapter: timm has
                              no ShuffleNet). `pretrained=True` loads torchvision's ImageNet weights (downloads).

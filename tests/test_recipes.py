@@ -2,13 +2,16 @@
 from pathlib import Path
 
 import pytest
+import torch
+from helpers import ROOT, launch, main, results
+from safetensors.torch import load_file
 from timm.data import Mixup
 from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from helpers import ROOT, launch, main, results
+from shake_vit.config import load_config
 
 RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if not p.name.startswith('smoke'))
 IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
@@ -16,10 +19,11 @@ IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
 
 def smoke_args(recipe: str, imagefolder: Path):
     """The smoke overlay that fits the recipe's student, and the data and teachers a CPU test can have."""
-    from shake_vit.config import load_config
     from shake_vit.models import is_vit
     cfg = load_config([str(ROOT / 'configs' / recipe)])
-    args = ['--config', 'configs/smoke.yaml' if is_vit(cfg.model.name) else 'configs/smoke_cnn.yaml']
+    overlay = ('smoke_cifar' if cfg.model.name.startswith('cifar_') else 'smoke' if is_vit(cfg.model.name)
+               else 'smoke_cnn')
+    args = ['--config', f'configs/{overlay}.yaml']  # smoke_cifar keeps the recipe's own (CRD) networks
     if cfg.data.name == 'imagefolder':
         args.append(f'data.root={imagefolder}')
     elif cfg.data.name.startswith('cifar'):  # torchvision checks the archive's md5, so CIFAR cannot be generated
@@ -44,6 +48,9 @@ def test_smoke_variant_of_every_recipe_runs(recipe, imagefolder, tmp_path):
     main(['--config', f'configs/{recipe}', *smoke_args(recipe, imagefolder), f'train.output_dir={out}'])
     r = results(out)
     assert r['epochs'] == 2 and r['num_samples'] > 0
+    cfg = load_config([str(out / 'config.yaml')])
+    if cfg.model.shadow_on == 'teacher':  # the proxy-teacher head trained, was evaluated and saved with the student
+        assert 'top1_shadow' in r and 'shadow_heads.0.fuse1.0.weight' in load_file(str(out / 'student.safetensors'))
 
 
 def test_imagenet_recipe_smoke_runs_in_two_processes(imagefolder, tmp_path):
@@ -59,9 +66,9 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     from accelerate import Accelerator
 
     from shake_vit import data
+    from shake_vit.build import build_optimization, build_pipeline
     from shake_vit.config import load_config
     from shake_vit.models import build_student
-    from shake_vit.build import build_optimization, build_pipeline
     cfg = load_config([str(ROOT / IMAGENET_SHAKE)], [f'data.root={imagefolder}'])
     acc = Accelerator(cpu=True)
     splits = data.build_splits(cfg)
@@ -136,7 +143,7 @@ def test_print_config_works_before_the_data_is_mounted(tmp_path, monkeypatch):
     def download(self):
         raise AssertionError('--print-config downloaded the data set')
     monkeypatch.setattr(CIFAR100, 'download', download)
-    proc = main(['--config', 'configs/cnn_vgg13_vgg8_cifar100.yaml', f'data.root={tmp_path}', 'data.download=true',
+    proc = main(['--config', 'configs/cifar100_vgg13_vgg8.yaml', f'data.root={tmp_path}', 'data.download=true',
                  '--print-config'])
     assert 'download: true' in proc.stdout and '# data: not readable here (CIFAR100 is not under' in proc.stdout
     proc = main(['train.batch_size=8', '--config', IMAGENET_SHAKE, '--print-config',
@@ -147,33 +154,15 @@ def test_print_config_works_before_the_data_is_mounted(tmp_path, monkeypatch):
     assert "# data: not readable here (data.root" in proc.stdout and "has no 'train/' folder" in proc.stdout
 
 
-def test_cnn_recipe_smoke_runs_in_two_processes(tmp_path):
-    out = tmp_path / 'cnn'
-    proc = launch(['--config', 'configs/cnn_resnet34_resnet18_cifar100.yaml', '--config', 'configs/smoke_cnn.yaml',
+def test_a_cifar_recipe_smoke_runs_in_two_processes(tmp_path):
+    """CRD's networks and the proxy-teacher head under DDP (the teacher, outside DDP, feeds the head its maps)."""
+    out = tmp_path / 'cifar'
+    proc = launch(['--config', 'configs/cifar100_resnet56_resnet20.yaml', '--config', 'configs/smoke_cifar.yaml',
                    'data.name=fake', 'data.num_classes=100', 'data.fake_size=[64,32]', f'train.output_dir={out}'],
                   num_processes=2)
     assert 'processes 2, global batch 16' in proc.stdout
     r = results(out)
-    assert r['num_samples'] == 32 and 'top1_shadow' in r  # the pooled-feature shadow head is evaluated too
-
-
-@pytest.mark.parametrize('recipe, student, teacher', [
-    ('cnn_vgg13_vgg8_cifar100.yaml', 'vgg8_bn', 'vgg8_bn'),
-    ('cnn_resnet34_shufflenetv2_cifar100.yaml', 'shufflenet_v2_x0_5', 'test_resnet'),
-])
-def test_cnn_recipes_train_their_own_architectures(recipe, student, teacher, tmp_path):
-    """The smoke overlay swaps in test_resnet; here the recipe's own families train, in their CIFAR form: CRD's
-    vgg8 (shake_vit registers it in timm) and torchvision's ShuffleNetV2 through the adapter (its smallest width)."""
-    out = tmp_path / 'run'
-    main(['--config', f'configs/{recipe}', '--config', 'configs/smoke_cnn.yaml', f'model.name={student}',
-          f'teacher.name={teacher}', 'data.name=fake', 'data.num_classes=100', 'data.fake_size=[64,32]',
-          f'train.output_dir={out}'])
-    r = results(out)
-    assert r['epochs'] == 2 and r['num_samples'] == 32 and 'top1_shadow' in r and 'teacher_top1' in r
-    from safetensors.torch import load_file
-    weights = load_file(str(out / 'student.safetensors'))
-    expected = 'model.features.0.weight' if student.startswith('vgg') else 'model.stage2.0.branch2.0.weight'
-    assert expected in weights and 'shadow_heads.0.weight' in weights  # that family, with its pooled shadow head
+    assert r['num_samples'] == 32 and 'top1_shadow' in r and r['best_epoch'] in (1, 2)
 
 
 def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
@@ -183,12 +172,19 @@ def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
     from shake_vit.config import load_config
     cfg = load_config([str(ROOT / 'configs/deit_tiny_shake_cifar100.yaml')])
     train_tf = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)[0].transforms
-    assert isinstance(train_tf[0], T.RandomCrop) and train_tf[0].size == (32, 32) and train_tf[0].padding == 4
-    assert isinstance(train_tf[1], T.RandomHorizontalFlip) and isinstance(train_tf[2], RandAugment)
+    assert isinstance(train_tf[0], T.Resize) and train_tf[0].size == 32  # a no-op on CIFAR's 32-px images
+    assert isinstance(train_tf[1], T.RandomCrop) and train_tf[1].size == (32, 32) and train_tf[1].padding == 4
+    assert isinstance(train_tf[2], T.RandomHorizontalFlip) and isinstance(train_tf[3], RandAugment)
     assert isinstance(train_tf[-1], RandomErasing) and train_tf[-1].mode == 'pixel'
-    crd = load_config([str(ROOT / 'configs/cnn_resnet34_resnet18_cifar100.yaml')])
-    crd_tf = data.build_transforms(crd, (0.5,) * 3, (0.5,) * 3)[0].transforms
-    assert [type(t).__name__ for t in crd_tf] == ['RandomCrop', 'RandomHorizontalFlip', 'MaybeToTensor', 'Normalize']
+    crd = load_config([str(ROOT / 'configs/cifar100_wrn_40_2_wrn_16_2.yaml')])
+    crd_tf = data.build_transforms(crd, (0.5,) * 3, (0.5,) * 3)[0]
+    assert [type(t).__name__ for t in crd_tf.transforms] == ['Resize', 'RandomCrop', 'RandomHorizontalFlip',
+                                                             'MaybeToTensor', 'Normalize']
+    from PIL import Image
+    image = Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy())
+    resized = crd_tf.transforms[0](image)
+    assert resized.tobytes() == image.tobytes()  # the resize leaves a 32-px image alone
+    assert crd_tf(Image.new('RGB', (8, 8))).shape == (3, 32, 32)  # and brings the 8-px digits to 32 px
 
 
 def test_the_none_recipe_is_a_plain_deit_on_its_cls_head():

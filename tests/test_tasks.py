@@ -95,7 +95,7 @@ def test_teacher_input_is_renormalised_when_its_mean_and_std_differ():
     pixels = torch.rand(2, 3, 32, 32)
     student_input = (pixels - task.student_mean) / task.student_std
     expected = teacher.model((pixels - 0.5) / 0.5)
-    assert torch.allclose(task.teacher_logits(student_input), expected, atol=1e-5)
+    assert torch.allclose(task.teacher_outputs(student_input)[0], expected, atol=1e-5)
     assert make_task('shake').renormalize == [False]  # same ImageNet statistics: the input goes through untouched
 
 
@@ -104,3 +104,58 @@ def test_default_temperatures_follow_each_method():
     assert temperature(load_config(None, ['loss.method=shake'])) == 4.0
     assert temperature(load_config(None, ['loss.method=deit_soft'])) == 1.0
     assert temperature(load_config(None, ['loss.method=deit_soft', 'loss.temperature=3'])) == 3.0
+
+
+PROXY = ['data.img_size=32', 'model.name=cifar_resnet8', 'model.kwargs={}', 'model.drop_path_rate=0',
+         'model.shadow_on=teacher', 'teacher.name=cifar_resnet20']
+
+
+def proxy_task(*overrides):
+    from shake_vit.teacher import build_teacher_model
+    cfg = load_config(None, [*PROXY, *overrides])
+    torch.manual_seed(0)
+    student = build_student(cfg, num_classes=4)
+    teachers = [freeze(build_teacher_model(t, 4), IMAGENET) for t in [cfg.teacher, *cfg.extra_teachers]]
+    return DistillationTask(student, teachers, loss_fn(cfg), torch.nn.CrossEntropyLoss(), MEAN, STD).train()
+
+
+def test_the_proxy_teacher_head_trains_its_fusion_layers_alone_on_the_teachers_maps():
+    """The authors' CNN shadow head: the teacher (backbone and classifier) gets no gradient, the fusion layers and the
+    student do; its logits are the teacher's own classifier on the fused maps, detached."""
+    task = proxy_task()
+    student, teacher = task.trainable_module, task.teacher
+    head = student.shadow_heads[0]
+    assert student.placement == 'teacher' and head.indices == (1, 2, 3)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    out = task(x, y)
+    assert {'kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'} <= set(out)
+    out['loss'].backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in head.parameters()) and student.model.fc.weight.grad is not None
+    task.eval()
+    with torch.no_grad():
+        _, maps = teacher.model.forward_intermediates(x, indices=[1, 2, 3])
+        fused = head.fuse5(head.fuse3(head.fuse1(maps[0]) + head.fuse2(maps[1])) + head.fuse4(maps[2]))
+        by_hand = teacher.model.fc(fused.mean((2, 3)))
+        _, proxy = task.teacher_outputs(x)
+        _, (h,) = student.forward_heads(x, proxy)
+    assert torch.allclose(h, by_hand, atol=1e-5)
+    assert 'fc.weight' not in {n.split('shadow_heads.0.')[-1] for n, _ in student.named_parameters()}
+
+
+def test_one_proxy_teacher_head_per_teacher_each_on_its_own_maps():
+    task = proxy_task('extra_teachers=[{name: cifar_wrn_16_1}]')
+    heads = task.trainable_module.shadow_heads
+    assert len(heads) == 2 and heads[0].fuse1[0].in_channels == 16 and heads[1].fuse5[0].out_channels == 64
+    out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
+    assert {'kl_shadow_teacher_0', 'kl_shadow_teacher_1', 'kl_cls_shadow_1'} <= set(out)
+
+
+def test_the_proxy_head_refuses_a_method_without_a_teacher_and_maps_it_cannot_fuse():
+    from shake_vit.config import ConfigError
+    with pytest.raises(ConfigError, match="loss.method='none_both_heads' has no teacher"):
+        build_student(load_config(None, [*PROXY, 'loss.method=none_both_heads']), 4)
+    with pytest.raises(ConfigError, match='model.proxy_features is \\[1, 2\\]: three indices'):
+        build_student(load_config(None, [*PROXY, 'model.proxy_features=[1,2]']), 4)
+    with pytest.raises(ConfigError, match='have reductions \\[2, 1, 4\\]'):
+        build_student(load_config(None, [*PROXY, 'model.proxy_features=[2,1,3]']), 4)
