@@ -87,3 +87,26 @@ def test_a_stalled_start_is_a_cross_entropy_that_stays_at_chance(monkeypatch):
     assert ablation.stalled(ROOT)  # fell by 2% at most within 6 log points, whatever came later
     monkeypatch.setattr(ablation, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.27, 2.23, 2.11, 2.13, 2.02]})
     assert not ablation.stalled(ROOT)
+
+
+def test_cnn_shadow_study_smoke_runs_every_method(tmp_path):
+    """One seed, two updates: every method trains through the study's own jobs, the proxy head reports its shadow."""
+    run('benchmarks/cnn_shadow.py', '--smoke', '--out', str(tmp_path))
+    records = json.loads((tmp_path / 'runs.json').read_text())
+    assert set(records) == {f'{m}_s0' for m in ('none', 'kd', 'shake_pooled_paper', 'shake_proxy_paper',
+                                                'shake_pooled_authors', 'shake_proxy_authors')}
+    assert all('top1_shadow' in r for name, r in records.items() if name.startswith('shake'))
+    assert 'top1_shadow' not in records['kd_s0'] and 'teacher_top1' not in records['none_s0']
+
+
+def test_cnn_shadow_report_pairs_by_seed():
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import cnn_shadow
+    # method i scores 90 + i on seed 0 and 91 + i on seed 1; kd runs twice as long as the others
+    records = {f'{m}_s{s}': {'top1_cls': 90.0 + i + s, 'wall_s': 20.0 if m == 'kd' else 10.0}
+               for i, m in enumerate(cnn_shadow.METHODS) for s in range(2)}
+    text, summary = cnn_shadow.report(records, seeds=2, teacher_top1=99.0, command='cmd', elapsed=60.0)
+    proxy = summary['shake_proxy_paper']
+    assert proxy['vs_none']['mean'] == 3.0 and proxy['vs_kd']['mean'] == 2.0
+    assert summary['proxy_vs_pooled_authors']['mean'] == 1.0 and summary['shake_pooled_paper']['time_vs_kd'] == 0.5
+    assert "| SHAKE, paper's loss, proxy-teacher head | 93.50 +- 0.71 | 93.00, 94.00 |" in text
