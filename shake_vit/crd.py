@@ -58,6 +58,7 @@ class CifarNet(nn.Module):
     """
 
     classifier_name = 'fc'
+    num_maps = 4  # CRD's `is_feat` feature maps (the pooled vector aside)
     proxy_feature_indices = (1, 2, 3)  # the SHAKE authors' proxy teacher fuses CRD's feature maps 1-3
 
     def __init__(self, num_classes: int, num_features: int, drop_rate: float = 0.0):
@@ -227,6 +228,7 @@ class CifarVGG(CifarNet):
     block 3; at 32 px the last block runs at 4x4. Global average pooling and one linear layer."""
 
     classifier_name = 'classifier'
+    num_maps = 5
 
     def __init__(self, depth: int, num_classes: int = 100, in_chans: int = 3, drop_rate: float = 0.0):
         super().__init__(num_classes, 512, drop_rate)
@@ -282,6 +284,7 @@ class CifarMobileNetV2(CifarNet):
     1,280 channels. CRD's `MobileNetV2` is `mobile_half`: expansion T = 6, width x0.5."""
 
     classifier_name = 'classifier.0'
+    num_maps = 5
     SETTING = ((1, 16, 1, 1), (None, 24, 2, 1), (None, 32, 3, 2), (None, 64, 4, 2), (None, 96, 3, 1),
                (None, 160, 3, 2), (None, 320, 1, 1))  # None: the expansion T
 
@@ -476,6 +479,7 @@ class CifarResNet50(CifarNet):
     """CRD's resnetv2.py ResNet50: a 3x3 stride-1 stem (no max-pool), bottleneck stages of 3/4/6/3 blocks."""
 
     classifier_name = 'linear'
+    num_maps = 5
 
     def __init__(self, num_classes: int = 100, in_chans: int = 3, drop_rate: float = 0.0,
                  num_blocks: Sequence[int] = (3, 4, 6, 3)):
@@ -518,7 +522,10 @@ def _register(name: str, cls, **arch) -> None:
             raise ConfigError(f'{full} has no published weights to download: CRD publishes its CIFAR-100 teachers as '
                               'files (scripts/fetch_pretrained_teachers.sh); give one with teacher.checkpoint=PATH, or '
                               'let the trainer fit the teacher (teacher.pretrained=false).')
-        return build_model_with_cfg(cls, full, pretrained, pretrained_cfg=cfg, **arch, **kwargs)
+        # `features_only=True` through timm's getter wrapper, which takes the maps from forward_intermediates
+        feature_cfg = dict(feature_cls='getter', out_indices=tuple(range(cls.num_maps)))
+        return build_model_with_cfg(cls, full, pretrained, pretrained_cfg=cfg, feature_cfg=feature_cfg, **arch,
+                                    **kwargs)
     build.__name__ = full
     build.__doc__ = f"CRD's CIFAR `{name}` ({cls.__name__}, {arch or 'default'}); see shake_vit.crd."
     if not timm.is_model(full):

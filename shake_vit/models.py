@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import reduce
-from timm.models._features import feature_take_indices
 from omegaconf import DictConfig, OmegaConf
+from timm.models._features import feature_take_indices
 
 from . import crd, methods, zoo  # noqa: F401  (crd and zoo register architectures timm lacks in its registry)
 from .config import ConfigError
@@ -260,12 +260,20 @@ def build_teacher_architecture(t: DictConfig, num_classes: int) -> nn.Module:
     return cifar_stem(model) if t.cifar_stem else model
 
 
-def proxy_spec(t: DictConfig, num_classes: int, indices: Optional[Sequence[int]] = None) -> ProxySpec:
+def linear_classifier(model: nn.Module) -> nn.Module:
+    """A timm model's classifier, the cls head's for a distilled DeiT (timm returns both of its heads)."""
+    classifier = model.get_classifier()
+    return classifier[0] if isinstance(classifier, tuple) else classifier
+
+
+def proxy_spec(t: DictConfig, num_classes: int, img_size: int,
+               indices: Optional[Sequence[int]] = None) -> ProxySpec:
     """What a proxy-teacher head on teacher `t` fuses: `indices` into the teacher's feature maps (`feature_info`),
     else the teacher's own choice (`proxy_feature_indices`: CRD's networks name the maps the authors fused), else its
-    last three. Read from the architecture alone, built on the meta device (no weights, no data)."""
+    last three. Their widths and the strides between them come from a dry forward at `img_size` on the meta device
+    (no weights, no data; `feature_info` can miss a changed stem)."""
     with torch.device('meta'):
-        teacher = build_teacher_architecture(t, num_classes)
+        teacher = build_teacher_architecture(t, num_classes).eval()
     info = list(getattr(teacher, 'feature_info', None) or [])
     if not info or not hasattr(teacher, 'forward_intermediates'):
         raise ConfigError(f"model.shadow_on=teacher fuses the teacher's feature maps, and timm's {t.name} exposes none "
@@ -276,16 +284,20 @@ def proxy_spec(t: DictConfig, num_classes: int, indices: Optional[Sequence[int]]
         raise ConfigError(f'model.proxy_features is {chosen}: three indices into the {len(info)} feature maps of '
                           f"{t.name} ({', '.join(str(f['module']) for f in info)}) are needed.")
     take, _ = feature_take_indices(len(info), chosen)
-    chs, red = [info[i]['num_chs'] for i in take], [info[i]['reduction'] for i in take]
-    if red[1] % red[0] or red[2] % red[1]:
-        raise ConfigError(f'The feature maps {take} of {t.name} have reductions {red}: each must divide the next for '
-                          'the proxy teacher to fuse them; choose others with model.proxy_features.')
-    classifier = teacher.get_classifier()
-    classifier = classifier[0] if isinstance(classifier, tuple) else classifier
+    with torch.device('meta'):
+        maps = teacher.forward_intermediates(torch.empty(1, 3, img_size, img_size), indices=take,
+                                             intermediates_only=True)
+    shapes = [tuple(f.shape[1:]) for f in maps]  # (C, H, W) of each chosen map
+    strides = [max(1, round(a[1] / b[1])) for a, b in zip(shapes, shapes[1:])]
+    if any(-(-a[d] // st) != b[d] for (a, b), st in zip(zip(shapes, shapes[1:]), strides) for d in (1, 2)):
+        raise ConfigError(f'The feature maps {take} of {t.name} are {shapes} at {img_size} px: each must be the next '
+                          "one's size or a whole multiple of it for the proxy teacher to fuse them; choose others with "
+                          'model.proxy_features.')
+    classifier = linear_classifier(teacher)
     if not isinstance(classifier, nn.Linear):
         raise ConfigError(f"The proxy teacher scores with the teacher's linear classifier, and {t.name}'s is a "
                           f'{type(classifier).__name__}: use model.shadow_on=pooled with this teacher.')
-    return ProxySpec(tuple(take), tuple(chs), (red[1] // red[0], red[2] // red[1]), classifier.in_features)
+    return ProxySpec(tuple(take), tuple(c for c, _, _ in shapes), tuple(strides), classifier.in_features)
 
 
 def build_student(cfg: DictConfig, num_classes: int) -> Student:
@@ -299,11 +311,16 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
         raise ConfigError(f"model.predict=avg averages the shadow heads with the cls head, but loss.method="
                           f"'{method.name}' trains no shadow head: drop model.predict (the cls head is the model).")
     specs = []
+    if placement == 'teacher' and has_distillation_token(model):
+        raise ConfigError(f"model.shadow_on=teacher is the authors' shadow head for CNN students; {m.name} has a "
+                          'distillation token, the shadow head\'s place on a DeiT: use model.shadow_on=token (or a '
+                          'student without the token).')
     if placement == 'teacher' and num_shadow:
         if not method.needs_teacher:
             raise ConfigError(f"model.shadow_on=teacher builds the shadow head on the teacher's features, but "
                               f"loss.method='{method.name}' has no teacher: use model.shadow_on=auto.")
-        specs = [proxy_spec(t, num_classes, m.proxy_features) for t in [cfg.teacher, *cfg.extra_teachers]]
+        specs = [proxy_spec(t, num_classes, cfg.data.img_size, m.proxy_features)
+                 for t in [cfg.teacher, *cfg.extra_teachers]]
     return Student(model, placement, num_shadow=num_shadow, head=m.shadow_head, hidden=m.shadow_hidden_dim,
                    predict=m.predict or method.predict, proxy_specs=specs)
 

@@ -7,7 +7,7 @@ from einops import rearrange
 from timm.task import DistillationTeacher, TrainingTask
 
 from .methods import LossFn
-from .models import ProxyInput
+from .models import ProxyInput, linear_classifier
 
 Teachers = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # one teacher's logits [B, K], or one per teacher
 
@@ -50,12 +50,11 @@ class DistillationTask(TrainingTask):
         # synchronisation per step on a GPU.
         self.renormalize = [not (torch.equal(mean, t.mean_kd.cpu()) and torch.equal(std, t.std_kd.cpu()))
                             for t in self.teachers]
-        # Which feature maps each teacher's proxy-teacher head fuses (student placement 'teacher'), else None.
+        # Which feature maps each teacher's proxy-teacher head fuses (student placement 'teacher'), else None. Fewer
+        # teachers than heads (`--eval` without the teacher's file): those heads give no logits.
         heads = getattr(getattr(student, 'module', student), 'shadow_heads', ())  # under DDP, the student is .module
         indices = [getattr(h, 'indices', None) for h in heads]
-        self.proxy_indices = indices if indices and indices[0] is not None else [None] * len(self.teachers)
-        if len(self.proxy_indices) != len(self.teachers):
-            raise ValueError(f'{len(self.proxy_indices)} proxy-teacher heads for {len(self.teachers)} teachers.')
+        self.proxy_indices = (indices + [None] * len(self.teachers))[:len(self.teachers)]
 
     @property
     def teacher(self) -> Optional[DistillationTeacher]:
@@ -91,7 +90,7 @@ class DistillationTask(TrainingTask):
         if indices is None:
             return teacher(x), None
         final, maps = teacher.model.forward_intermediates(x, indices=list(indices))  # maps [B, C_i, H_i, W_i]
-        fc = teacher.model.get_classifier()
+        fc = linear_classifier(teacher.model)
         return teacher.model.forward_head(final), ([f.float() for f in maps], fc.weight.float(), fc.bias.float())
 
     def teacher_outputs(self, x: torch.Tensor) -> Tuple[Optional[Teachers], Optional[List[ProxyInput]]]:

@@ -2,6 +2,7 @@
 interface; CRD's teacher files load by name; the authors' proxy-teacher shadow head end to end."""
 import hashlib
 import json
+import math
 import shutil
 
 import pytest
@@ -44,6 +45,56 @@ CRD = {
 }
 
 
+# The same networks' outputs from CRD's code, with the weights `fill` sets and the input of `golden_input`: the first
+# three logits of the first image, the logits' std, then the mean of each feature map (rounded to 4 decimals).
+GOLDEN = {
+    'resnet8': [-1.181, 1.7271, 0.7634, 2.2241, 0.537, 0.5788, 0.9897, 1.1986],
+    'resnet14': [5.6503, -6.8396, 18.3532, 7.5098, 0.537, 1.2322, 2.2082, 4.3787],
+    'resnet20': [-0.0552, -8.2493, 35.495, 12.5143, 0.537, 1.7088, 3.774, 7.0455],
+    'resnet32': [-40.8745, 21.7441, 162.6647, 65.9209, 0.537, 2.1945, 6.2774, 39.5167],
+    'resnet44': [1089.7898, 270.9925, 1262.318, 650.8037, 0.537, 3.7516, 48.2006, 354.3953],
+    'resnet56': [8463.9424, 6683.5229, 15135.6094, 10797.0596, 0.537, 12.8596, 230.5998, 6363.3213],
+    'resnet110': [109208128.0, -476921760.0, 634065024.0, 657442176.0, 0.537, 267.6344, 254543.1719, 295749472.0],
+    'resnet8x4': [0.8042, -8.8018, 4.4098, 3.085, 0.5424, 0.6925, 0.9759, 1.3566],
+    'resnet32x4': [585.0267, -168.2581, 380.0196, 323.4422, 0.5424, 4.6392, 28.7171, 152.7647],
+    'ResNet50': [174.7541, 387.6444, -91.6203, 266.4291, 0.5661, 1.6397, 6.3286, 54.9487, 140.2944],
+    'wrn_16_1': [-6.5198, 11.3117, 2.1363, 5.4089, -0.0051, -0.5707, 0.2826, 0.6433],
+    'wrn_16_2': [-7.157, 1.6188, 1.8869, 4.9365, -0.0042, -0.3552, -0.0507, -0.1401],
+    'wrn_40_1': [7.9261, -100.1685, 91.1027, 61.4646, -0.0018, -1.7953, -2.7706, -5.7618],
+    'wrn_40_2': [52.5568, 60.8564, -152.1517, 112.1736, 0.0073, -0.2812, -2.6289, 8.0119],
+    'vgg8': [3.8902, -1.2459, -0.4064, 2.3241, 0.5596, 0.9063, 1.1793, 1.2925, 1.0372],
+    'vgg11': [-0.8794, 0.9913, 2.1098, 1.3039, 0.5596, 0.9063, 1.0189, 0.9695, 0.7029],
+    'vgg13': [0.124, -2.1169, -3.5467, 1.0747, 0.4655, 0.6564, 0.8311, 0.7154, 0.5337],
+    'vgg16': [0.2203, 0.052, 0.2547, 0.7954, 0.4655, 0.6564, 0.8326, 0.6379, 0.3989],
+    'vgg19': [0.2917, -0.4736, -0.6686, 0.4858, 0.4655, 0.6564, 0.5592, 0.4372, 0.2434],
+    'MobileNetV2': [-44.7789, -300.207, -102.6091, 249.6828, 0.5815, -0.6648, -2.7284, 20.6026, -5.419],
+    'ShuffleV1': [-42.654, -111.0894, 140.473, 116.4114, 0.434, 0.877, 17.9936, 58.1717],
+    'ShuffleV2': [-12.4177, -38.9537, -39.6458, 23.6474, 0.496, 1.799, 6.2134, 11.0096],
+}
+
+
+def fill(model: torch.nn.Module) -> None:
+    """Deterministic weights, the same for two networks with the same state-dict keys and shapes: He-scaled normals
+    for weights of rank >= 2, BatchNorm near identity, all from one seeded stream in key order."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for k, v in sorted(model.state_dict().items()):
+            if v.dtype != torch.float32:
+                continue
+            if v.ndim >= 2:
+                v.copy_(torch.randn(v.shape, generator=g) * math.sqrt(2.0 / v[0].numel()))
+            elif k.endswith('running_var'):
+                v.copy_(1 + 0.1 * torch.rand(v.shape, generator=g))
+            elif k.endswith('weight'):
+                v.copy_(1 + 0.1 * torch.randn(v.shape, generator=g))
+            else:
+                v.copy_(0.1 * torch.randn(v.shape, generator=g))
+
+
+def golden_input() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
 def signature(state: dict) -> str:
     """Sorted `key:shape` lines of a state dict, hashed: equal exactly when the keys and their shapes are."""
     lines = '\n'.join(f'{k}:{tuple(v.shape)}' for k, v in sorted(state.items()))
@@ -67,6 +118,19 @@ def test_each_network_is_crds_with_timms_interface(crd_name):
         assert model.forward_intermediates(x, indices=2, intermediates_only=True)[0].shape[1:] == maps[-2]
         model.reset_classifier(7)
         assert model(x).shape == (2, 7) and model.num_classes == 7
+
+
+@pytest.mark.parametrize('crd_name', list(CRD))
+def test_each_network_computes_what_crds_computes(crd_name):
+    """With the same weights, the same logits and feature maps as CRD's own code (GOLDEN): a wrong shortcut, a
+    missing ReLU or a channel shuffle the other way round would pass the shape checks, not this one."""
+    model = timm.create_model(CRD_NAMES[crd_name], num_classes=100).eval()
+    fill(model)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(golden_input())
+        logits = model.forward_head(final)
+    got = [*logits[0, :3].tolist(), logits.std().item(), *(f.mean().item() for f in maps)]
+    assert got == pytest.approx(GOLDEN[crd_name], rel=1e-4, abs=1e-4)
 
 
 def test_crds_vgg_skips_its_fourth_pool_at_32px_only():
@@ -122,6 +186,24 @@ def test_the_proxy_teacher_head_is_checkpointed_resumed_evaluated_and_not_export
     main(['--eval', str(full)])
     evaluated = json.loads((full / 'checkpoints' / 'update_00000006' / 'eval.json').read_text())
     assert evaluated['top1_shadow'] == results(full)['top1_shadow']
+    (full / 'teacher.safetensors').rename(tmp_path / 'teacher.safetensors')  # evaluated elsewhere, without it
+    main(['--eval', str(full)])
+    evaluated = json.loads((full / 'checkpoints' / 'update_00000006' / 'eval.json').read_text())
+    assert evaluated['top1_cls'] == results(full)['top1_cls'] and 'top1_shadow' not in evaluated
+    (tmp_path / 'teacher.safetensors').rename(full / 'teacher.safetensors')
     main(['--export', str(full), '--export-dir', str(tmp_path / 'exported')])
     exported = load_file(str(tmp_path / 'exported' / 'model.safetensors'))
     assert not any('fuse' in k for k in exported) and 'fc.weight' in exported
+
+
+def test_features_only_gives_crds_maps():
+    """timm's `features_only=True` wraps the network (its getter wrapper) and returns the same maps."""
+    x = torch.randn(2, 3, 32, 32)
+    for name in ('cifar_vgg8', 'cifar_resnet20'):
+        torch.manual_seed(0)
+        features = timm.create_model(name, features_only=True).eval()
+        torch.manual_seed(0)
+        model = timm.create_model(name).eval()
+        with torch.no_grad():
+            got, expected = features(x), model.forward_intermediates(x, intermediates_only=True)
+        assert len(got) == len(expected) and all(torch.allclose(a, b) for a, b in zip(got, expected))

@@ -124,6 +124,7 @@ def test_the_proxy_teacher_head_trains_its_fusion_layers_alone_on_the_teachers_m
     student do; its logits are the teacher's own classifier on the fused maps, detached."""
     task = proxy_task()
     student, teacher = task.trainable_module, task.teacher
+    teacher.requires_grad_(True)  # undo freeze(): no gradient may reach it all the same (no_grad, detached classifier)
     head = student.shadow_heads[0]
     assert student.placement == 'teacher' and head.indices == (1, 2, 3)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
@@ -157,5 +158,17 @@ def test_the_proxy_head_refuses_a_method_without_a_teacher_and_maps_it_cannot_fu
         build_student(load_config(None, [*PROXY, 'loss.method=none_both_heads']), 4)
     with pytest.raises(ConfigError, match='model.proxy_features is \\[1, 2\\]: three indices'):
         build_student(load_config(None, [*PROXY, 'model.proxy_features=[1,2]']), 4)
-    with pytest.raises(ConfigError, match='have reductions \\[2, 1, 4\\]'):
+    with pytest.raises(ConfigError, match='are \\[\\(32, 16, 16\\), \\(16, 32, 32\\), \\(64, 8, 8\\)\\] at 32 px'):
         build_student(load_config(None, [*PROXY, 'model.proxy_features=[2,1,3]']), 4)
+    with pytest.raises(ConfigError, match='deit_tiny_distilled_patch16_224 has a distillation token'):
+        build_student(load_config(None, ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.shadow_on=teacher',
+                                         'teacher.name=cifar_resnet20']), 4)
+
+
+def test_the_proxy_strides_come_from_the_maps_at_the_run_image_size():
+    """timm's VGG in its CIFAR form pools less than its feature_info says: the strides follow the real maps."""
+    from shake_vit.models import proxy_spec
+    t = load_config(None, ['teacher.name=vgg13_bn', 'teacher.cifar_stem=true']).teacher
+    spec = proxy_spec(t, 10, 32)
+    assert spec.channels == (512, 512, 512) and spec.strides == (2, 1)
+    assert proxy_spec(load_config(None, ['teacher.name=resnet34']).teacher, 10, 224).strides == (2, 2)
