@@ -68,7 +68,16 @@ class CifarNet(nn.Module):
         self.feature_info: List[Dict[str, Union[int, str]]] = []
 
     def _maps(self, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
-        raise NotImplementedError
+        """CRD's ResNets', ShuffleNets' and ResNet50's maps: f0 = ReLU(BN(conv1(x))), then f_i = layer_i(f_(i-1));
+        the other families define their own."""
+        maps = [F.relu(self.bn1(self.conv1(x)))]
+        for i in range(1, self.num_maps):
+            maps.append(getattr(self, f'layer{i}')(maps[-1]))
+        return maps, self._final(maps[-1])
+
+    def _final(self, last: torch.Tensor) -> torch.Tensor:
+        """What `forward_features` returns from the last map (a final conv or norm where the family has one)."""
+        return last
 
     def get_classifier(self) -> nn.Linear:
         return self.get_submodule(self.classifier_name)
@@ -147,13 +156,6 @@ class CifarResNet(CifarNet):
         self.fc = nn.Linear(widths[3], num_classes)
         self.feature_info = _info(widths, (1, 1, 2, 4), ('bn1', 'layer1', 'layer2', 'layer3'))
         _conv_init(self)
-
-    def _maps(self, x):
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f0, f1, f2, f3], f3
 
 
 # --- wrn.py: wide ResNets (pre-activation blocks, 6n + 4 layers) ------------------------------------------------
@@ -373,13 +375,6 @@ class CifarShuffleV1(CifarNet):
         self.linear = nn.Linear(out_planes[2], num_classes)
         self.feature_info = _info((24, *out_planes), (1, 2, 4, 8), ('bn1', 'layer1', 'layer2', 'layer3'))
 
-    def _maps(self, x):
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f0, f1, f2, f3], f3
-
 
 class ShuffleV2Block(nn.Module):
     """CRD's ShuffleNetv2 basic unit: half the channels pass, the other half go 1x1-3x3dw-1x1; concat, shuffle."""
@@ -444,12 +439,8 @@ class CifarShuffleV2(CifarNet):
         self.linear = nn.Linear(out_channels[3], num_classes)
         self.feature_info = _info((24, *out_channels[:3]), (1, 2, 4, 8), ('bn1', 'layer1', 'layer2', 'layer3'))
 
-    def _maps(self, x):
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        return [f0, f1, f2, f3], F.relu(self.bn2(self.conv2(f3)))
+    def _final(self, last):
+        return F.relu(self.bn2(self.conv2(last)))
 
 
 # --- resnetv2.py: CRD's ResNet50 for CIFAR (the teacher of its cross-family pairs) ------------------------------
@@ -497,14 +488,6 @@ class CifarResNet50(CifarNet):
         self.feature_info = _info((64, 256, 512, 1024, 2048), (1, 1, 2, 4, 8),
                                   ('bn1', 'layer1', 'layer2', 'layer3', 'layer4'))
         _conv_init(self)
-
-    def _maps(self, x):
-        f0 = F.relu(self.bn1(self.conv1(x)))
-        f1 = self.layer1(f0)
-        f2 = self.layer2(f1)
-        f3 = self.layer3(f2)
-        f4 = self.layer4(f3)
-        return [f0, f1, f2, f3, f4], f4
 
 
 # --- registration -------------------------------------------------------------------------------------------------
