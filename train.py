@@ -53,10 +53,11 @@ def print_config(cfg) -> None:
 
     from shake_vit import data, methods
     from shake_vit.config import derive
+    from shake_vit.family import family_of
     state = PartialState()
     if state.is_main_process:
         print(OmegaConf.to_yaml(cfg, resolve=True))
-        method = methods.get(cfg.loss.method)
+        method = methods.of(cfg)
         output = {'cls': 'the cls head', 'avg': 'the average of all heads'}[cfg.model.predict or method.predict]
         uses_t = method.temperature is not None or cfg.loss.temperature is not None
         print(f'# method: {method.name}, {method.summary}; '
@@ -65,7 +66,7 @@ def print_config(cfg) -> None:
     try:
         offline = cfg.copy()
         offline.data.download = False  # printing a config never downloads a data set
-        splits = data.build_splits(offline)
+        splits = family_of(offline).build_splits(offline)
     except ConfigError as err:
         if state.is_main_process:
             print(f'# derived: {derive(cfg, state.num_processes, None).describe()}')
@@ -82,7 +83,8 @@ def print_config(cfg) -> None:
 def check_data(cfg) -> int:
     """`--check-data`: every image decoded once; 0 when all are readable, 2 (and the list) otherwise."""
     from shake_vit import data
-    splits = data.build_splits(cfg)
+    from shake_vit.family import family_of
+    splits = family_of(cfg).build_splits(cfg)
     bad = data.find_bad_images(cfg, splits)
     total = len(splits.train) + len(splits.val)
     if not bad:
@@ -99,13 +101,14 @@ def main(argv=None) -> int:
     from shake_vit.data import BadImage
     from shake_vit.engine import NonFiniteLoss
     try:
-        if args.eval:
-            from shake_vit.evaluation import evaluate_checkpoint
-            evaluate_checkpoint(args.eval, args.config, args.overrides)
-            return 0
-        if args.export:
-            from shake_vit.export import export
-            export(args.export, args.config, args.overrides, args.export_head, args.export_dir, args.export_ema)
+        if args.eval or args.export:
+            from shake_vit.family import family_of
+            from shake_vit.weights import config_for
+            cfg = config_for(args.eval or args.export, args.config, args.overrides)
+            if args.eval:
+                family_of(cfg).evaluate_checkpoint(args.eval, cfg)
+            else:
+                family_of(cfg).export(args.export, cfg, args.export_head, args.export_dir, args.export_ema)
             return 0
         cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
         if args.print_config:

@@ -125,6 +125,7 @@ class LossConfig:
     deit_alpha: float = 0.5  # deit_hard / deit_soft: weight of the distillation term
     deit_soft_reduction: str = 'batchmean'  # deit_soft's KL: batchmean (timm) | numel (DeiT's sum / numel: / classes)
     kd_alpha: float = 0.9  # kd: weight of the KL term (CRD protocol)
+    box_beta: float = 0.1111111111111111  # detection: smooth-L1 beta of the box distance, torchvision's (1/9)
 
 
 @dataclass
@@ -181,7 +182,38 @@ class EvalConfig:
 
 
 @dataclass
+class DetectionConfig:
+    """`task: detection` only: the detectors' geometry and sampling, the shadow predictor, the data's files and the
+    embedded digit scenes. Defaults are torchvision's Faster R-CNN (and its COCO layout)."""
+
+    min_size: int = 800  # the detectors' resize (torchvision's GeneralizedRCNNTransform), shorter side
+    max_size: int = 1333  # longer side
+    anchor_sizes: Optional[List[int]] = None  # one per FPN level for the small detectors; null: (32, ..., 512)
+    fpn_channels: int = 256  # the small detectors' (fasterrcnn_resnet18_fpn, _resnet34_fpn) FPN width
+    box_head_dim: int = 1024  # the small detectors' box head width (TwoMLPHead)
+    trainable_backbone_layers: int = 5  # backbone stages trained (torchvision's 3 for ImageNet-initialised ones)
+    backbone_weights: Optional[str] = None  # the student's backbone: a torchvision weights name (IMAGENET1K_V1) or a
+    # local state-dict file; null: random
+    rpn_proposals_train: int = 2000  # RPN proposals kept after NMS per image (torchvision's defaults)
+    rpn_proposals_test: int = 1000
+    rois_per_image: int = 512  # RoIs sampled per image for the box head in training
+    detections_per_image: int = 100
+    shadow_box_head: bool = False  # the shadow predictor reads its own copy of the box head (a stronger shadow)
+    hflip: float = 0.5  # horizontal flip at train time
+    train_annotations: str = 'annotations/instances_train2017.json'  # coco: relative to data.root
+    train_images: str = 'train2017'
+    val_annotations: str = 'annotations/instances_val2017.json'
+    val_images: str = 'val2017'
+    scenes: List[int] = field(default_factory=lambda: [1000, 200])  # digit_scenes: train and val scenes
+    canvas: int = 128  # digit_scenes: square canvas, pixels
+    digits_per_scene: List[int] = field(default_factory=lambda: [1, 4])
+    digit_sizes: List[int] = field(default_factory=lambda: [20, 44])  # pixels, the digit's side
+    noise: float = 0.05  # digit_scenes: std of the Gaussian pixel noise (images in [0, 1])
+
+
+@dataclass
 class Config:
+    task: str = 'classification'  # classification | detection (Faster R-CNN students, shake_vit/detection/)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -192,10 +224,13 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    det: DetectionConfig = field(default_factory=DetectionConfig)
 
 
+DATA = {'classification': ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake'),
+        'detection': ('digit_scenes', 'coco')}
 CHOICES = {
-    'data.name': ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake'),
+    'task': tuple(DATA),
     'loss.teacher_loss': ('kl', 'mse'),
     'loss.deit_soft_reduction': KL_REDUCTIONS,
     'model.shadow_head': ('linear', 'mlp'),
@@ -323,14 +358,16 @@ def _check(ok: bool, key: str, value: Any, need: str) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express; each failure names the key and the fix."""
-    for key, choices in [*CHOICES.items(), ('loss.method', tuple(methods.METHODS))]:
+    for key, choices in [*CHOICES.items(), ('data.name', DATA.get(cfg.task, ())),
+                         ('loss.method', tuple(methods.METHODS.get(cfg.task, ())))]:
         value = OmegaConf.select(cfg, key)
         if value not in choices:
             named = [str(c) for c in choices if c is not None] + (['null'] if None in choices else [])
             close = difflib.get_close_matches(str(value), named, n=1)
             hint = f" Did you mean '{close[0]}'?" if close else ''
-            raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(named)}.{hint}")
-    if cfg.extra_teachers and not methods.get(cfg.loss.method).several_teachers:
+            task = f' for task {cfg.task}' if key in ('data.name', 'loss.method') else ''
+            raise ConfigError(f"'{key}' is {value!r}; choose one of {', '.join(named)}{task}.{hint}")
+    if cfg.extra_teachers and not methods.of(cfg).several_teachers:
         raise ConfigError(f"extra_teachers is set but loss.method is '{cfg.loss.method}', which takes one teacher: "
                           'several teachers are SHAKE\'s (one shadow head each). Use loss.method=shake, or drop '
                           'extra_teachers.')

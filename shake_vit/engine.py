@@ -7,6 +7,7 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator, skip_first_batches
+from accelerate.utils import send_to_device
 from einops import rearrange
 from timm.data import Mixup
 from timm.scheduler.scheduler import Scheduler
@@ -116,7 +117,7 @@ class Trainer:
                 acc.clip_grad_norm_(task.trainable_module.parameters(), self.clip_grad)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self._accumulate(out, x.shape[0])
+        self._accumulate(out, len(x))  # images: a batch tensor [B, C, H, W], or a list of them (detection)
         if not acc.sync_gradients:
             return False
         self.update += 1
@@ -143,7 +144,8 @@ class Trainer:
         with progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
                       disable=not acc.is_local_main_process) as bar:
             for x, y in islice(loader, num_batches - skip_batches):
-                updated = self.step(x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True))
+                updated = self.step(send_to_device(x, acc.device, non_blocking=True),
+                                    send_to_device(y, acc.device, non_blocking=True))
                 bar.update()
                 if not updated:
                     continue

@@ -6,6 +6,7 @@ from typing import Callable, Dict, Optional
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
@@ -16,7 +17,7 @@ from .engine import evaluate
 from .models import Student, average_heads, build_student
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
-from .weights import config_for, load_student, read_weights
+from .weights import load_student, read_weights
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 
@@ -69,9 +70,9 @@ def format_table(metrics: Dict[str, float], predict: Optional[str] = None) -> st
     return '\n'.join(lines)
 
 
-def evaluate_checkpoint(path: str, configs=(), overrides=()) -> Dict[str, float]:
-    """`train.py --eval PATH`: the configured validation set, every head, EMA and teacher; a table and eval.json."""
-    cfg = config_for(path, configs, overrides)
+def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, float]:
+    """`train.py --eval PATH` with its run's config (`weights.config_for`): the configured validation set, every head,
+    EMA and teacher; a table and eval.json."""
     acc = make_accelerator(cfg, trackers=False)
     set_seed(cfg.train.seed)
     splits = data.build_splits(cfg)

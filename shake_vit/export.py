@@ -19,7 +19,7 @@ from timm.models import save_for_hf
 
 from .config import ConfigError
 from .models import Student, average_heads, build_classifier, build_student, student_kwargs
-from .weights import config_for, load_student, read_weights
+from .weights import load_student, read_weights
 
 
 def registered_here(name: str) -> bool:
@@ -77,15 +77,15 @@ def timm_builds_both(student: Student) -> bool:
     return student.placement == 'token' and student.num_shadow == 1 and isinstance(student.model.head_dist, nn.Linear)
 
 
-def export(path: str, configs=(), overrides=(), head: Optional[str] = None, out_dir: Optional[str] = None,
+def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Optional[str] = None,
            use_ema: bool = False) -> Path:
-    """`train.py --export PATH`: write the plain timm model and check it reproduces the student's logits.
+    """`train.py --export PATH` with its run's config (`weights.config_for`): write the plain timm model and check it
+    reproduces the student's logits.
 
     Args:
         head: 'cls' or 'both'; None exports what the student predicts with (`model.predict`, else the method's: the
             cls head for SHAKE, both heads for DeiT's methods), the cls head where plain timm cannot build the average.
     """
-    cfg = config_for(path, configs, overrides)
     weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
     if use_ema:
         if ema_weights is None:

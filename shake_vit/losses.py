@@ -13,6 +13,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Terms = Dict[str, torch.Tensor]
@@ -140,3 +141,45 @@ def both_heads_label_loss(s: torch.Tensor, h: torch.Tensor, t: Optional[torch.Te
                           ce: Criterion) -> Terms:
     """No distillation, both heads on the labels: DeiT's distilled architecture trained without a teacher."""
     return {'ce_cls': ce(s, y), 'ce_shadow': ce(h, y)}
+
+
+# --- detection: per-RoI terms on the box predictor's outputs ----------------------------------------------------
+# Every detection term compares outputs for the same sampled RoIs [R] of a Faster R-CNN: class logits [R, K + 1]
+# (background included) and box deltas [R, 4 (K + 1)], `labels` [R] the RoIs' ground-truth classes (0: background).
+
+def box_distance(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, beta: float = 1 / 9) -> torch.Tensor:
+    """`D(a -> b)`: smooth-L1 between the ground-truth class's deltas of the foreground RoIs, summed and divided by
+    the number of RoIs, as torchvision's `fastrcnn_loss` normalises its box loss; `a` is pulled toward `b`."""
+    fg = torch.where(labels > 0)[0]
+    a = rearrange(a, 'r (k four) -> r k four', four=4)[fg, labels[fg]]  # [F, 4]
+    b = rearrange(b, 'r (k four) -> r k four', four=4)[fg, labels[fg]]
+    return F.smooth_l1_loss(a, b, beta=beta, reduction='sum') / max(labels.numel(), 1)
+
+
+def det_shake_loss(s_cls: torch.Tensor, s_box: torch.Tensor, h_cls: torch.Tensor, h_box: torch.Tensor,
+                   t_cls: torch.Tensor, t_box: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+                   mutual: float = 1.0, teacher: float = 1.0, beta: float = 1 / 9) -> Terms:
+    """SHAKE for Faster R-CNN: the shadow box predictor `h` follows the teacher `t` on the student's sampled RoIs,
+    while it and the student's predictor `s` distill each other, on classes (KL over K + 1, every RoI) and on boxes
+    (`box_distance`, foreground RoIs):
+        shadow:  KL_T(h -> t) + D(h, t) + lambda * [KL_T(h -> sg s) + D(h, sg s)]
+        student: lambda * [KL_T(s -> sg h) + D(s, sg h)]   (beside the detector's own four losses)
+    """
+    T = temperature
+    return {
+        'kl_shadow_teacher': teacher * kl_t(h_cls, t_cls, T),
+        'box_shadow_teacher': teacher * box_distance(h_box, t_box, labels, beta),
+        'kl_shadow_cls': mutual * kl_t(h_cls, s_cls.detach(), T),
+        'box_shadow_cls': mutual * box_distance(h_box, s_box.detach(), labels, beta),
+        'kl_cls_shadow': mutual * kl_t(s_cls, h_cls.detach(), T),
+        'box_cls_shadow': mutual * box_distance(s_box, h_box.detach(), labels, beta),
+    }
+
+
+def det_kd_loss(s_cls: torch.Tensor, s_box: torch.Tensor, h_cls: Optional[torch.Tensor],
+                h_box: Optional[torch.Tensor], t_cls: torch.Tensor, t_box: torch.Tensor, labels: torch.Tensor,
+                temperature: float = 1.0, teacher: float = 1.0, beta: float = 1 / 9) -> Terms:
+    """Logit and box distillation from the teacher straight to the student's predictor (no shadow head):
+    `KL_T(s -> t) + D(s, t)` on the same RoIs."""
+    return {'kl_cls_teacher': teacher * kl_t(s_cls, t_cls, temperature),
+            'box_cls_teacher': teacher * box_distance(s_box, t_box, labels, beta)}

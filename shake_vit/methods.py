@@ -3,8 +3,9 @@
 An entry holds the method's loss (bound to the `loss` config section), its default temperature, whether it needs a
 teacher, whether it trains the shadow head(s), whether it takes several teachers, and what the student outputs in
 eval mode unless `model.predict` says otherwise. Nothing else in the package branches on a method's name: the config
-reads its choices and defaults here, the student its heads, the task its loss. A new method (or a new task family's
-methods, e.g. detection) is one `register(Method(...))`.
+reads its choices and defaults here, the student its heads, the task its loss. A new method is one
+`register(Method(...))`; each task family (`task: classification | detection`) has its own entries, under the same
+names where they mean the same method.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -33,6 +34,7 @@ class Method:
         several_teachers: whether `extra_teachers` may be set (one shadow head per teacher).
         predict: the student's eval-mode output unless `model.predict` is set: 'cls' (the classification head, SHAKE's
             deliverable) or 'avg' (the average of all heads, DeiT's inference).
+        family: the task family whose trainer runs it (the config's `task`).
     """
 
     name: str
@@ -43,18 +45,24 @@ class Method:
     trains_shadow: bool = True
     several_teachers: bool = False
     predict: str = 'cls'
+    family: str = 'classification'
 
 
-METHODS: Dict[str, Method] = {}
+METHODS: Dict[str, Dict[str, Method]] = {}  # family -> name -> method
 
 
 def register(method: Method) -> Method:
-    METHODS[method.name] = method
+    METHODS.setdefault(method.family, {})[method.name] = method
     return method
 
 
-def get(name: str) -> Method:
-    return METHODS[name]
+def get(name: str, family: str = 'classification') -> Method:
+    return METHODS[family][name]
+
+
+def of(cfg: DictConfig) -> Method:
+    """The configured method (`loss.method` of the config's task family)."""
+    return get(cfg.loss.method, cfg.task)
 
 
 def _shake(c: DictConfig, T: float) -> LossFn:
@@ -81,14 +89,27 @@ register(Method('none_both_heads', lambda c, T: losses.both_heads_label_loss,
                 needs_teacher=False, predict='avg'))
 
 
+# Detection (Faster R-CNN students): the detector's own four losses always train the student; these add to them.
+register(Method('none', lambda c, T: lambda *outputs: {}, "no distillation: the detector's own losses",
+                needs_teacher=False, trains_shadow=False, family='detection'))
+register(Method('kd', lambda c, T: partial(losses.det_kd_loss, temperature=T, teacher=c.teacher_weight,
+                                           beta=c.box_beta),
+                "the teacher's class and box outputs straight to the student's predictor, on its RoIs",
+                temperature=1.0, trains_shadow=False, family='detection'))
+register(Method('shake', lambda c, T: partial(losses.det_shake_loss, temperature=T, mutual=c.mutual,
+                                              teacher=c.teacher_weight, beta=c.box_beta),
+                'SHAKE: a shadow box predictor follows the teacher, mutual distillation with the student\'s',
+                temperature=1.0, family='detection'))
+
+
 def temperature(cfg: DictConfig) -> float:
     """The KD temperature in force: the configured one, else the method's published default (1 without one)."""
     if cfg.loss.temperature is not None:
         return float(cfg.loss.temperature)
-    default = get(cfg.loss.method).temperature
+    default = of(cfg).temperature
     return 1.0 if default is None else default
 
 
 def loss_fn(cfg: DictConfig) -> LossFn:
     """The configured method's loss with its weights bound."""
-    return get(cfg.loss.method).build(cfg.loss, temperature(cfg))
+    return of(cfg).build(cfg.loss, temperature(cfg))

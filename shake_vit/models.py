@@ -303,7 +303,7 @@ def proxy_spec(t: DictConfig, num_classes: int, img_size: int,
 def build_student(cfg: DictConfig, num_classes: int) -> Student:
     """The student of the configured method: one shadow head per teacher when the method trains them, none
     otherwise; its eval-mode output is `model.predict`, else the method's."""
-    m, method = cfg.model, methods.get(cfg.loss.method)
+    m, method = cfg.model, methods.of(cfg)
     model = build_classifier(cfg, num_classes)
     placement = m.shadow_on if m.shadow_on != 'auto' else ('token' if has_distillation_token(model) else 'pooled')
     num_shadow = 1 + len(cfg.extra_teachers) if method.trains_shadow else 0

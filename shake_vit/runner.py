@@ -9,25 +9,12 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
-from . import data
-from .build import build_optimization, build_pipeline, criterion, finish, log, make_accelerator
+from .build import build_optimization, finish, log, make_accelerator
 from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fault_hook, latest_checkpoint, \
     read_progress
 from .engine import Trainer
-from .evaluation import evaluate_student, format_table
-from .methods import loss_fn
-from .models import Student, build_student, student_kwargs
+from .family import family_of
 from .preemption import StopRequest
-from .tasks import DistillationTask
-from .teacher import get_teachers, teacher_options
-from .weights import load_pretrained
-
-
-def run_identity(cfg: DictConfig, student: Student, num_processes: int) -> Dict[str, Any]:
-    """What a checkpoint must share with the run resuming it."""
-    return {'model': cfg.model.name, 'model_kwargs': student_kwargs(cfg), 'shadow_head': cfg.model.shadow_head,
-            'shadow_on': student.placement, 'num_shadow': student.num_shadow, 'cifar_stem': cfg.model.cifar_stem,
-            'num_classes': student.num_classes, 'num_processes': num_processes}
 
 
 def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
@@ -60,25 +47,25 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
 
 
 def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
-    """Train the student as configured; returns the final evaluation written to `results.json`.
+    """Train the student as configured; returns the final evaluation written to `results.json`. What differs between
+    tasks (data, student, teachers, step, evaluation) comes from the config's task family (shake_vit/family.py).
 
     Args:
         resume: 'auto' (the newest checkpoint in the output directory, if any) or a checkpoint folder.
     """
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed, device_specific=True)
-    out = Path(cfg.train.output_dir)
-    splits = data.build_splits(cfg)
-    student = build_student(cfg, len(splits.classes))
-    identity = run_identity(cfg, student, acc.num_processes)
+    out, family = Path(cfg.train.output_dir), family_of(cfg)
+    splits = family.build_splits(cfg)
+    student = family.build_student(cfg, len(splits.classes))
+    identity = family.run_identity(cfg, student, acc.num_processes)
     start = resolve_resume(resume, out / 'checkpoints')
     if start is not None:
         check_resumable(read_progress(start).run, identity, start)
-    if cfg.model.pretrained and start is None:  # a resumed run has its weights in the checkpoint
-        notes = load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files)
-        log(acc, f'fine-tuning from {cfg.model.pretrained}' + ''.join(f'\n    {note}' for note in notes))
-    pipe = build_pipeline(cfg, acc, splits, student)
-    teachers = get_teachers(cfg, acc, pipe)
+    else:  # a resumed run has its weights in the checkpoint
+        family.init_student(cfg, student, lambda message: log(acc, message))
+    pipe = family.build_pipeline(cfg, acc, splits, student)
+    teachers = family.get_teachers(cfg, acc, pipe)
     set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
     # fitted in this invocation or loaded
 
@@ -87,11 +74,10 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
              f'{pipe.num_classes} classes; {d.describe()}')
     prepared, optimizer = acc.prepare(student, optimizer)
     ema = ModelEmaV3(student, decay=cfg.train.ema_decay) if cfg.train.ema else None
-    task = DistillationTask(prepared, teachers, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std,
-                            **teacher_options(cfg)).to(acc.device)
-    trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes), ema=ema,
+    task = family.make_task(cfg, prepared, teachers, pipe).to(acc.device)
+    trainer = Trainer(acc, task, optimizer, schedule, mixup=family.mixup(cfg, pipe), ema=ema,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
-    metric = cfg.ckpt.metric or f'top1_{student.predict}'  # the best checkpoint by what the student predicts with
+    metric = cfg.ckpt.metric or family.best_metric(student)
     ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, metric)
 
     progress = Progress(run=identity, best_of=metric)
@@ -137,15 +123,13 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
                 break
             last = epoch + 1 == cfg.train.epochs
             if (epoch + 1) % cfg.eval.interval == 0 or last:
-                progress.metrics = evaluate_student(student, ema, task, pipe.val_loader, acc)
+                progress.metrics = family.evaluate(student, ema, task, pipe.val_loader, acc)
                 acc.log({f'val/{k}': v for k, v in progress.metrics.items()}, step=trainer.update)
                 value = progress.metrics.get(metric)
                 if value is not None and (progress.best is None or value > progress.best):
                     progress.best, progress.best_epoch = value, epoch + 1
-                heads = ', '.join(f'{h} {progress.metrics[f"top1_{h}"]:.2f}' for h in ('cls', 'shadow', 'avg')
-                                  if f'top1_{h}' in progress.metrics)
                 log(acc, f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.get('loss', float('nan')):.4f}, "
-                         f'top-1 {heads}')
+                         f'{family.headline(progress.metrics)}')
             progress.epoch, progress.batches_done, progress.update = epoch + 1, 0, trainer.update
             ckpt.save(progress)
             if stop.should_stop(0):  # a signal during the evaluation or the save
@@ -160,7 +144,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         finish(acc)
         return {}
     if not progress.metrics:  # resumed from a finished run's last checkpoint: nothing left to train
-        progress.metrics = evaluate_student(student, ema, task, pipe.val_loader, acc)
+        progress.metrics = family.evaluate(student, ema, task, pipe.val_loader, acc)
     trained = (trainer.update - first_update) * d.global_batch  # images this invocation trained on
     # The final evaluation, and the best one by `metric` over the run (CRD's logs report the best epoch's top-1).
     results = dict(progress.metrics, epochs=cfg.train.epochs, train_images_per_sec=trained / max(train_time, 1e-9),
@@ -169,6 +153,6 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}
         save_file(state, str(out / 'student.safetensors'))
-    log(acc, f'final evaluation ({out}/results.json):\n' + format_table(results, student.predict))
+    log(acc, f'final evaluation ({out}/results.json):\n' + family.format_table(results, student))
     finish(acc)
     return results

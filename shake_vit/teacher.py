@@ -49,7 +49,7 @@ class Normalisation:
 
 def teacher_configs(cfg: DictConfig) -> List[DictConfig]:
     """`teacher` then every `extra_teachers` entry; none for methods without a teacher."""
-    return [cfg.teacher, *cfg.extra_teachers] if methods.get(cfg.loss.method).needs_teacher else []
+    return [cfg.teacher, *cfg.extra_teachers] if methods.of(cfg).needs_teacher else []
 
 
 def fitted_path(cfg: DictConfig, index: int) -> Path:

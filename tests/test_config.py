@@ -124,8 +124,9 @@ def test_every_method_is_one_registry_entry_that_the_config_reads():
     """The config's choices, the default temperature, the teacher and the shadow heads all come from
     shake_vit/methods.py; a method registered there is a valid `loss.method` at once."""
     from shake_vit import methods
-    assert set(methods.METHODS) == {'shake', 'deit_hard', 'deit_soft', 'kd', 'none', 'none_both_heads'}
-    for name, m in methods.METHODS.items():
+    assert set(methods.METHODS['classification']) == {'shake', 'deit_hard', 'deit_soft', 'kd', 'none',
+                                                      'none_both_heads'}
+    for name, m in methods.METHODS['classification'].items():
         cfg = load_config(None, [f'loss.method={name}'])
         assert methods.temperature(cfg) == (m.temperature or 1.0)
         assert callable(methods.loss_fn(cfg))
@@ -136,7 +137,7 @@ def test_every_method_is_one_registry_entry_that_the_config_reads():
     try:
         assert methods.temperature(load_config(None, ['loss.method=probe'])) == 2.0
     finally:
-        del methods.METHODS[probe.name]
+        del methods.METHODS['classification'][probe.name]
     with pytest.raises(ConfigError, match="'loss.method' is 'probe'"):
         load_config(None, ['loss.method=probe'])
     with pytest.raises(ConfigError, match="extra_teachers is set but loss.method is 'kd'"):

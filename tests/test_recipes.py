@@ -193,6 +193,6 @@ def test_the_none_recipe_is_a_plain_deit_on_its_cls_head():
     from shake_vit.config import load_config
     from shake_vit.models import build_student
     cfg = load_config([str(ROOT / 'configs/deit_tiny_none_in1k.yaml')], ['data.img_size=32', 'model.kwargs.depth=1'])
-    assert cfg.model.name == 'deit_tiny_patch16_224' and not methods.get(cfg.loss.method).needs_teacher
+    assert cfg.model.name == 'deit_tiny_patch16_224' and not methods.of(cfg).needs_teacher
     student = build_student(cfg, 1000)
     assert student.num_shadow == 0 and not hasattr(student.model, 'dist_token') and student.predict == 'cls'

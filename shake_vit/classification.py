@@ -1,0 +1,69 @@
+"""Classification (`task: classification`): a timm student with SHAKE's shadow heads, top-1 evaluation."""
+from typing import Any, Dict, List
+
+import torch.nn as nn
+from accelerate import Accelerator
+from omegaconf import DictConfig
+
+from . import data
+from .build import build_pipeline, criterion
+from .evaluation import evaluate_checkpoint, evaluate_student, format_table
+from .export import export
+from .family import Family, Metrics
+from .methods import loss_fn
+from .models import Student, build_student, student_kwargs
+from .tasks import DistillationTask
+from .teacher import get_teachers, teacher_options
+from .weights import load_pretrained
+
+
+class ClassificationFamily(Family):
+    name = 'classification'
+
+    def build_splits(self, cfg: DictConfig):
+        return data.build_splits(cfg)
+
+    def build_student(self, cfg: DictConfig, num_classes: int) -> Student:
+        return build_student(cfg, num_classes)
+
+    def init_student(self, cfg: DictConfig, student: Student, log) -> None:
+        if cfg.model.pretrained:
+            notes = load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files)
+            log(f'fine-tuning from {cfg.model.pretrained}' + ''.join(f'\n    {note}' for note in notes))
+
+    def run_identity(self, cfg: DictConfig, student: Student, num_processes: int) -> Dict[str, Any]:
+        return {'model': cfg.model.name, 'model_kwargs': student_kwargs(cfg), 'shadow_head': cfg.model.shadow_head,
+                'shadow_on': student.placement, 'num_shadow': student.num_shadow, 'cifar_stem': cfg.model.cifar_stem,
+                'num_classes': student.num_classes, 'num_processes': num_processes}
+
+    def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module):
+        return build_pipeline(cfg, acc, splits, student)
+
+    def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe, fit: bool = True) -> List[nn.Module]:
+        return get_teachers(cfg, acc, pipe, fit)
+
+    def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DistillationTask:
+        return DistillationTask(student, teachers, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std,
+                                **teacher_options(cfg))
+
+    def mixup(self, cfg: DictConfig, pipe):
+        return data.build_mixup(cfg, pipe.num_classes)
+
+    def evaluate(self, student: Student, ema, task, loader, acc: Accelerator, with_shadow: bool = True) -> Metrics:
+        return evaluate_student(student, ema, task, loader, acc, with_shadow)
+
+    def best_metric(self, student: Student) -> str:
+        return f'top1_{student.predict}'  # the best checkpoint by what the student predicts with
+
+    def headline(self, metrics: Metrics) -> str:
+        return 'top-1 ' + ', '.join(f'{h} {metrics[f"top1_{h}"]:.2f}' for h in ('cls', 'shadow', 'avg')
+                                    if f'top1_{h}' in metrics)
+
+    def format_table(self, metrics: Metrics, student: Student) -> str:
+        return format_table(metrics, student.predict)
+
+    def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
+        return evaluate_checkpoint(path, cfg)
+
+    def export(self, path: str, cfg: DictConfig, head, out_dir, use_ema: bool):
+        return export(path, cfg, head, out_dir, use_ema)

@@ -1,0 +1,85 @@
+"""What a task family (`task: classification | detection`) gives the one training loop.
+
+The runner (shake_vit/runner.py), `--eval`, `--export`, `--print-config` and `--check-data` reach the data, the
+student, the teachers, the training step, the evaluation and the outputs through a `Family`; nothing else branches on
+the task. Classification is shake_vit/classification.py, detection shake_vit/detection/family.py.
+"""
+from typing import Any, Dict, List, Optional
+
+import torch.nn as nn
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from timm.task import TrainingTask
+
+Metrics = Dict[str, Any]
+
+
+class Family:
+    """The interface; each method says what the runner expects of it."""
+
+    name = ''
+
+    def build_splits(self, cfg: DictConfig):
+        """The train and val data sets and the class names (`data.Splits`)."""
+        raise NotImplementedError
+
+    def build_student(self, cfg: DictConfig, num_classes: int) -> nn.Module:
+        """The trainable module (the student and its shadow heads), fresh."""
+        raise NotImplementedError
+
+    def init_student(self, cfg: DictConfig, student: nn.Module, log) -> None:
+        """Initialise a new run's student from pretrained weights, if the config names any."""
+
+    def run_identity(self, cfg: DictConfig, student: nn.Module, num_processes: int) -> Dict[str, Any]:
+        """What a checkpoint must share with the run resuming it (`num_processes` included)."""
+        raise NotImplementedError
+
+    def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module):
+        """The loaders (`build.Pipeline`): this process's train share, never prepared, and the prepared val loader."""
+        raise NotImplementedError
+
+    def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe, fit: bool = True) -> List[nn.Module]:
+        """The frozen teachers the method needs: loaded, downloaded or (with `fit`) fitted first."""
+        raise NotImplementedError
+
+    def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> TrainingTask:
+        """The training step: `task(inputs, targets) -> {'loss', named terms...}`; `student` may be DDP-wrapped."""
+        raise NotImplementedError
+
+    def mixup(self, cfg: DictConfig, pipe) -> Optional[Any]:
+        """A batch transform the trainer applies before the step (timm's Mixup), or None."""
+        return None
+
+    def evaluate(self, student: nn.Module, ema, task: TrainingTask, loader, acc: Accelerator,
+                 with_shadow: bool = True) -> Metrics:
+        """One flat dict of metrics (every head, the EMA's, the teachers'), exact over processes."""
+        raise NotImplementedError
+
+    def best_metric(self, student: nn.Module) -> str:
+        """The metrics entry that picks the best checkpoint unless `ckpt.metric` is set (higher is better)."""
+        raise NotImplementedError
+
+    def headline(self, metrics: Metrics) -> str:
+        """A few numbers for the per-epoch log line."""
+        raise NotImplementedError
+
+    def format_table(self, metrics: Metrics, student: nn.Module) -> str:
+        """The evaluation as the table the run and `--eval` print."""
+        raise NotImplementedError
+
+    def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
+        """`train.py --eval PATH` with the run's config: a table and eval.json beside the checkpoint."""
+        raise NotImplementedError
+
+    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool):
+        """`train.py --export PATH`: the student alone, loadable without this package."""
+        raise NotImplementedError
+
+
+def family_of(cfg: DictConfig) -> Family:
+    """The family of `cfg.task`."""
+    if cfg.task == 'detection':
+        from .detection.family import DetectionFamily
+        return DetectionFamily()
+    from .classification import ClassificationFamily
+    return ClassificationFamily()
