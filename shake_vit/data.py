@@ -240,22 +240,28 @@ def _seeded(seed: int) -> Iterator[None]:
 
 
 class Transformed(Dataset):
-    """Applies a transform to a (PIL image, target) data set; a `(index, seed)` key seeds the augmentation."""
+    """Applies a transform to an (image, target) data set; a `(index, seed)` key seeds the augmentation.
 
-    def __init__(self, dataset: Dataset, transform: Callable):
-        self.dataset, self.transform = dataset, transform
+    `joint`: the transform takes and returns (image, target), as torchvision's v2 transforms do for detection
+    targets (boxes move with the image); otherwise it transforms the image alone.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Callable, joint: bool = False):
+        self.dataset, self.transform, self.joint = dataset, transform, joint
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def _apply(self, image, target):
+        return self.transform(image, target) if self.joint else (self.transform(image), target)
 
     def __getitem__(self, key):
         if isinstance(key, tuple):
             index, seed = key
             image, target = self.dataset[index]
             with _seeded(seed):
-                return self.transform(image), target
-        image, target = self.dataset[key]
-        return self.transform(image), target
+                return self._apply(image, target)
+        return self._apply(*self.dataset[key])
 
 
 class SeededSampler(Sampler):
@@ -298,17 +304,21 @@ def train_sampler(cfg: DictConfig, dataset: Dataset, num_replicas: int, rank: in
 
 
 def train_loader(cfg: DictConfig, dataset: Dataset, transform: Callable, num_replicas: int, rank: int,
-                 batch_size: Optional[int] = None) -> DataLoader:
+                 batch_size: Optional[int] = None, joint: bool = False,
+                 collate_fn: Optional[Callable] = None) -> DataLoader:
+    """This process's train loader (see `train_sampler`); `joint` and `collate_fn` as detection needs them."""
     workers = cfg.data.num_workers
     return DataLoader(
-        Transformed(dataset, transform), batch_size=batch_size or cfg.train.batch_size,
+        Transformed(dataset, transform, joint), batch_size=batch_size or cfg.train.batch_size, collate_fn=collate_fn,
         sampler=train_sampler(cfg, dataset, num_replicas, rank), drop_last=True, num_workers=workers,
         pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
         # A private generator: creating the iterator must not draw from the global RNG (resume equality).
         generator=torch.Generator())
 
 
-def eval_loader(cfg: DictConfig, dataset: Dataset, transform: Callable) -> DataLoader:
+def eval_loader(cfg: DictConfig, dataset: Dataset, transform: Callable, joint: bool = False,
+                collate_fn: Optional[Callable] = None) -> DataLoader:
     """Sequential and unsharded: `accelerator.prepare` shards it and `gather_for_metrics` drops its padding."""
-    return DataLoader(Transformed(dataset, transform), batch_size=cfg.eval.batch_size, shuffle=False,
-                      num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and torch.cuda.is_available())
+    return DataLoader(Transformed(dataset, transform, joint), batch_size=cfg.eval.batch_size, shuffle=False,
+                      num_workers=cfg.data.num_workers, pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
+                      collate_fn=collate_fn)

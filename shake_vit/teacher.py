@@ -63,6 +63,8 @@ def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
     keep = {'teacher': {k: v for k, v in t.items() if k not in ('checkpoint', 'mean', 'std')}, 'aug': cfg.aug,
             'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
+    if cfg.task != 'classification':  # (left out for classification: the records written before it existed)
+        keep.update(task=cfg.task, det=cfg.det)
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 
@@ -165,6 +167,30 @@ def load_teacher(t: DictConfig, num_classes: int, data_norm: Sequence[Sequence[f
     return freeze(model, _explicit(t) or recorded_normalisation(path) or fallback)
 
 
+def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pipe: Pipeline, task,
+                  mixup=None) -> nn.Module:
+    """Train `task.trainable_module` (a teacher of either family) on the training split with teacher config `t`'s
+    schedule (`t.fit`) and `cfg.optim`'s optimizer; returns it unwrapped, in eval mode, with process 0's weights on
+    every process."""
+    f = t.fit
+    d = derive(cfg, acc.num_processes, len(pipe.train_loader))
+    optimizer = build_optimizer(cfg.optim, task.trainable_module, lr=f.lr, weight_decay=f.weight_decay)
+    schedule = build_schedule(cfg.optim, optimizer, f.epochs, d.updates_per_epoch, warmup_epochs=f.warmup_epochs,
+                              sched=f.sched)
+    model, optimizer = acc.prepare(task.trainable_module, optimizer)
+    task.trainable_module = model
+    task.to(acc.device)
+    trainer = Trainer(acc, task, optimizer, schedule, mixup=mixup, clip_grad=cfg.optim.clip_grad,
+                      log_interval=cfg.train.log_interval, tag=f'teacher_fit_{index}' if index else 'teacher_fit')
+    for epoch in range(f.epochs):
+        trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch)
+    model = acc.unwrap_model(model)
+    # DDP syncs BatchNorm statistics from process 0 at the start of each forward, so after the last step every
+    # process holds its own; all must distill from one teacher, the one saved: process 0's.
+    model.load_state_dict(broadcast({k: v.contiguous() for k, v in model.state_dict().items()}, from_process=0))
+    return model.eval()
+
+
 def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pipe: Pipeline) -> DistillationTeacher:
     """Train `t.name` on the training split (from timm's pretrained weights when `t.pretrained`), save it as
     `teacher[_index].safetensors` in the run directory, and return it frozen.
@@ -182,29 +208,12 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
     if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
         log(acc, f'reusing the teacher fitted earlier: {path}')
         return load_teacher(t, pipe.num_classes, (pipe.mean, pipe.std), str(path))
-    f = t.fit
     start = "timm's pretrained weights, new head" if t.pretrained else 'scratch'
-    log(acc, f'fitting the teacher {t.name} on the training split for {f.epochs} epochs (from {start})')
+    log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs (from {start})')
     with acc.main_process_first():
         model = build_teacher_model(t, pipe.num_classes, pretrained=t.pretrained, new_head=True)
-    task = ClassificationTask(model, criterion=criterion(cfg), verbose=False)
-    d = derive(cfg, acc.num_processes, len(pipe.train_loader))
-    optimizer = build_optimizer(cfg.optim, model, lr=f.lr, weight_decay=f.weight_decay)
-    schedule = build_schedule(cfg.optim, optimizer, f.epochs, d.updates_per_epoch, warmup_epochs=f.warmup_epochs,
-                              sched=f.sched)
-    model, optimizer = acc.prepare(model, optimizer)
-    task.trainable_module = model
-    task.to(acc.device)
-    trainer = Trainer(acc, task, optimizer, schedule, mixup=data.build_mixup(cfg, pipe.num_classes),
-                      clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval,
-                      tag=f'teacher_fit_{index}' if index else 'teacher_fit')
-    for epoch in range(f.epochs):
-        trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch)
-    model = acc.unwrap_model(model)
-    # DDP syncs BatchNorm statistics from process 0 at the start of each forward, so after the last step every
-    # process holds its own; all must distill from one teacher, the one saved: process 0's.
-    model.load_state_dict(broadcast({k: v.contiguous() for k, v in model.state_dict().items()}, from_process=0))
-    model.eval()
+    model = train_teacher(cfg, t, index, acc, pipe, ClassificationTask(model, criterion=criterion(cfg), verbose=False),
+                          mixup=data.build_mixup(cfg, pipe.num_classes))
     metrics = evaluate(lambda x: {'teacher': model(x)}, pipe.val_loader, acc, desc='teacher eval')
     log(acc, f"fitted teacher: top-1 {metrics['teacher_top1']:.2f}% on {metrics['num_samples']} held-out images")
     norm = Normalisation(tuple(pipe.mean), tuple(pipe.std), 'what it was fitted with')

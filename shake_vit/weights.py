@@ -7,7 +7,7 @@ student, and refuses weights of another width or depth with an error that names 
 """
 import re
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
@@ -188,13 +188,15 @@ def _student_keys(state: StateDict) -> StateDict:
     return state
 
 
-def read_weights(path: Path, trusted: bool = False) -> Tuple[StateDict, Optional[StateDict], Path]:
-    """Student weights (and EMA weights, if any) from a checkpoint folder, a run folder, an export folder or a file.
+def read_weights(path: Path, trusted: bool = False,
+                 rename: Callable[[StateDict], StateDict] = None) -> Tuple[StateDict, Optional[StateDict], Path]:
+    """Student weights (and EMA weights, if any) from a checkpoint folder, a run folder, an export folder or a file,
+    their keys as `rename` makes them (default: a classification `Student`'s).
 
     Returns:
         (weights, EMA weights or None, the folder where `eval.json` goes)
     """
-    path = Path(path)
+    path, rename = Path(path), rename or _student_keys
     if path.is_dir() and (path / 'checkpoints').is_dir():
         newest = latest_checkpoint(path / 'checkpoints')
         if newest is None:
@@ -206,11 +208,10 @@ def read_weights(path: Path, trusted: bool = False) -> Tuple[StateDict, Optional
             raise ConfigError(f'{path} holds no model.safetensors: pass a checkpoint folder (OUTPUT/checkpoints/'
                               'update_N), a run folder, an export folder, or a weights file.')
         ema = path / EMA_FILE
-        return (_student_keys(load_file(str(weights))),
-                _student_keys(load_file(str(ema))) if ema.is_file() else None, path)
+        return rename(load_file(str(weights))), rename(load_file(str(ema))) if ema.is_file() else None, path
     if not path.is_file():
         raise ConfigError(f"Nothing to evaluate at '{path}'.")
-    return _student_keys(read_state_dict(str(path), trusted)), None, path.parent
+    return rename(read_state_dict(str(path), trusted)), None, path.parent
 
 
 def load_student(student: nn.Module, weights: StateDict, path: Path, cfg: DictConfig) -> bool:

@@ -1,0 +1,186 @@
+"""Detection data: the embedded digit scenes, COCO-format data sets, their transforms and collate.
+
+A sample is (image [3, H, W] in [0, 1], target) with target `{'boxes': BoundingBoxes [N, 4] XYXY in pixels,
+'labels': int64 [N] (1..K; 0 is the background), 'image_id': int}`: what torchvision's detectors and its v2
+transforms take. Training samples go through the classification pipeline's seeded loader (shake_vit.data), so every
+scene's augmentation comes from its own seed and a resumed run sees the same stream.
+"""
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from ..config import ConfigError
+from ..data import Splits, read_image
+
+Target = Dict[str, object]
+
+
+class DigitScenes(Dataset):
+    """Deterministic scenes of scikit-learn's handwritten digits: on a black `canvas`-pixel square, `per_scene` digits
+    (a range) at random sizes (`sizes`, pixels) and positions, none overlapping, with Gaussian pixel noise. Scene `i`
+    is a pure function of (`seed`, `i`); its boxes are the tight boxes of each digit's ink.
+
+    Args:
+        digits: uint8 images [N, 8, 8] (0..255) to draw from; train and val scenes get disjoint ones.
+        labels: their classes [N] (0..9); the scene's labels are these plus one (0 is the background).
+    """
+
+    def __init__(self, digits: np.ndarray, labels: np.ndarray, count: int, canvas: int, per_scene: Sequence[int],
+                 sizes: Sequence[int], noise: float, seed: int):
+        self.digits, self.labels, self.count, self.canvas = digits, labels, count, canvas
+        self.per_scene, self.sizes, self.noise, self.seed = tuple(per_scene), tuple(sizes), noise, seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> Tuple[tv_tensors.Image, Target]:
+        rng = np.random.default_rng((self.seed, i))
+        c = self.canvas
+        canvas = np.zeros((c, c), np.float32)
+        taken = np.zeros((c, c), bool)  # covered by a placed digit's square
+        boxes, labels = [], []
+        for _ in range(rng.integers(self.per_scene[0], self.per_scene[1] + 1)):
+            k = int(rng.integers(len(self.digits)))
+            size = int(rng.integers(self.sizes[0], self.sizes[1] + 1))
+            glyph = np.asarray(Image.fromarray(self.digits[k]).resize((size, size), Image.BILINEAR),
+                               np.float32) / 255
+            for _attempt in range(30):  # rejection sampling of a free spot
+                x, y = (int(v) for v in rng.integers(0, c - size + 1, 2))
+                if not taken[y:y + size, x:x + size].any():
+                    break
+            else:
+                continue  # no room left: fewer digits in this scene
+            taken[y:y + size, x:x + size] = True
+            canvas[y:y + size, x:x + size] = glyph
+            ink_rows, ink_cols = np.nonzero(glyph > 0.15)
+            boxes.append([x + ink_cols.min(), y + ink_rows.min(), x + ink_cols.max() + 1, y + ink_rows.max() + 1])
+            labels.append(int(self.labels[k]) + 1)
+        canvas = np.clip(canvas + self.noise * rng.standard_normal((c, c), dtype=np.float32), 0, 1)
+        image = tv_tensors.Image(torch.from_numpy(canvas).expand(3, c, c).clone())  # [3, C, C] in [0, 1]
+        target = {'boxes': tv_tensors.BoundingBoxes(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                                                    format='XYXY', canvas_size=(c, c)),
+                  'labels': torch.tensor(labels, dtype=torch.int64), 'image_id': i}
+        return image, target
+
+
+def digit_scene_splits(cfg: DictConfig) -> Splits:
+    """Train and val scenes drawn from disjoint digits (the classification quick start's stratified split)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # [N, 8, 8]
+    train_idx, val_idx = train_test_split(np.arange(len(images)), test_size=cfg.data.val_fraction,
+                                          stratify=digits.target, random_state=cfg.data.split_seed)
+    d = cfg.det
+    scenes = [DigitScenes(images[idx], digits.target[idx], count, d.canvas, d.digits_per_scene, d.digit_sizes,
+                          d.noise, seed=cfg.data.split_seed * 2 + part)
+              for part, (idx, count) in enumerate(zip((train_idx, val_idx), d.scenes))]
+    return Splits(scenes[0], scenes[1], ['background', *(str(c) for c in digits.target_names)])
+
+
+class CocoImages(Dataset):
+    """A COCO-format data set through torchvision's `CocoDetection` and its v2 wrapper (XYWH -> XYXY boxes), with
+    this trainer's image reader (a corrupt file is an error naming it) and crowd annotations left out. An image
+    without annotations is kept, with no boxes."""
+
+    def __init__(self, images: Path, annotations: Path):
+        from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
+
+        class Reader(CocoDetection):
+            def _load_image(self, id: int) -> Image.Image:
+                return read_image(str(Path(self.root) / self.coco.loadImgs(id)[0]['file_name']))
+
+        self.coco = wrap_dataset_for_transforms_v2(Reader(str(images), str(annotations)),
+                                                   target_keys=('boxes', 'labels', 'image_id', 'iscrowd'))
+
+    def __len__(self) -> int:
+        return len(self.coco)
+
+    def __getitem__(self, i: int) -> Tuple[tv_tensors.Image, Target]:
+        image, target = self.coco[i]
+        image = v2.functional.to_image(image)
+        h, w = image.shape[-2:]
+        if 'boxes' not in target:  # the wrapper returns only the id for an image without annotations
+            target['boxes'] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format='XYXY', canvas_size=(h, w))
+            target['labels'] = torch.zeros(0, dtype=torch.int64)
+        keep = ~torch.as_tensor(target.pop('iscrowd', torch.zeros(len(target['labels']))), dtype=torch.bool)
+        return image, {'boxes': target['boxes'][keep], 'labels': target['labels'][keep], 'image_id': target['image_id']}
+
+
+def _check_annotations(path: Path) -> Dict[int, str]:
+    """The categories of a COCO-format annotation file, after checking what would otherwise fail mid-run."""
+    if not path.is_file():
+        raise ConfigError(f"The annotation file '{path}' does not exist: with data.name=coco, data.root holds "
+                          'det.train_annotations / det.val_annotations (COCO\'s annotations/instances_train2017.json) '
+                          'and the image folders det.train_images / det.val_images.')
+    try:
+        coco = json.loads(path.read_text())
+        categories = {int(c['id']): str(c['name']) for c in coco['categories']}
+        annotations, images = coco['annotations'], coco['images']
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"'{path}' is not a COCO-format annotation file ({type(err).__name__}: {err}): it needs "
+                          "'images', 'annotations' and 'categories'.") from None
+    if not categories or min(categories) < 1:
+        raise ConfigError(f"'{path}': category ids must be 1 or more (0 is the detectors' background); found "
+                          f'{sorted(categories)[:5]}.')
+    unknown = sorted({a['category_id'] for a in annotations} - set(categories))
+    if unknown:
+        raise ConfigError(f"'{path}': annotations use category ids {unknown[:10]} that its 'categories' list lacks: "
+                          'add them there or remove those annotations.')
+    if not images:
+        raise ConfigError(f"'{path}' lists no images.")
+    return categories
+
+
+def coco_splits(cfg: DictConfig) -> Splits:
+    """`data.root` with COCO's layout (or any COCO-format data at det.*_annotations / det.*_images under it). Labels
+    are the category ids, so the class count is the largest id + 1, as torchvision's COCO detectors (91) have it."""
+    if not cfg.data.root:
+        raise ConfigError('data.name=coco needs data.root, the folder holding the annotation files and image folders '
+                          '(data.root=/data/coco).')
+    root, d = Path(cfg.data.root), cfg.det
+    train_cats = _check_annotations(root / d.train_annotations)
+    val_cats = _check_annotations(root / d.val_annotations)
+    if train_cats != val_cats:
+        raise ConfigError(f"The categories of '{root / d.train_annotations}' and '{root / d.val_annotations}' differ: "
+                          'both splits need the same category ids and names.')
+    for folder in (d.train_images, d.val_images):
+        if not (root / folder).is_dir():
+            raise ConfigError(f"The image folder '{root / folder}' does not exist (det.train_images / det.val_images "
+                              'are relative to data.root).')
+    classes = ['background', *(train_cats.get(i, 'N/A') for i in range(1, max(train_cats) + 1))]
+    return Splits(CocoImages(root / d.train_images, root / d.train_annotations),
+                  CocoImages(root / d.val_images, root / d.val_annotations), classes)
+
+
+def build_splits(cfg: DictConfig) -> Splits:
+    splits = {'digit_scenes': digit_scene_splits, 'coco': coco_splits}[cfg.data.name](cfg)
+    if len(splits.train) == 0 or len(splits.val) == 0:
+        raise ConfigError(f'The {cfg.data.name} data set has an empty split (train {len(splits.train)}, val '
+                          f'{len(splits.val)} images).')
+    return splits
+
+
+def build_transforms(cfg: DictConfig) -> Tuple[Callable, Callable]:
+    """Train: horizontal flip (`det.hflip`); both: float images in [0, 1], boxes clamped to the image and boxes left
+    with no area dropped (torchvision's SanitizeBoundingBoxes), with their labels. The detectors resize and
+    normalise themselves (their GeneralizedRCNNTransform)."""
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+    train = [v2.RandomHorizontalFlip(cfg.det.hflip)] if cfg.det.hflip else []
+    return v2.Compose([*train, *tail]), v2.Compose(tail)
+
+
+def collate(batch: List[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Tensor], List[Target]]:
+    """Images of any size and their targets, as lists (what torchvision's detectors take)."""
+    images, targets = zip(*batch)
+    plain = [{'boxes': t['boxes'].as_subclass(torch.Tensor), 'labels': t['labels'], 'image_id': t['image_id']}
+             for t in targets]
+    return [i.as_subclass(torch.Tensor) for i in images], plain

@@ -1,0 +1,274 @@
+"""Detection (`task: detection`) for the one trainer: Faster R-CNN students with shadow box predictors, COCO mAP."""
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn as nn
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from timm.utils import ModelEmaV3
+
+from .. import data as cls_data
+from .. import methods
+from ..build import Pipeline, finish, log, make_accelerator
+from ..checkpoint import STATE_FILE
+from ..config import ConfigError
+from ..family import Family, Metrics
+from ..teacher import fitted_path, teacher_record, train_teacher
+from ..weights import read_state_dict, read_weights
+from . import data
+from .evaluation import evaluate_detection, format_table
+from .models import DETECTORS, SMALL, DetectionStudent, build_detector, check_teacher
+from .task import DetectionTask, DetectorTask
+
+
+def det_settings(cfg: DictConfig, kwargs: DictConfig, key: str) -> DictConfig:
+    """The `det` section with a detector's own `kwargs` (model.kwargs, teacher.kwargs) over it: how a teacher gets
+    a wider FPN or box head than its student."""
+    extra = OmegaConf.to_container(kwargs, resolve=True)
+    unknown = sorted(set(extra) - set(cfg.det))
+    if unknown:
+        raise ConfigError(f'{key} has {unknown}, which are not detector settings: with task detection it may set any '
+                          f"of the det section's keys ({', '.join(cfg.det)}).")
+    return OmegaConf.merge(cfg.det, extra)
+
+
+def student_detector(cfg: DictConfig, num_classes: int) -> nn.Module:
+    return build_detector(cfg.model.name, num_classes, det_settings(cfg, cfg.model.kwargs, 'model.kwargs'),
+                          backbone_weights=cfg.det.backbone_weights)
+
+
+def teacher_detector(cfg: DictConfig, num_classes: int, weights: Optional[str] = None) -> nn.Module:
+    return build_detector(cfg.teacher.name, num_classes, det_settings(cfg, cfg.teacher.kwargs, 'teacher.kwargs'),
+                          weights=weights, key='teacher.name')
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _detector_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """A `DetectionStudent`'s keys, from our checkpoints (`detector.`, `shadow_...`) or an export (the detector's)."""
+    from timm.models import clean_state_dict
+    state = clean_state_dict(state)  # DDP's `module.`
+    if any(k.startswith('detector.') for k in state):
+        return state
+    return {f'detector.{k}': v for k, v in state.items()}
+
+
+class DetectionFamily(Family):
+    name = 'detection'
+
+    def build_splits(self, cfg: DictConfig):
+        return data.build_splits(cfg)
+
+    def build_student(self, cfg: DictConfig, num_classes: int) -> DetectionStudent:
+        if cfg.model.name not in DETECTORS:
+            raise ConfigError(f"'model.name' is '{cfg.model.name}', not a detector here: with task detection choose "
+                              f"one of {', '.join(DETECTORS)}.")
+        method = methods.of(cfg)
+        return DetectionStudent(student_detector(cfg, num_classes), num_shadow=int(method.trains_shadow),
+                                own_box_head=cfg.det.shadow_box_head)
+
+    def run_identity(self, cfg: DictConfig, student: DetectionStudent, num_processes: int) -> Dict[str, Any]:
+        return {'model': cfg.model.name, 'model_kwargs': OmegaConf.to_container(cfg.model.kwargs),
+                'num_shadow': student.num_shadow, 'shadow_box_head': cfg.det.shadow_box_head,
+                'num_classes': student.num_classes, 'num_processes': num_processes}
+
+    def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
+        train_tf, val_tf = data.build_transforms(cfg)
+        train = cls_data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, joint=True,
+                                      collate_fn=data.collate)
+        val = acc.prepare(cls_data.eval_loader(cfg, splits.val, val_tf, joint=True, collate_fn=data.collate))
+        return Pipeline(splits, train, val, None, None)
+
+    def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = True) -> List[nn.Module]:
+        """The teacher detector, from (in this order) `teacher.checkpoint` (a torchvision state dict), torchvision's
+        COCO weights (`teacher.pretrained`), a teacher fitted earlier in the run folder, or a new fit."""
+        if not methods.of(cfg).needs_teacher:
+            return []
+        t, k = cfg.teacher, pipe.num_classes
+        fitted = fitted_path(cfg, 0).with_suffix('.safetensors')
+        if t.checkpoint:
+            teacher = teacher_detector(cfg, k)
+            try:
+                teacher.load_state_dict(read_state_dict(t.checkpoint, cfg.train.trust_pickled_files))
+            except RuntimeError as err:
+                raise ConfigError(f"The teacher checkpoint '{t.checkpoint}' does not fit teacher.name='{t.name}' "
+                                  f'({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs.') from None
+        elif t.pretrained:
+            with acc.main_process_first():  # one download per machine
+                teacher = teacher_detector(cfg, k, weights='DEFAULT')
+        elif fit:
+            teacher = self.fit_teacher(cfg, acc, pipe)
+        elif fitted.is_file():
+            teacher = teacher_detector(cfg, k)
+            teacher.load_state_dict(load_file(str(fitted)))
+        else:
+            return []
+        return [frozen(teacher).to(acc.device)]
+
+    def fit_teacher(self, cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> nn.Module:
+        """Train `teacher.name` on the training split with its own four losses, save it as `teacher.safetensors`
+        in the run folder (with its mAP in teacher.json) and reuse it when the settings have not changed."""
+        t = cfg.teacher
+        stem = fitted_path(cfg, 0)
+        path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
+        record = teacher_record(cfg, t)
+        if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
+            log(acc, f'reusing the teacher fitted earlier: {path}')
+            teacher = teacher_detector(cfg, pipe.num_classes)
+            teacher.load_state_dict(load_file(str(path)))
+            return teacher
+        log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs')
+        teacher = train_teacher(cfg, t, 0, acc, pipe, DetectorTask(teacher_detector(cfg, pipe.num_classes)))
+        metrics = evaluate_detection(lambda images: {'teacher': teacher(images)}, pipe.val_loader, acc,
+                                     desc='teacher eval')
+        log(acc, f"fitted teacher: AP {metrics['teacher_ap']:.2f}, AP50 {metrics['teacher_ap50']:.2f} on "
+                 f"{metrics['num_samples']} held-out images")
+        if acc.is_main_process:
+            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
+            record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
+        acc.wait_for_everyone()
+        acc.free_memory()
+        return teacher
+
+    def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DetectionTask:
+        inner = getattr(student, 'module', student)  # under DDP
+        for teacher in teachers:
+            check_teacher(teacher, inner, cfg.teacher.name)
+        transform = inner.detector.transform
+        return DetectionTask(student, teachers[0] if teachers else None, methods.loss_fn(cfg), transform.image_mean,
+                             transform.image_std)
+
+    def evaluate(self, student: DetectionStudent, ema, task: DetectionTask, loader, acc: Accelerator,
+                 with_shadow: bool = True) -> Metrics:
+        def predictor(model: DetectionStudent, teacher: Optional[nn.Module]):
+            def predict(images):
+                heads = model.predict(images, with_shadow)
+                if teacher is not None:
+                    heads['teacher'] = teacher(images)  # the teacher's own pipeline: its transform, RPN, heads
+                return heads
+            return predict
+        student.eval()
+        metrics = evaluate_detection(predictor(student, task.teacher), loader, acc)
+        if ema is not None:  # the EMA's heads; the teacher is scored once
+            ema_metrics = evaluate_detection(predictor(ema.module, None), loader, acc, desc='eval EMA')
+            metrics.update({f'ema_{k}': v for k, v in ema_metrics.items() if k not in ('num_samples',
+                                                                                         'images_per_sec')})
+        return metrics
+
+    def best_metric(self, student: DetectionStudent) -> str:
+        return 'student_ap'
+
+    def headline(self, metrics: Metrics) -> str:
+        return 'AP ' + ', '.join(f'{h} {metrics[f"{h}_ap"]:.2f}' for h in ('student', 'shadow', 'teacher')
+                                 if f'{h}_ap' in metrics)
+
+    def format_table(self, metrics: Metrics, student: nn.Module) -> str:
+        return format_table(metrics)
+
+    def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
+        acc = make_accelerator(cfg, trackers=False)
+        set_seed(cfg.train.seed)
+        splits = self.build_splits(cfg)
+        student = self.build_student(cfg, len(splits.classes))
+        weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, rename=_detector_keys)
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+        shadow = ('shadow_predictors', 'shadow_box_heads')
+        if unexpected or [k for k in missing if not k.startswith(shadow)]:
+            raise ConfigError(f"The weights in '{path}' do not fit the configured student {cfg.model.name} (missing "
+                              f'{missing[:5]}, unexpected {unexpected[:5]}): pass the config it was trained with.')
+        ema = None
+        if ema_weights is not None:
+            ema = ModelEmaV3(student)
+            ema.module.load_state_dict(ema_weights)
+        student.to(acc.device)
+        pipe = self.build_pipeline(cfg, acc, splits, student)
+        task = self.make_task(cfg, student, self.get_teachers(cfg, acc, pipe, fit=False), pipe).to(acc.device)
+        with_shadow = not any(k.startswith(shadow) for k in missing)
+        metrics: Dict[str, Any] = self.evaluate(student, ema, task, pipe.val_loader, acc, with_shadow)
+        metrics['checkpoint'] = str(path)
+        if (where / STATE_FILE).is_file():
+            metrics['update'] = json.loads((where / STATE_FILE).read_text())['update']
+        if acc.is_main_process:
+            (where / 'eval.json').write_text(json.dumps(metrics, indent=2))
+        log(acc, f'evaluation of {path} ({where}/eval.json):\n' + format_table(metrics))
+        finish(acc)
+        return metrics
+
+    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool) -> Path:
+        """The student detector alone (its shadow predictors dropped): `model.safetensors` of a torchvision
+        `FasterRCNN`, `detector.json` with what builds it, and the torchvision lines that load it, run here to check
+        that the reloaded detector reproduces the student's detections."""
+        if head not in (None, 'cls'):
+            raise ConfigError("--export-head: a detection student exports its own box predictor; the shadow predictor "
+                              'is not part of the model (drop --export-head).')
+        weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, rename=_detector_keys)
+        if use_ema:
+            if ema_weights is None:
+                raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")
+            weights = ema_weights
+        num_classes = weights['detector.roi_heads.box_predictor.cls_score.weight'].shape[0]
+        student = self.build_student(cfg, num_classes)
+        student.load_state_dict(weights, strict=False)
+        detector = student.detector.eval()
+        out = Path(out_dir or where / 'export_detector')
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in detector.state_dict().items()}, str(out / 'model.safetensors'))
+        det = det_settings(cfg, cfg.model.kwargs, 'model.kwargs')
+        (out / 'detector.json').write_text(json.dumps({'architecture': cfg.model.name, 'num_classes': num_classes,
+                                                       'det': OmegaConf.to_container(det)}, indent=2))
+        (out / 'config.yaml').write_text(OmegaConf.to_yaml(cfg))
+        code = loading_code(cfg.model.name, num_classes, det, out / 'model.safetensors')
+        scope: Dict[str, Any] = {}
+        exec(code, scope)  # the printed lines, run: they must rebuild the student's detector
+        images = [data.build_transforms(cfg)[1](*self.build_splits(cfg).val[i])[0] for i in range(2)]
+        with torch.no_grad():  # every output of the box predictor on the same proposals, and the detections
+            expected, got = detector(images), scope['model'].eval()(images)
+        same = all(a[k].shape == b[k].shape and torch.allclose(a[k].float(), b[k].float(), atol=1e-4)
+                   for a, b in zip(expected, got) for k in ('boxes', 'scores', 'labels'))
+        same = same and torch.equal(detector.rpn.anchor_generator.cell_anchors[0],
+                                    scope['model'].rpn.anchor_generator.cell_anchors[0])
+        if not same:
+            raise RuntimeError('The exported detector differs from the student; please report this.')
+        print(f'[shake-vit] exported the student detector to {out} (shadow predictor dropped). Load it with '
+              f'torchvision alone:\n{code}')
+        return out
+
+
+def loading_code(name: str, num_classes: int, det: DictConfig, path: Path) -> str:
+    """The torchvision lines that build detector `name` as trained here and load its exported weights."""
+    common = (f'min_size={det.min_size}, max_size={det.max_size}, rpn_pre_nms_top_n_test={det.rpn_proposals_test}, '
+              f'rpn_post_nms_top_n_test={det.rpn_proposals_test}, box_detections_per_img={det.detections_per_image}')
+    if name in SMALL:
+        sizes = tuple((s,) for s in (det.anchor_sizes or (32, 64, 128, 256)))
+        width = 64
+        norm = 'torchvision.ops.misc.FrozenBatchNorm2d' if det.backbone_weights else 'None'
+        build = (f'from torchvision.models.detection import FasterRCNN\n'
+                 f'from torchvision.models.detection.anchor_utils import AnchorGenerator\n'
+                 f'from torchvision.models.detection.backbone_utils import BackboneWithFPN\n'
+                 f'from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead\n'
+                 f'from torchvision.ops import MultiScaleRoIAlign\n'
+                 f'body = torchvision.models.{SMALL[name]}(norm_layer={norm})\n'
+                 f"backbone = BackboneWithFPN(body, {{'layer2': '0', 'layer3': '1', 'layer4': '2'}}, "
+                 f'[{width * 2}, {width * 4}, {width * 8}], {det.fpn_channels})\n'
+                 f'model = FasterRCNN(backbone, rpn_anchor_generator=AnchorGenerator({sizes}, '
+                 f'((0.5, 1.0, 2.0),) * {len(sizes)}), box_roi_pool=MultiScaleRoIAlign([\'0\', \'1\', \'2\'], 7, 2), '
+                 f'box_head=TwoMLPHead({det.fpn_channels} * 7 * 7, {det.box_head_dim}), '
+                 f'box_predictor=FastRCNNPredictor({det.box_head_dim}, {num_classes}), {common})\n')
+    else:
+        build = (f'model = torchvision.models.detection.{name}(weights=None, weights_backbone=None, '
+                 f'num_classes={num_classes}, {common})\n')
+    # torchvision builds BatchNorm where an ImageNet-initialised backbone trained with FrozenBatchNorm2d, which has no
+    # num_batches_tracked: the same numbers in eval mode
+    strict = '' if name in SMALL or not det.backbone_weights else ', strict=False'
+    return (f'import torchvision\nfrom safetensors.torch import load_file\n{build}'
+            f"model.load_state_dict(load_file('{path}'){strict})\n")

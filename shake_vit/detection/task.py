@@ -1,0 +1,71 @@
+"""The detection training steps as timm `TrainingTask`s: distillation into a student, and a detector's own losses."""
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+from timm.task import TrainingTask
+
+from ..methods import LossFn
+from .models import teacher_on_rois
+
+
+class DetectionTask(TrainingTask):
+    """The student's four detector losses plus the method's distillation terms on its sampled RoIs.
+
+    The teacher stays outside the optimizer and outside DDP (only `trainable_module` is prepared), in eval mode, and
+    scores the student's RoIs under no_grad; the loop sees named terms only.
+
+    Args:
+        student: a `DetectionStudent` (DDP-wrapped or not).
+        teacher: the frozen teacher detector, or None for `none`.
+        loss: the method's terms, `(s_cls, s_box, h_cls, h_box, t_cls, t_box, labels) -> {term: value}`.
+        student_mean: the student's input normalisation (its GeneralizedRCNNTransform's), undone for a teacher
+            that expects other statistics.
+        student_std: likewise.
+    """
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], loss: LossFn, student_mean, student_std):
+        super().__init__(verbose=False)
+        self.trainable_module, self.teacher, self.loss = student, teacher, loss
+        mean, std = (rearrange(torch.tensor(v, dtype=torch.float32), 'c -> c 1 1') for v in (student_mean,
+                                                                                              student_std))
+        self.register_buffer('student_mean', mean, persistent=False)
+        self.register_buffer('student_std', std, persistent=False)
+        if teacher is not None:
+            t_mean, t_std = (rearrange(torch.tensor(v, dtype=torch.float32), 'c -> c 1 1')
+                             for v in (teacher.transform.image_mean, teacher.transform.image_std))
+            self.register_buffer('teacher_mean', t_mean, persistent=False)
+            self.register_buffer('teacher_std', t_std, persistent=False)
+            # decided once: comparing on every step would synchronise host and device
+            self.renormalize = not (torch.equal(mean, t_mean) and torch.equal(std, t_std))
+
+    def train(self, mode: bool = True) -> 'DetectionTask':
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # BatchNorm statistics and RPN/box-head modes of the teacher never change
+        return self
+
+    def forward(self, images, targets) -> Dict[str, torch.Tensor]:
+        out = self.trainable_module(images, targets)
+        terms = dict(out['losses'])
+        if self.teacher is not None:
+            x = out['images']  # [B, 3, H, W]: the student's resized, normalised, padded batch
+            if self.renormalize:
+                x = (x * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
+            t_cls, t_box = teacher_on_rois(self.teacher, x, out['proposals'], out['image_sizes'])
+            h_cls, h_box = out['shadows'][0] if out['shadows'] else (None, None)
+            terms.update(self.loss(out['s_cls'], out['s_box'], h_cls, h_box, t_cls, t_box, out['labels']))
+        return {'loss': sum(terms.values()), **terms}
+
+
+class DetectorTask(TrainingTask):
+    """A detector trained on its own four losses (torchvision's training forward): fitting a teacher."""
+
+    def __init__(self, detector: nn.Module):
+        super().__init__(verbose=False)
+        self.trainable_module = detector
+
+    def forward(self, images, targets) -> Dict[str, torch.Tensor]:
+        terms = self.trainable_module(images, targets)
+        return {'loss': sum(terms.values()), **terms}
