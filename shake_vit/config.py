@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from . import methods
@@ -192,8 +192,8 @@ class DetectionConfig:
     fpn_channels: int = 256  # the small detectors' (fasterrcnn_resnet18_fpn, _resnet34_fpn) FPN width
     box_head_dim: int = 1024  # the small detectors' box head width (TwoMLPHead)
     trainable_backbone_layers: int = 5  # backbone stages trained (torchvision's 3 for ImageNet-initialised ones)
-    backbone_weights: Optional[str] = None  # the student's backbone: a torchvision weights name (IMAGENET1K_V1) or a
-    # local state-dict file; null: random
+    backbone_weights: Optional[str] = None  # the student's backbone: a torchvision weights name (IMAGENET1K_V1,
+    # read from $TORCH_HOME/hub/checkpoints when there, downloaded once otherwise); null: random
     rpn_proposals_train: int = 2000  # RPN proposals kept after NMS per image (torchvision's defaults)
     rpn_proposals_test: int = 1000
     rois_per_image: int = 512  # RoIs sampled per image for the box head in training
@@ -379,6 +379,7 @@ def validate(cfg: DictConfig) -> None:
         if (mean is None) != (std is None):
             raise ConfigError(f"Set {who}.mean and {who}.std together (per-channel input statistics); only "
                               f"{who}.{'mean' if std is None else 'std'} is set.")
+    _check_task_sections(cfg)
     t, o, a, d = cfg.train, cfg.optim, cfg.aug, cfg.data
     _check(t.epochs >= 1, 'train.epochs', t.epochs, 'at least 1')
     _check(t.batch_size >= 1, 'train.batch_size', t.batch_size, 'at least 1')
@@ -412,6 +413,40 @@ def validate(cfg: DictConfig) -> None:
         _check(t.batch_size % 2 == 0, 'train.batch_size', t.batch_size,
                'even when mixup or cutmix is on (timm Mixup pairs each sample with its mirror in the batch); '
                'set aug.mixup=0 aug.cutmix=0 to train with an odd batch')
+
+
+# Settings one task family reads and the other does not: set away from their defaults under the other task, they
+# would be ignored without a word, so they are refused.
+CLASSIFICATION_ONLY = ('aug', 'data.img_size', 'data.mean', 'data.std', 'data.num_classes', 'data.fake_size',
+                       'data.num_folds', 'data.fold', 'data.inner_val_fraction', 'model.drop_path_rate',
+                       'model.shadow_head', 'model.shadow_hidden_dim', 'model.predict', 'model.shadow_on',
+                       'model.proxy_features', 'model.cifar_stem', 'teacher.mean', 'teacher.std', 'teacher.cifar_stem',
+                       'teacher.channels_last', 'loss.teacher_loss', 'loss.standardize', 'loss.shadow_ce',
+                       'loss.direct_kd', 'loss.deit_alpha', 'loss.deit_soft_reduction', 'loss.kd_alpha')
+DETECTION_ONLY = ('det', 'loss.box_beta')
+INSTEAD = {'aug.hflip': 'det.hflip', 'data.img_size': 'det.min_size / det.max_size',
+           'data.mean': "the detector's own normalisation", 'data.std': "the detector's own normalisation",
+           'teacher.mean': "the teacher detector's own normalisation", 'teacher.std': "the teacher detector's own "
+           'normalisation', 'loss.kd_alpha': 'loss.teacher_weight', 'model.shadow_head': 'det.shadow_box_head'}
+
+
+def _leaves(node: Any, prefix: str) -> Dict[str, Any]:
+    if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+        return {k: v for key in node for k, v in _leaves(node[key], f'{prefix}.{key}').items()}
+    return {prefix: OmegaConf.to_container(node) if isinstance(node, (DictConfig, ListConfig)) else node}
+
+
+def _check_task_sections(cfg: DictConfig) -> None:
+    """Refuse another task family's settings when they differ from their defaults (see CLASSIFICATION_ONLY)."""
+    other = CLASSIFICATION_ONLY if cfg.task == 'detection' else DETECTION_ONLY
+    defaults = OmegaConf.structured(Config)
+    changed = [key for top in other for key, value in _leaves(OmegaConf.select(cfg, top), top).items()
+               if value != _leaves(OmegaConf.select(defaults, key), key)[key]]
+    if changed:
+        hints = ''.join(f' ({k}: use {INSTEAD[k]})' for k in changed if k in INSTEAD)
+        kind, one = ('classification' if cfg.task == 'detection' else 'detection'), len(changed) == 1
+        raise ConfigError(f"{', '.join(changed[:6])} {'is a' if one else 'are'} {kind} setting{'' if one else 's'}, "
+                          f'which task {cfg.task} does not use: remove {"it" if one else "them"}{hints}.')
 
 
 def mixup_active(cfg: DictConfig) -> bool:

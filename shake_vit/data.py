@@ -288,29 +288,32 @@ class SeededSampler(Sampler):
         return iter(zip(self.sampler, seeds))
 
 
-def train_sampler(cfg: DictConfig, dataset: Dataset, num_replicas: int, rank: int) -> SeededSampler:
+def train_sampler(cfg: DictConfig, dataset: Dataset, num_replicas: int, rank: int,
+                  repeats: Optional[int] = None) -> SeededSampler:
     """This process's share of every epoch, built here rather than by `accelerator.prepare`.
 
     Accelerate shards whatever sampler a prepared DataLoader has, so a distributed or repeated-augmentation sampler
     under `prepare` would be sharded twice; the train loader is therefore never prepared. With repeated augmentation
     the copies of one image land on different processes (timm's RepeatAugSampler, DeiT's RASampler epoch length).
+    `repeats` overrides `aug.repeated_aug` (detection: 1).
     """
-    if cfg.aug.repeated_aug > 1:
-        base = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True,
-                                num_repeats=cfg.aug.repeated_aug)
+    repeats = cfg.aug.repeated_aug if repeats is None else repeats
+    if repeats > 1:
+        base = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=repeats)
     else:
         base = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=cfg.train.seed)
     return SeededSampler(base, seed=cfg.train.seed, rank=rank)
 
 
 def train_loader(cfg: DictConfig, dataset: Dataset, transform: Callable, num_replicas: int, rank: int,
-                 batch_size: Optional[int] = None, joint: bool = False,
-                 collate_fn: Optional[Callable] = None) -> DataLoader:
-    """This process's train loader (see `train_sampler`); `joint` and `collate_fn` as detection needs them."""
+                 batch_size: Optional[int] = None, joint: bool = False, collate_fn: Optional[Callable] = None,
+                 repeats: Optional[int] = None) -> DataLoader:
+    """This process's train loader (see `train_sampler`); `joint`, `collate_fn` and `repeats` as detection needs
+    them."""
     workers = cfg.data.num_workers
     return DataLoader(
         Transformed(dataset, transform, joint), batch_size=batch_size or cfg.train.batch_size, collate_fn=collate_fn,
-        sampler=train_sampler(cfg, dataset, num_replicas, rank), drop_last=True, num_workers=workers,
+        sampler=train_sampler(cfg, dataset, num_replicas, rank, repeats), drop_last=True, num_workers=workers,
         pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
         # A private generator: creating the iterator must not draw from the global RNG (resume equality).
         generator=torch.Generator())

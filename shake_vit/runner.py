@@ -147,8 +147,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         progress.metrics = family.evaluate(student, ema, task, pipe.val_loader, acc)
     trained = (trainer.update - first_update) * d.global_batch  # images this invocation trained on
     # The final evaluation, and the best one by `metric` over the run (CRD's logs report the best epoch's top-1).
+    best = {f'best_{metric}': progress.best, 'best_epoch': progress.best_epoch} if progress.best is not None else {}
     results = dict(progress.metrics, epochs=cfg.train.epochs, train_images_per_sec=trained / max(train_time, 1e-9),
-                   **({f'best_{metric}': progress.best, 'best_epoch': progress.best_epoch} if progress.best else {}))
+                   **best)
     if acc.is_main_process:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}

@@ -21,6 +21,7 @@ from .checkpoint import EMA_FILE, latest_checkpoint
 from .config import ConfigError, load_config
 
 StateDict = Dict[str, torch.Tensor]
+WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt', '.tar')  # what names a weights file
 
 
 def read_state_dict(path: str, trusted: bool = False) -> StateDict:

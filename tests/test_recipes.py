@@ -21,6 +21,8 @@ def smoke_args(recipe: str, imagefolder: Path):
     """The smoke overlay that fits the recipe's student, and the data and teachers a CPU test can have."""
     from shake_vit.models import is_vit
     cfg = load_config([str(ROOT / 'configs' / recipe)])
+    if cfg.task == 'detection':  # digit scenes stand in for COCO; no torchvision weights to download
+        return ['--config', 'configs/smoke_det.yaml']
     overlay = ('smoke_cifar' if cfg.model.name.startswith('cifar_') else 'smoke' if is_vit(cfg.model.name)
                else 'smoke_cnn')
     args = ['--config', f'configs/{overlay}.yaml']  # smoke_cifar keeps the recipe's own (CRD) networks

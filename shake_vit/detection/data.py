@@ -112,7 +112,8 @@ class CocoImages(Dataset):
             target['boxes'] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format='XYXY', canvas_size=(h, w))
             target['labels'] = torch.zeros(0, dtype=torch.int64)
         keep = ~torch.as_tensor(target.pop('iscrowd', torch.zeros(len(target['labels']))), dtype=torch.bool)
-        return image, {'boxes': target['boxes'][keep], 'labels': target['labels'][keep], 'image_id': target['image_id']}
+        boxes = tv_tensors.wrap(target['boxes'][keep], like=target['boxes'])  # indexing drops the box type
+        return image, {'boxes': boxes, 'labels': target['labels'][keep], 'image_id': target['image_id']}
 
 
 def _check_annotations(path: Path) -> Dict[int, str]:

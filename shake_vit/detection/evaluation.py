@@ -1,8 +1,8 @@
 """COCO mAP of every detection head: the student's predictor, the shadow predictor(s), the teacher.
 
-Each process runs its shard of the prepared val loader; `gather_for_metrics` collects every image's detections and
-ground truth once (the padding of the last shard dropped), and torchmetrics' `MeanAveragePrecision` (pycocotools
-backend) scores them, on every process alike. Values are percentages, as COCO results are reported.
+Each process runs its shard of the prepared val loader; `gather_for_metrics`, batch by batch, collects every image's
+detections and ground truth once (the padding of the last shard dropped), and torchmetrics' `MeanAveragePrecision`
+(pycocotools backend) scores them, on every process alike. Values are percentages, as COCO results are reported.
 """
 import time
 from typing import Callable, Dict, List
@@ -37,10 +37,10 @@ def evaluate_detection(predict: Callable[[List[torch.Tensor]], Dict[str, Detecti
     with progress(loader, desc=desc, disable=not acc.is_local_main_process) as batches:
         for images, targets in batches:
             heads = predict(images)
-            for i, target in enumerate(targets):  # one record per image: what gather_for_metrics counts
-                records.append({'target': {'boxes': target['boxes'].cpu(), 'labels': target['labels'].cpu()},
-                                'heads': {h: _cpu(dets[i]) for h, dets in heads.items()}})
-    records = acc.gather_for_metrics(records, use_gather_object=True)
+            batch = [{'target': {'boxes': target['boxes'].cpu(), 'labels': target['labels'].cpu()},
+                      'heads': {h: _cpu(dets[i]) for h, dets in heads.items()}} for i, target in enumerate(targets)]
+            # per batch: on the last one Accelerate drops the samples its sampler repeated to even out the shards
+            records += acc.gather_for_metrics(batch, use_gather_object=True)
     metrics: Dict[str, float] = {}
     for head in (records[0]['heads'] if records else {}):
         meter = MeanAveragePrecision(box_format='xyxy', iou_type='bbox', backend='pycocotools')
@@ -54,7 +54,7 @@ def evaluate_detection(predict: Callable[[List[torch.Tensor]], Dict[str, Detecti
 
 def format_table(metrics: Dict[str, float]) -> str:
     """AP / AP50 / AP75 of every head evaluated; the student's predictor is the model (the shadow is dropped)."""
-    heads = sorted({k.rsplit('_ap', 1)[0] for k in metrics if k.endswith('_ap')},
+    heads = sorted({k.rsplit('_ap', 1)[0] for k in metrics if k.endswith('_ap') and not k.startswith('best_')},
                    key=lambda h: (HEADS.index(h.split('_')[0]) if h.split('_')[0] in HEADS else 9, h))
     lines = [f"{'head':<20}{'AP':>8}{'AP50':>8}{'AP75':>8}", '-' * 44]
     for head in heads:

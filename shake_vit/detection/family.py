@@ -19,7 +19,7 @@ from ..checkpoint import STATE_FILE
 from ..config import ConfigError
 from ..family import Family, Metrics
 from ..teacher import fitted_path, teacher_record, train_teacher
-from ..weights import read_state_dict, read_weights
+from ..weights import WEIGHT_SUFFIXES, read_state_dict, read_weights
 from . import data
 from .evaluation import evaluate_detection, format_table
 from .models import DETECTORS, SMALL, DetectionStudent, build_detector, check_teacher
@@ -37,9 +37,21 @@ def det_settings(cfg: DictConfig, kwargs: DictConfig, key: str) -> DictConfig:
     return OmegaConf.merge(cfg.det, extra)
 
 
+def weights_name(source: Optional[str]) -> Optional[str]:
+    """`model.pretrained` when it names torchvision weights (COCO_V1, DEFAULT) rather than a local file."""
+    if not source or Path(source).suffix in WEIGHT_SUFFIXES or '/' in source or Path(source).exists():
+        return None
+    return source
+
+
 def student_detector(cfg: DictConfig, num_classes: int) -> nn.Module:
+    """The configured student detector; with `model.pretrained` naming torchvision's COCO weights, built from them
+    as torchvision fine-tunes (frozen BatchNorm, `det.trainable_backbone_layers`, a new predictor for these
+    classes)."""
     return build_detector(cfg.model.name, num_classes, det_settings(cfg, cfg.model.kwargs, 'model.kwargs'),
-                          backbone_weights=cfg.det.backbone_weights)
+                          weights=weights_name(cfg.model.pretrained), backbone_weights=cfg.det.backbone_weights,
+                          key='model.pretrained' if weights_name(cfg.model.pretrained) else 'model.name',
+                          new_predictor=True)
 
 
 def teacher_detector(cfg: DictConfig, num_classes: int, weights: Optional[str] = None) -> nn.Module:
@@ -61,6 +73,20 @@ def _detector_keys(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {f'detector.{k}': v for k, v in state.items()}
 
 
+def load_weights(student: DetectionStudent, weights: Dict[str, torch.Tensor], path, cfg: DictConfig) -> bool:
+    """Load a run's (or an export's) weights into the configured student; every detector tensor must fit. Returns
+    whether the weights held the shadow predictors (an export has none)."""
+    shadow = ('shadow_predictors', 'shadow_box_heads')
+    try:
+        missing, unexpected = student.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        missing, unexpected = [str(err).splitlines()[1].strip()], []
+    if unexpected or [k for k in missing if not k.startswith(shadow)]:
+        raise ConfigError(f"The weights in '{path}' do not fit the configured student {cfg.model.name} (missing "
+                          f'{missing[:5]}, unexpected {unexpected[:5]}): pass the config it was trained with.')
+    return not any(k.startswith(shadow) for k in missing)
+
+
 class DetectionFamily(Family):
     name = 'detection'
 
@@ -75,6 +101,38 @@ class DetectionFamily(Family):
         return DetectionStudent(student_detector(cfg, num_classes), num_shadow=int(method.trains_shadow),
                                 own_box_head=cfg.det.shadow_box_head)
 
+    def init_student(self, cfg: DictConfig, student: DetectionStudent, log) -> None:
+        """`model.pretrained` as a local file: a torchvision detector's state dict, an export, or a run's weights of
+        the same detector. A box predictor of another class count starts fresh (fine-tuning on new classes), as do
+        shadow predictors the file lacks; every other tensor must fit."""
+        source = cfg.model.pretrained
+        if not source:
+            return
+        if weights_name(source):
+            log(f"fine-tuning from torchvision's {cfg.model.name} weights {source} (new box predictor for "
+                f'{student.num_classes} classes)')
+            return
+        state = _detector_keys(read_state_dict(source, cfg.train.trust_pickled_files))
+        own = student.state_dict()
+        fresh = sorted({k.rsplit('.', 2)[0] for k, v in state.items()
+                        if k.startswith('detector.roi_heads.box_predictor.') and k in own and v.shape != own[k].shape})
+        state = {k: v for k, v in state.items() if not k.startswith(tuple(fresh))
+                 and not (k.endswith('num_batches_tracked') and k not in own)}  # FrozenBatchNorm2d has none
+        wrong = [k for k, v in state.items() if k in own and v.shape != own[k].shape]
+        missing, unexpected = student.load_state_dict({k: v for k, v in state.items() if k not in wrong},
+                                                      strict=False)
+        missing = [k for k in missing if k not in wrong and not k.startswith(('shadow_', *fresh))
+                   and not k.endswith('num_batches_tracked')]
+        unexpected = [k for k in unexpected if not k.startswith('shadow_')]
+        if missing or unexpected or wrong:
+            raise ConfigError(f"model.pretrained='{source}' does not fit {cfg.model.name} as configured (missing "
+                              f'{missing[:4]}, unexpected {unexpected[:4]}, other shapes {wrong[:4]}): name the '
+                              'architecture it holds in model.name, and its det.* / model.kwargs settings.')
+        notes = ['a new box predictor: the file predicts another class count'] if fresh else []
+        if not any(k.startswith('shadow_') for k in state) and student.num_shadow:
+            notes.append('new shadow predictor')
+        log(f'fine-tuning from {source}' + ''.join(f'\n    {note}' for note in notes))
+
     def run_identity(self, cfg: DictConfig, student: DetectionStudent, num_processes: int) -> Dict[str, Any]:
         return {'model': cfg.model.name, 'model_kwargs': OmegaConf.to_container(cfg.model.kwargs),
                 'num_shadow': student.num_shadow, 'shadow_box_head': cfg.det.shadow_box_head,
@@ -83,7 +141,7 @@ class DetectionFamily(Family):
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
         train_tf, val_tf = data.build_transforms(cfg)
         train = cls_data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, joint=True,
-                                      collate_fn=data.collate)
+                                      collate_fn=data.collate, repeats=1)
         val = acc.prepare(cls_data.eval_loader(cfg, splits.val, val_tf, joint=True, collate_fn=data.collate))
         return Pipeline(splits, train, val, None, None)
 
@@ -179,11 +237,7 @@ class DetectionFamily(Family):
         splits = self.build_splits(cfg)
         student = self.build_student(cfg, len(splits.classes))
         weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, rename=_detector_keys)
-        missing, unexpected = student.load_state_dict(weights, strict=False)
-        shadow = ('shadow_predictors', 'shadow_box_heads')
-        if unexpected or [k for k in missing if not k.startswith(shadow)]:
-            raise ConfigError(f"The weights in '{path}' do not fit the configured student {cfg.model.name} (missing "
-                              f'{missing[:5]}, unexpected {unexpected[:5]}): pass the config it was trained with.')
+        with_shadow = load_weights(student, weights, path, cfg)
         ema = None
         if ema_weights is not None:
             ema = ModelEmaV3(student)
@@ -191,7 +245,6 @@ class DetectionFamily(Family):
         student.to(acc.device)
         pipe = self.build_pipeline(cfg, acc, splits, student)
         task = self.make_task(cfg, student, self.get_teachers(cfg, acc, pipe, fit=False), pipe).to(acc.device)
-        with_shadow = not any(k.startswith(shadow) for k in missing)
         metrics: Dict[str, Any] = self.evaluate(student, ema, task, pipe.val_loader, acc, with_shadow)
         metrics['checkpoint'] = str(path)
         if (where / STATE_FILE).is_file():
@@ -216,7 +269,7 @@ class DetectionFamily(Family):
             weights = ema_weights
         num_classes = weights['detector.roi_heads.box_predictor.cls_score.weight'].shape[0]
         student = self.build_student(cfg, num_classes)
-        student.load_state_dict(weights, strict=False)
+        load_weights(student, weights, path, cfg)
         detector = student.detector.eval()
         out = Path(out_dir or where / 'export_detector')
         if out.exists():

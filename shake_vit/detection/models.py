@@ -63,26 +63,34 @@ def small_detector(arch: str, num_classes: int, det: DictConfig, backbone_weight
 
 
 def build_detector(name: str, num_classes: int, det: DictConfig, weights: Optional[str] = None,
-                   backbone_weights: Optional[str] = None, key: str = 'model.name') -> FasterRCNN:
+                   backbone_weights: Optional[str] = None, key: str = 'model.name',
+                   new_predictor: bool = False) -> FasterRCNN:
     """A Faster R-CNN by name: torchvision's builders (`weights`: their COCO weights, e.g. 'DEFAULT';
     `backbone_weights`: ImageNet, e.g. 'IMAGENET1K_V1'; downloaded once into $TORCH_HOME, where a copy placed by hand
-    serves offline) or the small ResNet-18/34 ones defined here."""
+    serves offline) or the small ResNet-18/34 ones defined here. With `weights` of another class count,
+    `new_predictor` replaces the box predictor by a fresh one for `num_classes` (torchvision's fine-tuning recipe)."""
     if name in SMALL:
         if weights:
-            raise ConfigError(f'{name} has no published detection weights: fit it, or give teacher.checkpoint.')
+            raise ConfigError(f'{name} has no published detection weights ({key}={weights!r}): fit it, or give a '
+                              'local weights file.')
         return small_detector(SMALL[name], num_classes, det, backbone_weights)
     if name not in TORCHVISION:
         raise ConfigError(f"'{key}' is '{name}', not a detector here: choose one of {', '.join(DETECTORS)}.")
     try:
-        return getattr(torchvision.models.detection, name)(
+        model = getattr(torchvision.models.detection, name)(
             weights=weights, weights_backbone=backbone_weights, num_classes=None if weights else num_classes,
             trainable_backbone_layers=det.trainable_backbone_layers if (weights or backbone_weights) else 5,
             **_common(det))
-    except (OSError, RuntimeError, ValueError) as err:  # an unknown weights name, or a download without a network
+    except (OSError, RuntimeError, ValueError, KeyError) as err:  # an unknown weights name, a download offline
         raise ConfigError(f'Could not build {name} with weights={weights!r}, backbone weights={backbone_weights!r} '
-                          f'({type(err).__name__}: {str(err).splitlines()[0][:200]}). Offline, put the weights file '
-                          'in $TORCH_HOME/hub/checkpoints (torchvision reads it from there), or give a local state '
-                          'dict (teacher.checkpoint).') from None
+                          f'({type(err).__name__}: {str(err).splitlines()[0][:200]}). Weights names are '
+                          "torchvision's (DEFAULT, COCO_V1; IMAGENET1K_V1 for a backbone). Offline, put the weights "
+                          'file in $TORCH_HOME/hub/checkpoints (torchvision reads it from there), or give a local '
+                          'state dict.') from None
+    predictor = model.roi_heads.box_predictor
+    if new_predictor and predictor.cls_score.out_features != num_classes:
+        model.roi_heads.box_predictor = FastRCNNPredictor(predictor.cls_score.in_features, num_classes)
+    return model
 
 
 class DetectionStudent(nn.Module):
