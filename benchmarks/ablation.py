@@ -24,7 +24,7 @@ import sys
 import time
 from datetime import date
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,15 +56,16 @@ HEADS = ('cls', 'shadow', 'avg')
 SMOKE = ['train.epochs=1', 'eval.interval=1', 'model.kwargs.depth=1', 'train.max_updates_per_epoch=4']
 
 
-def job(name: str, overrides: List[str], out: Path, study: List[str], base: str = BASE) -> dict:
-    """One training run in this process (the `base` recipe, then `study`, then `overrides`); returns its record
-    (cached in OUT/records/NAME.json)."""
+def job(name: str, overrides: List[str], out: Path, study: List[str], base: Union[str, List[str]] = BASE) -> dict:
+    """One training run in this process (the `base` recipe (or recipes, merged in order), then `study`, then
+    `overrides`); returns its record (cached in OUT/records/NAME.json)."""
     record_path = out / 'records' / f'{name}.json'
     if record_path.is_file():
         return json.loads(record_path.read_text())
     from shake_vit.config import load_config
     from shake_vit.runner import train
-    cfg = load_config([base], [*study, *overrides, f'train.output_dir={out / "runs" / name}'])
+    cfg = load_config([base] if isinstance(base, str) else base,
+                      [*study, *overrides, f'train.output_dir={out / "runs" / name}'])
     start = time.perf_counter()
     results = train(cfg)
     record = {'name': name, 'overrides': overrides, 'wall_s': time.perf_counter() - start,

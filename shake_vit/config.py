@@ -198,6 +198,9 @@ class DetectionConfig:
     rpn_proposals_test: int = 1000
     rois_per_image: int = 512  # RoIs sampled per image for the box head in training
     detections_per_image: int = 100
+    # the shadow predictor reads the frozen teacher's box features of the student's RoIs and starts as the teacher's
+    # predictor (teacher: the SHAKE authors' proxy teacher), or the student's own box features (student)
+    shadow_on: str = 'teacher'
     shadow_box_head: bool = False  # the shadow predictor reads its own copy of the box head (a stronger shadow)
     hflip: float = 0.5  # horizontal flip at train time
     train_annotations: str = 'annotations/instances_train2017.json'  # coco: relative to data.root
@@ -232,6 +235,7 @@ DATA = {'classification': ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake
 CHOICES = {
     'task': tuple(DATA),
     'loss.teacher_loss': ('kl', 'mse'),
+    'det.shadow_on': ('teacher', 'student'),
     'loss.deit_soft_reduction': KL_REDUCTIONS,
     'model.shadow_head': ('linear', 'mlp'),
     'model.predict': (None, 'avg', 'cls'),

@@ -30,6 +30,9 @@ class Family:
     def init_student(self, cfg: DictConfig, student: nn.Module, log) -> None:
         """Initialise a new run's student from pretrained weights, if the config names any."""
 
+    def start_from_teachers(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module]) -> None:
+        """A new run's student parts that begin as a copy of the teacher's (not on resume, not for --eval)."""
+
     def run_identity(self, cfg: DictConfig, student: nn.Module, num_processes: int) -> Dict[str, Any]:
         """What a checkpoint must share with the run resuming it (`num_processes` included)."""
         raise NotImplementedError

@@ -66,6 +66,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         family.init_student(cfg, student, lambda message: log(acc, message))
     pipe = family.build_pipeline(cfg, acc, splits, student)
     teachers = family.get_teachers(cfg, acc, pipe)
+    if start is None:
+        family.start_from_teachers(cfg, student, teachers)
     set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
     # fitted in this invocation or loaded
 

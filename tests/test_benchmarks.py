@@ -110,3 +110,27 @@ def test_cnn_shadow_report_pairs_by_seed():
     assert proxy['vs_none']['mean'] == 3.0 and proxy['vs_kd']['mean'] == 2.0
     assert summary['proxy_vs_pooled_authors']['mean'] == 1.0 and summary['shake_pooled_paper']['time_vs_kd'] == 0.5
     assert "| SHAKE, paper's loss, proxy-teacher head | 93.50 +- 0.71 | 93.00, 94.00 |" in text
+
+
+def test_detection_study_smoke_runs_every_method(tmp_path):
+    """One seed, two updates per epoch on tiny scenes: none, kd and shake train through the study's own jobs."""
+    run('benchmarks/detection.py', '--smoke', '--out', str(tmp_path))
+    records = json.loads((tmp_path / 'runs.json').read_text())
+    assert set(records) == {'none_s0', 'kd_s0', 'shake_s0'}
+    assert 'shadow_ap' in records['shake_s0'] and 'shadow_ap' not in records['kd_s0']
+    assert 'teacher_ap' in records['kd_s0'] and 'teacher_ap' not in records['none_s0']
+
+
+def test_detection_report_pairs_by_seed():
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import detection
+    # method i scores AP 30 + i on seed 0 and 31 + i on seed 1; kd runs twice as long as none
+    records = {f'{m}_s{s}': {'student_ap': 30.0 + i + s, 'student_ap50': 60.0 + i, 'student_ap75': 20.0 + i,
+                             'shadow_ap': 29.0 + s, 'wall_s': 20.0 if m == 'kd' else 10.0,
+                             'train_images_per_sec': 5.0}
+               for i, m in enumerate(detection.METHODS) for s in range(2)}
+    text, summary = detection.report(records, seeds=2, teacher={'teacher_ap': 50.0, 'teacher_ap50': 80.0},
+                                     command='cmd', elapsed=60.0)
+    assert summary['shake']['vs_none']['mean'] == 2.0 and summary['shake']['vs_kd']['mean'] == 1.0
+    assert summary['kd']['time_vs_none'] == 2.0 and summary['shake']['student_vs_shadow']['mean'] == 3.0
+    assert '| SHAKE (shadow box predictor) | 32.50 +- 0.71 | 62.00 | 22.00 | 32.00, 33.00 |' in text

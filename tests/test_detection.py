@@ -297,8 +297,8 @@ def test_the_teacher_scores_the_students_rois_row_for_row():
     student = DetectionStudent(student_detector(cfg, 11), num_shadow=1).eval()  # eval: BatchNorm running stats
     teacher = copy.deepcopy(student.detector).eval()
     torch.manual_seed(1)
-    out = student(images, targets)
-    t_cls, t_box = teacher_on_rois(teacher, out['images'], out['proposals'], out['image_sizes'])
+    out = student(images, targets, lambda x, proposals, sizes: teacher_on_rois(teacher, x, proposals, sizes))
+    t_cls, t_box = out['teacher']
     assert t_cls.shape == out['s_cls'].shape == (len(out['labels']), 11) and t_box.shape == (len(out['labels']), 44)
     assert torch.allclose(t_cls, out['s_cls'], atol=1e-5) and torch.allclose(t_box, out['s_box'], atol=1e-5)
     task = DetectionTask(student, teacher, lambda *o: losses.det_kd_loss(*o), [0.485, 0.456, 0.406],
@@ -340,8 +340,8 @@ def test_a_teacher_of_other_classes_or_box_coding_is_refused():
 
 def test_the_shadow_predictor_reads_the_students_box_features_or_its_own_box_head():
     cfg, (images, targets) = tiny_batch()
-    shared = DetectionStudent(student_detector(cfg, 11), num_shadow=1)
-    own = DetectionStudent(student_detector(cfg, 11), num_shadow=1, own_box_head=True)
+    shared = DetectionStudent(student_detector(cfg, 11), num_shadow=1, shadow_on='student')
+    own = DetectionStudent(student_detector(cfg, 11), num_shadow=1, own_box_head=True, shadow_on='student')
     assert len(shared.shadow_box_heads) == 0 and len(own.shadow_box_heads) == 1
     for student in (shared, own):
         out = student(images, targets)
@@ -349,6 +349,37 @@ def test_the_shadow_predictor_reads_the_students_box_features_or_its_own_box_hea
         assert h_cls.shape == out['s_cls'].shape and h_box.shape == out['s_box'].shape
     heads = own.eval().predict(images)
     assert set(heads) == {'student', 'shadow'} and len(heads['shadow']) == 2
+
+
+def test_the_proxy_teacher_shadow_starts_as_the_teacher_and_learns_on_its_features_alone():
+    """det.shadow_on=teacher: the shadow predictor (and its own box head) reads the teacher's features of the
+    student's RoIs, begins equal to the teacher's, and its gradients reach only itself; without the teacher
+    --eval scores the student's predictor alone."""
+    cfg, (images, targets) = tiny_batch()
+    family = DetectionFamily()
+    torch.manual_seed(0)
+    for own_head in (False, True):
+        wide = smoke_cfg('teacher.kwargs.box_head_dim=48', f'det.shadow_box_head={own_head}')
+        student = family.build_student(wide, 11)
+        teacher = family.build_student(smoke_cfg('loss.method=none', 'det.box_head_dim=48'), 11).detector.eval()
+        assert student.shadow_predictors[0].cls_score.in_features == 48  # the teacher's box features' width
+        family.start_from_teachers(wide, student, [teacher])
+        task = DetectionTask(student, teacher, losses.det_shake_loss, student.detector.transform.image_mean,
+                             student.detector.transform.image_std)
+        out = student(images, targets, task.teacher_on_rois)
+        (h_cls, h_box), (t_cls, t_box) = out['shadows'][0], out['teacher']
+        assert torch.allclose(h_cls, t_cls, atol=1e-6) and torch.allclose(h_box, t_box, atol=1e-6)
+        terms = task(images, targets)
+        assert terms['kl_shadow_teacher'].item() < 1e-10 and terms['box_shadow_teacher'].item() < 1e-10
+        student.zero_grad()
+        terms['kl_shadow_cls'].backward()  # the shadow's pull toward the student moves the shadow alone
+        moved = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        assert moved and all(n.startswith(('shadow_predictors', 'shadow_box_heads')) for n in moved), moved
+        assert any(n.startswith('shadow_box_heads') for n in moved) == own_head
+        assert all(p.grad is None for p in teacher.parameters())  # scored under no_grad
+        student.eval()
+        assert set(student.predict(images, teacher=task.teacher_on_rois)) == {'student', 'shadow'}
+        assert set(student.predict(images)) == {'student'}
 
 
 def test_config_refuses_settings_of_the_other_task():
@@ -367,14 +398,48 @@ def test_config_refuses_settings_of_the_other_task():
         teacher_detector(smoke_cfg('teacher.kwargs.depth=2'), 11)
 
 
+def test_the_coco_recipe_builds_its_detectors_transforms_and_schedule(coco):
+    """configs/det_coco_r50fpnv2_r50fpn.yaml as written, on the COCO-layout fixture and without downloads: 800/1333 px,
+    flips at 0.5, the v2 teacher fits the student, SGD at 0.02 per 16 images with x0.1 at epochs 16 and 22."""
+    from accelerate import Accelerator
+
+    from shake_vit.build import build_optimization
+    from shake_vit.detection.family import teacher_detector
+    cfg = load_config([str(ROOT / 'configs/det_coco_r50fpnv2_r50fpn.yaml')],
+                      [f'data.root={coco}', 'det.backbone_weights=null', 'teacher.pretrained=false',
+                       'data.num_workers=0'])
+    family = DetectionFamily()
+    splits = family.build_splits(cfg)
+    student = family.build_student(cfg, len(splits.classes))
+    transform = student.detector.transform
+    assert (transform.min_size, transform.max_size) == ((800,), 1333)
+    pipe = family.build_pipeline(cfg, Accelerator(cpu=True), splits, student)
+    flip = pipe.train_loader.dataset.transform.transforms[0]
+    assert type(flip).__name__ == 'RandomHorizontalFlip' and flip.p == 0.5
+    teacher = teacher_detector(cfg, len(splits.classes))
+    assert type(teacher.roi_heads.box_head).__name__ == 'FastRCNNConvFCHead'  # the v2 box head
+    check_teacher(teacher, student, cfg.teacher.name)
+    assert len(student.shadow_predictors) == 1 and len(student.shadow_box_heads) == 0
+    optimizer, schedule, d = build_optimization(cfg, student, num_processes=8, batches_per_epoch=7330)
+    assert d.global_batch == 16 and d.lr == pytest.approx(0.02) and d.total_updates == 24 * 7330
+    assert type(optimizer).__name__ == 'SGD' and optimizer.defaults['momentum'] == 0.9
+    assert {g['weight_decay'] for g in optimizer.param_groups} == {1e-4}
+
+    def lr_at(epoch):
+        schedule.step_update(num_updates=int(epoch * 7330))
+        return optimizer.param_groups[0]['lr']
+    assert lr_at(0) == pytest.approx(2e-5) and lr_at(1) == pytest.approx(0.02)
+    assert lr_at(16.5) == pytest.approx(0.002) and lr_at(23) == pytest.approx(0.0002)
+
+
 # ------------------------------------------------------------------------------------------------- whole runs
 
 @pytest.fixture(scope='module')
 def det_run(tmp_path_factory):
-    """SHAKE on tiny digit scenes with an EMA: a teacher fitted for 10 epochs (its AP is above 0 on this seed, so
+    """SHAKE on tiny digit scenes with an EMA: a teacher fitted for 20 epochs (its AP is above 0 on this seed, so
     the --eval test compares a number that could differ), checkpoints at updates 2, 3, 4, 6."""
     out = tmp_path_factory.mktemp('det_run')
-    proc = main([*SMOKE, 'teacher.fit.epochs=10', 'train.ema=true', 'train.ema_decay=0.9', 'ckpt.interval_updates=2',
+    proc = main([*SMOKE, 'teacher.fit.epochs=20', 'train.ema=true', 'train.ema_decay=0.9', 'ckpt.interval_updates=2',
                  'ckpt.keep_last=10', f'train.output_dir={out}'])
     return out, proc
 
@@ -406,7 +471,7 @@ def test_resume_mid_epoch_gives_identical_weights(det_run, tmp_path):
     shutil.copytree(out / 'checkpoints/update_00000002', tmp_path / 'checkpoints/update_00000002')
     for f in ('teacher.safetensors', 'teacher.json'):
         shutil.copy(out / f, tmp_path / f)
-    proc = main([*SMOKE, 'teacher.fit.epochs=10', 'train.ema=true', 'train.ema_decay=0.9', 'ckpt.interval_updates=2',
+    proc = main([*SMOKE, 'teacher.fit.epochs=20', 'train.ema=true', 'train.ema_decay=0.9', 'ckpt.interval_updates=2',
                  'ckpt.keep_last=10', f'train.output_dir={tmp_path}', '--resume', 'auto'])
     assert 'resumed from' in proc.stdout and 'reusing the teacher' in proc.stdout
     a, b = load_file(str(out / 'student.safetensors')), load_file(str(tmp_path / 'student.safetensors'))

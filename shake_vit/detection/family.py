@@ -97,9 +97,18 @@ class DetectionFamily(Family):
         if cfg.model.name not in DETECTORS:
             raise ConfigError(f"'model.name' is '{cfg.model.name}', not a detector here: with task detection choose "
                               f"one of {', '.join(DETECTORS)}.")
-        method = methods.of(cfg)
+        method, on = methods.of(cfg), cfg.det.shadow_on
+        width, head = None, None
+        if method.trains_shadow and on == 'teacher':  # the shadow reads the teacher's box features: their width
+            box_head = teacher_detector(cfg, num_classes).roi_heads
+            width, head = box_head.box_predictor.cls_score.in_features, box_head.box_head
         return DetectionStudent(student_detector(cfg, num_classes), num_shadow=int(method.trains_shadow),
-                                own_box_head=cfg.det.shadow_box_head)
+                                own_box_head=cfg.det.shadow_box_head, shadow_on=on, shadow_width=width,
+                                shadow_box_head=head)
+
+    def start_from_teachers(self, cfg: DictConfig, student: DetectionStudent, teachers: List[nn.Module]) -> None:
+        if student.shadow_on == 'teacher' and teachers:
+            student.start_from_teacher(teachers[0])
 
     def init_student(self, cfg: DictConfig, student: DetectionStudent, log) -> None:
         """`model.pretrained` as a local file: a torchvision detector's state dict, an export, or a run's weights of
@@ -113,6 +122,8 @@ class DetectionFamily(Family):
                 f'{student.num_classes} classes)')
             return
         state = _detector_keys(read_state_dict(source, cfg.train.trust_pickled_files))
+        if student.shadow_on == 'teacher':  # proxy-teacher shadows start from this run's teacher instead
+            state = {k: v for k, v in state.items() if not k.startswith('shadow_')}
         own = student.state_dict()
         fresh = sorted({k.rsplit('.', 2)[0] for k, v in state.items()
                         if k.startswith('detector.roi_heads.box_predictor.') and k in own and v.shape != own[k].shape})
@@ -129,13 +140,16 @@ class DetectionFamily(Family):
                               f'{missing[:4]}, unexpected {unexpected[:4]}, other shapes {wrong[:4]}): name the '
                               'architecture it holds in model.name, and its det.* / model.kwargs settings.')
         notes = ['a new box predictor: the file predicts another class count'] if fresh else []
-        if not any(k.startswith('shadow_') for k in state) and student.num_shadow:
+        if student.num_shadow and student.shadow_on == 'teacher':
+            notes.append("shadow predictor: from the teacher's (det.shadow_on=teacher)")
+        elif student.num_shadow and not any(k.startswith('shadow_') for k in state):
             notes.append('new shadow predictor')
         log(f'fine-tuning from {source}' + ''.join(f'\n    {note}' for note in notes))
 
     def run_identity(self, cfg: DictConfig, student: DetectionStudent, num_processes: int) -> Dict[str, Any]:
         return {'model': cfg.model.name, 'model_kwargs': OmegaConf.to_container(cfg.model.kwargs),
                 'num_shadow': student.num_shadow, 'shadow_box_head': cfg.det.shadow_box_head,
+                'shadow_on': cfg.det.shadow_on,
                 'num_classes': student.num_classes, 'num_processes': num_processes}
 
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
@@ -206,9 +220,11 @@ class DetectionFamily(Family):
 
     def evaluate(self, student: DetectionStudent, ema, task: DetectionTask, loader, acc: Accelerator,
                  with_shadow: bool = True) -> Metrics:
+        on_rois = task.teacher_on_rois if task.teacher is not None else None  # for shadows on its features
+
         def predictor(model: DetectionStudent, teacher: Optional[nn.Module]):
             def predict(images):
-                heads = model.predict(images, with_shadow)
+                heads = model.predict(images, with_shadow, on_rois)
                 if teacher is not None:
                     heads['teacher'] = teacher(images)  # the teacher's own pipeline: its transform, RPN, heads
                 return heads

@@ -2,11 +2,11 @@
 RoIs.
 
 The student's training forward is torchvision's (`GeneralizedRCNN.forward` then `RoIHeads.forward`) opened up, so
-that the sampled RoIs, their box features and their labels are at hand: the shadow predictor reads the same box
-features (or its own copy of the box head), and the teacher is run on the same RoIs, row for row.
+that the sampled RoIs, their box features and their labels are at hand: the teacher is run on the same RoIs, row for
+row, and the shadow predictor reads the teacher's box features of them (or the student's).
 """
 import copy
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -93,22 +93,39 @@ def build_detector(name: str, num_classes: int, det: DictConfig, weights: Option
     return model
 
 
+# The teacher on the student's RoIs: (images [B, 3, H, W] as the student's transform left them, proposals, image
+# sizes) -> (class scores [R, K + 1], box deltas [R, 4 (K + 1)], pooled RoI features, box features), row for row.
+TeacherOnRoIs = Callable[[torch.Tensor, List[torch.Tensor], List[Tuple[int, int]]],
+                         Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 class DetectionStudent(nn.Module):
     """A Faster R-CNN (`detector`, what is exported) with shadow box predictors beside its own, one per teacher.
 
-    Each shadow predictor is a `FastRCNNPredictor` like the detector's: class scores [R, K + 1] and box deltas
-    [R, 4 (K + 1)] on the same box features of the same sampled RoIs; with `own_box_head` it reads its own copy of
-    the box head (the paper's stronger shadow head) on the same pooled RoI features.
+    Each shadow predictor is a `FastRCNNPredictor` like the detector's (class scores [R, K + 1], box deltas
+    [R, 4 (K + 1)]) on the same sampled RoIs. `shadow_on='teacher'` (the default, the SHAKE authors' proxy teacher):
+    it reads the frozen teacher's box features of those RoIs and starts as a copy of the teacher's predictor
+    (`start_from_teacher`); `'student'`: it reads the student's own box features, as the DeiT distillation token
+    shares the student's trunk. With `own_box_head` it has its own copy of the box head (the teacher's, or the
+    student's) on the pooled RoI features: the paper's stronger shadow head.
+
+    Args:
+        shadow_width: the box features' width the shadow reads (the teacher's box head output for 'teacher').
+        shadow_box_head: the box head to copy for `own_box_head` (the teacher's for 'teacher').
     """
 
-    def __init__(self, detector: FasterRCNN, num_shadow: int = 1, own_box_head: bool = False):
+    def __init__(self, detector: FasterRCNN, num_shadow: int = 1, own_box_head: bool = False,
+                 shadow_on: str = 'student', shadow_width: Optional[int] = None,
+                 shadow_box_head: Optional[nn.Module] = None):
         super().__init__()
-        self.detector = detector
+        self.detector, self.shadow_on = detector, shadow_on
         rh = detector.roi_heads
-        dim, num_classes = rh.box_predictor.cls_score.in_features, rh.box_predictor.cls_score.out_features
-        self.shadow_predictors = nn.ModuleList(FastRCNNPredictor(dim, num_classes) for _ in range(num_shadow))
-        self.shadow_box_heads = nn.ModuleList(copy.deepcopy(rh.box_head) for _ in range(num_shadow if own_box_head
-                                                                                       else 0))
+        num_classes = rh.box_predictor.cls_score.out_features
+        width = shadow_width or rh.box_predictor.cls_score.in_features
+        self.shadow_predictors = nn.ModuleList(FastRCNNPredictor(width, num_classes) for _ in range(num_shadow))
+        head = shadow_box_head if shadow_box_head is not None else rh.box_head
+        self.shadow_box_heads = nn.ModuleList(copy.deepcopy(head).requires_grad_(True)
+                                              for _ in range(num_shadow if own_box_head else 0))
 
     @property
     def num_classes(self) -> int:
@@ -118,13 +135,26 @@ class DetectionStudent(nn.Module):
     def num_shadow(self) -> int:
         return len(self.shadow_predictors)
 
+    @torch.no_grad()
+    def start_from_teacher(self, teacher: FasterRCNN) -> None:
+        """A new run's proxy-teacher shadows begin as the teacher's own box predictor (and box head): on the first
+        step they predict what the teacher predicts."""
+        rh = teacher.roi_heads
+        for predictor in self.shadow_predictors:
+            predictor.load_state_dict(rh.box_predictor.state_dict())
+        for head in self.shadow_box_heads:
+            head.load_state_dict(rh.box_head.state_dict())
+
     def _shadow(self, pooled: torch.Tensor, features: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         heads = self.shadow_box_heads or [None] * self.num_shadow
         return [p(features if h is None else h(pooled)) for p, h in zip(self.shadow_predictors, heads)]
 
-    def forward(self, images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]]) -> Dict:
-        """Training: the detector's four losses, and for the distillation terms the student's and the shadows'
-        outputs on the sampled RoIs, the RoIs' labels, and what the teacher needs to score the same RoIs."""
+    def forward(self, images: List[torch.Tensor], targets: List[Dict[str, torch.Tensor]],
+                teacher: Optional[TeacherOnRoIs] = None) -> Dict:
+        """Training: the detector's four losses, and for the distillation terms the student's, the shadows' and
+        the teacher's outputs on the sampled RoIs with their labels. The teacher (a callable, never a submodule: it
+        stays outside DDP) scores the RoIs inside this forward, so the shadows that read its features train under
+        DDP like every other parameter."""
         d = self.detector
         rh = d.roi_heads
         batch, targets = d.transform(images, targets)  # resized and normalised, padded to one tensor
@@ -135,15 +165,23 @@ class DetectionStudent(nn.Module):
         box_features = rh.box_head(pooled)  # [R, D]
         s_cls, s_box = rh.box_predictor(box_features)  # [R, K + 1], [R, 4 (K + 1)]
         loss_classifier, loss_box_reg = fastrcnn_loss(s_cls, s_box, labels, regression_targets)
-        return {'losses': {**rpn_losses, 'loss_classifier': loss_classifier, 'loss_box_reg': loss_box_reg},
-                's_cls': s_cls, 's_box': s_box, 'shadows': self._shadow(pooled, box_features),
-                'labels': torch.cat(labels), 'images': batch.tensors, 'image_sizes': batch.image_sizes,
-                'proposals': proposals}
+        out = {'losses': {**rpn_losses, 'loss_classifier': loss_classifier, 'loss_box_reg': loss_box_reg},
+               's_cls': s_cls, 's_box': s_box, 'labels': torch.cat(labels), 'teacher': None, 'shadows': []}
+        if teacher is not None:
+            t_cls, t_box, t_pooled, t_features = teacher(batch.tensors, proposals, batch.image_sizes)
+            out['teacher'] = (t_cls, t_box)
+            if self.shadow_on == 'teacher':
+                out['shadows'] = self._shadow(t_pooled, t_features)
+        if self.shadow_on == 'student':
+            out['shadows'] = self._shadow(pooled, box_features)
+        return out
 
     @torch.no_grad()
-    def predict(self, images: List[torch.Tensor], with_shadow: bool = True) -> Dict[str, Detections]:
+    def predict(self, images: List[torch.Tensor], with_shadow: bool = True,
+                teacher: Optional[TeacherOnRoIs] = None) -> Dict[str, Detections]:
         """Eval: the detections of the student's predictor ('student') and of each shadow predictor ('shadow',
-        'shadow_1', ...) on the same proposals, in the original image coordinates."""
+        'shadow_1', ...) on the same proposals, in the original image coordinates. Shadows on the teacher's features
+        need `teacher`; without it only the student's predictor is scored."""
         d = self.detector
         rh = d.roi_heads
         sizes = [img.shape[-2:] for img in images]
@@ -153,7 +191,9 @@ class DetectionStudent(nn.Module):
         pooled = rh.box_roi_pool(features, proposals, batch.image_sizes)
         box_features = rh.box_head(pooled)
         outputs = {'student': rh.box_predictor(box_features)}
-        if with_shadow:
+        if with_shadow and self.shadow_on == 'teacher' and teacher is not None:
+            pooled, box_features = teacher(batch.tensors, proposals, batch.image_sizes)[2:]
+        if with_shadow and (self.shadow_on == 'student' or teacher is not None):
             outputs.update({('shadow' if i == 0 else f'shadow_{i}'): o
                             for i, o in enumerate(self._shadow(pooled, box_features))})
         detections = {}
@@ -178,10 +218,11 @@ def check_teacher(teacher: FasterRCNN, student: DetectionStudent, name: str) -> 
 
 @torch.no_grad()
 def teacher_on_rois(teacher: FasterRCNN, images: torch.Tensor, proposals: List[torch.Tensor],
-                    image_sizes: List[Tuple[int, int]]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The teacher's class scores [R, K + 1] and box deltas [R, 4 (K + 1)] for the student's sampled RoIs, row for
-    row: its backbone on the student's resized batch (`images`, normalised as the teacher expects), then its RoI
-    pooling, box head and predictor on the same proposals."""
+                    image_sizes: List[Tuple[int, int]]) -> Tuple[torch.Tensor, ...]:
+    """The teacher's class scores [R, K + 1], box deltas [R, 4 (K + 1)], pooled RoI features and box features for
+    the student's sampled RoIs, row for row: its backbone on the student's resized batch (`images`, normalised as the
+    teacher expects), then its RoI pooling, box head and predictor on the same proposals."""
     rh = teacher.roi_heads
-    features = teacher.backbone(images)
-    return rh.box_predictor(rh.box_head(rh.box_roi_pool(features, proposals, image_sizes)))
+    pooled = rh.box_roi_pool(teacher.backbone(images), proposals, image_sizes)
+    features = rh.box_head(pooled)
+    return (*rh.box_predictor(features), pooled, features)

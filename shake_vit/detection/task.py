@@ -46,14 +46,19 @@ class DetectionTask(TrainingTask):
             self.teacher.eval()  # BatchNorm statistics and RPN/box-head modes of the teacher never change
         return self
 
+    @torch.no_grad()
+    def teacher_on_rois(self, x: torch.Tensor, proposals, image_sizes):
+        """The frozen teacher on the student's batch `x` (as the student's transform left it) and RoIs."""
+        if self.renormalize:
+            x = (x * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
+        return teacher_on_rois(self.teacher, x, proposals, image_sizes)
+
     def forward(self, images, targets) -> Dict[str, torch.Tensor]:
-        out = self.trainable_module(images, targets)
+        teacher = self.teacher_on_rois if self.teacher is not None else None
+        out = self.trainable_module(images, targets, teacher)
         terms = dict(out['losses'])
         if self.teacher is not None:
-            x = out['images']  # [B, 3, H, W]: the student's resized, normalised, padded batch
-            if self.renormalize:
-                x = (x * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
-            t_cls, t_box = teacher_on_rois(self.teacher, x, out['proposals'], out['image_sizes'])
+            t_cls, t_box = out['teacher']
             h_cls, h_box = out['shadows'][0] if out['shadows'] else (None, None)
             terms.update(self.loss(out['s_cls'], out['s_box'], h_cls, h_box, t_cls, t_box, out['labels']))
         return {'loss': sum(terms.values()), **terms}

@@ -1,0 +1,125 @@
+"""Does SHAKE help a Faster R-CNN student? `none`, `kd` and `shake` on the embedded digit scenes, seed by seed.
+
+    python benchmarks/detection.py            # about 40 minutes on 2 CPU cores; writes docs/results/detection.md
+    python benchmarks/detection.py --smoke    # one seed, a few updates (tests/test_benchmarks.py runs it)
+
+Protocol. Every run is configs/det_quickstart.yaml (digit scenes, a ResNet-34 FPN teacher, a narrower ResNet-18 FPN
+student, SGD momentum) with the changes in STUDY: a teacher fitted once on the training scenes and shared by every
+run, then the student for STUDENT_EPOCHS epochs with each method on `--seeds` seeds. Methods are compared seed by seed
+(paired differences of the student's own AP, 95% t-interval). Two runs share the machine at a time (one thread each),
+so wall time per run, relative to `none`, is coarse; the training throughput (images/s) is each run's own.
+
+Writes OUT/runs.json (one record per run, reused when rerun) and, unless --smoke, the report docs/results/detection.md
+with its data beside it (detection.json).
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'benchmarks'))
+
+from ablation import _cpu_name, _run, add_elapsed, job, paired  # noqa: E402
+
+BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
+STUDENT_EPOCHS = 4
+TEACHER_EPOCHS = 6
+STUDY = ['det.scenes=[400,200]', f'train.epochs={STUDENT_EPOCHS}', f'eval.interval={STUDENT_EPOCHS}',
+         'train.log_interval=10', 'ckpt.keep_last=1', 'train.cpu_threads=1']
+METHODS = {  # name: (label, overrides)
+    'none': ('none (the detector\'s own losses)', ['loss.method=none']),
+    'kd': ('kd (KL + box distance to the predictor)', ['loss.method=kd']),
+    'shake': ('SHAKE (shadow box predictor)', ['loss.method=shake']),
+}
+HEADS = ('ap', 'ap50', 'ap75')
+
+
+def report(records: dict, seeds: int, teacher: dict, command: str, elapsed: float) -> tuple:
+    runs = {m: [records[f'{m}_s{s}'] for s in range(seeds)] for m in METHODS}
+    ap = {m: [r['student_ap'] for r in rs] for m, rs in runs.items()}
+    wall = {m: statistics.median(r['wall_s'] for r in rs) for m, rs in runs.items()}
+    summary = {m: {**{k: {'mean': statistics.fmean(r[f'student_{k}'] for r in rs),
+                          'std': statistics.stdev(r[f'student_{k}'] for r in rs) if len(rs) > 1 else 0.0}
+                      for k in HEADS},
+                   'runs': ap[m], 'vs_none': paired(ap[m], ap['none']), 'vs_kd': paired(ap[m], ap['kd']),
+                   'time_vs_none': wall[m] / wall['none'],
+                   'images_per_sec': statistics.median(r['train_images_per_sec'] for r in rs)}
+               for m, rs in runs.items()}
+    shadow = [r['shadow_ap'] for r in runs['shake']]
+    summary['shake']['shadow_ap'] = statistics.fmean(shadow)
+    summary['shake']['student_vs_shadow'] = paired(ap['shake'], shadow)
+
+    def ci(d):
+        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], {d['wins']} of {d['n']}"
+    lines = ['# Does SHAKE help a Faster R-CNN student? (digit scenes)', '', f'Command: `{command}`  ',
+             f'Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), two runs in parallel, one thread each; '
+             f'{date.today().isoformat()}; {elapsed / 60:.0f} min in all.', '',
+             'Protocol: configs/det_quickstart.yaml with ' + ' '.join(f'`{o}`' for o in STUDY[:1]) +
+             ': 400 training scenes, 200 test scenes (128 px, 1-4 digits each, from disjoint digit images); a '
+             f'ResNet-34 FPN teacher fitted once for {TEACHER_EPOCHS} epochs (test AP {teacher["teacher_ap"]:.2f}, '
+             f'AP50 {teacher["teacher_ap50"]:.2f}), a narrower ResNet-18 FPN student trained from scratch for '
+             f'{STUDENT_EPOCHS} epochs (SGD momentum, lr 0.02, batch 8), {seeds} seeds per method. COCO AP of the '
+             "student's own box predictor (%), mean +- std; differences are paired by seed (mean, 95% t-interval, "
+             'seeds ahead).', '',
+             '| method | AP | AP50 | AP75 | AP per seed | vs none | vs kd | wall time vs none | train images/s |',
+             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    for m, (label, _) in METHODS.items():
+        r = summary[m]
+        lines.append(f"| {label} | {r['ap']['mean']:.2f} +- {r['ap']['std']:.2f} | {r['ap50']['mean']:.2f} | "
+                     f"{r['ap75']['mean']:.2f} | {', '.join(f'{v:.2f}' for v in r['runs'])} | "
+                     f"{ci(r['vs_none']) if m != 'none' else ''} | {ci(r['vs_kd']) if m != 'kd' else ''} | "
+                     f"x{r['time_vs_none']:.2f} | {r['images_per_sec']:.1f} |")
+    lines += ['', f"SHAKE's shadow predictor: AP {summary['shake']['shadow_ap']:.2f}; the student's predictor minus "
+              f"the shadow's: {ci(summary['shake']['student_vs_shadow'])}.", '']
+    return '\n'.join(lines) + '\n', summary
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--seeds', type=int, default=3)
+    p.add_argument('--out', default='runs/detection_study')
+    p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
+    p.add_argument('--smoke', action='store_true', help='one seed, a few updates, no report; for the tests')
+    args = p.parse_args()
+    seeds = 1 if args.smoke else args.seeds
+    study = [*STUDY, 'train.epochs=2', 'eval.interval=1', 'train.max_updates_per_epoch=2'] if args.smoke else STUDY
+    teacher_epochs = 1 if args.smoke else TEACHER_EPOCHS
+    # the smoke overlay: tiny scenes and detectors, nothing downloaded
+    base = [BASE, str(ROOT / 'configs' / 'smoke_det.yaml')] if args.smoke else BASE
+    if args.smoke:
+        study = [s for s in study if not s.startswith('det.scenes')]
+    out = Path(args.out).resolve()
+    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'  # one thread per run, two runs at a time
+    begin = time.perf_counter()
+    with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
+        teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
+                                               'train.max_updates_per_epoch=1', f'teacher.fit.epochs={teacher_epochs}'],
+                                   out, study, base))
+        checkpoint = f"teacher.checkpoint={out / 'runs' / 'teacher' / 'teacher.safetensors'}"
+        jobs = [(f'{m}_s{s}', [*o, checkpoint, f'train.seed={s}'], out, study, base)
+                for s in range(seeds) for m, (_, o) in METHODS.items()]
+        records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
+    (out / 'runs.json').write_text(json.dumps(records, indent=2))
+    elapsed = add_elapsed(out, time.perf_counter() - begin)
+    print(f'[detection] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json')
+    if args.smoke:
+        return
+    command = 'python benchmarks/detection.py' + ''.join(f' {a}' for a in sys.argv[1:])
+    text, summary = report(records, seeds, teacher, command, elapsed)
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / 'detection.md').write_text(text)
+    (docs / 'detection.json').write_text(json.dumps({'command': command, 'date': date.today().isoformat(),
+                                                     'teacher': teacher, 'summary': summary, 'runs': records},
+                                                    indent=2))
+    print(text)
+
+
+if __name__ == '__main__':
+    main()
