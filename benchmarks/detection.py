@@ -3,11 +3,12 @@
     python benchmarks/detection.py            # about 40 minutes on 2 CPU cores; writes docs/results/detection.md
     python benchmarks/detection.py --smoke    # one seed, a few updates (tests/test_benchmarks.py runs it)
 
-Protocol. Every run is configs/det_quickstart.yaml (digit scenes, a ResNet-34 FPN teacher, a narrower ResNet-18 FPN
-student, SGD momentum) with the changes in STUDY: a teacher fitted once on the training scenes and shared by every
-run, then the student for STUDENT_EPOCHS epochs with each method on `--seeds` seeds. Methods are compared seed by seed
-(paired differences of the student's own AP, 95% t-interval). Two runs share the machine at a time (one thread each),
-so wall time per run, relative to `none`, is coarse; the training throughput (images/s) is each run's own.
+Protocol. Every run is configs/det_quickstart.yaml (640 digit scenes, a ResNet-18 FPN teacher 128/256 wide, a
+student 64/128 wide, SGD momentum) with the changes in STUDY: a teacher fitted once on the training scenes and shared
+by every run, then the student for STUDENT_EPOCHS epochs with each method on `--seeds` seeds. Methods are compared
+seed by seed (paired differences of the student's own AP, 95% t-interval). Two runs share the machine at a time (one
+thread each), so wall time per run, relative to `none`, is coarse; the training throughput (images/s) is each run's
+own.
 
 Writes OUT/runs.json (one record per run, reused when rerun) and, unless --smoke, the report docs/results/detection.md
 with its data beside it (detection.json).
@@ -28,9 +29,9 @@ sys.path.insert(0, str(ROOT / 'benchmarks'))
 from ablation import _cpu_name, _run, add_elapsed, job, paired  # noqa: E402
 
 BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
-STUDENT_EPOCHS = 4
-TEACHER_EPOCHS = 6
-STUDY = ['det.scenes=[400,200]', f'train.epochs={STUDENT_EPOCHS}', f'eval.interval={STUDENT_EPOCHS}',
+STUDENT_EPOCHS = 6
+TEACHER_EPOCHS = 5
+STUDY = ['det.scenes=[640,200]', f'train.epochs={STUDENT_EPOCHS}', f'eval.interval={STUDENT_EPOCHS}',
          'train.log_interval=10', 'ckpt.keep_last=1', 'train.cpu_threads=1']
 METHODS = {  # name: (label, overrides)
     'none': ('none (the detector\'s own losses)', ['loss.method=none']),
@@ -61,9 +62,10 @@ def report(records: dict, seeds: int, teacher: dict, command: str, elapsed: floa
              f'Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), two runs in parallel, one thread each; '
              f'{date.today().isoformat()}; {elapsed / 60:.0f} min in all.', '',
              'Protocol: configs/det_quickstart.yaml with ' + ' '.join(f'`{o}`' for o in STUDY[:1]) +
-             ': 400 training scenes, 200 test scenes (128 px, 1-4 digits each, from disjoint digit images); a '
-             f'ResNet-34 FPN teacher fitted once for {TEACHER_EPOCHS} epochs (test AP {teacher["teacher_ap"]:.2f}, '
-             f'AP50 {teacher["teacher_ap50"]:.2f}), a narrower ResNet-18 FPN student trained from scratch for '
+             ': 640 training scenes, 200 test scenes (128 px, 1-4 digits each, from disjoint digit images); a '
+             f'ResNet-18 FPN teacher (FPN 128, box head 256) fitted once for {TEACHER_EPOCHS} epochs (test AP '
+             f'{teacher["teacher_ap"]:.2f}, AP50 {teacher["teacher_ap50"]:.2f}), a narrower student (FPN 64, box '
+             'head 128) trained from scratch for '
              f'{STUDENT_EPOCHS} epochs (SGD momentum, lr 0.02, batch 8), {seeds} seeds per method. COCO AP of the '
              "student's own box predictor (%), mean +- std; differences are paired by seed (mean, 95% t-interval, "
              'seeds ahead).', '',

@@ -413,10 +413,34 @@ def validate(cfg: DictConfig) -> None:
            '3 or 4 strengths: brightness, contrast, saturation[, hue]')
     _check(a.repeated_aug >= 1, 'aug.repeated_aug', a.repeated_aug, 'at least 1 (1 disables it)')
     _check(0 <= a.smoothing < 1, 'aug.smoothing', a.smoothing, 'in [0, 1)')
+    if cfg.task == 'detection':
+        _check_det(cfg.det, cfg.loss)
     if mixup_active(cfg):
         _check(t.batch_size % 2 == 0, 'train.batch_size', t.batch_size,
                'even when mixup or cutmix is on (timm Mixup pairs each sample with its mirror in the batch); '
                'set aug.mixup=0 aug.cutmix=0 to train with an odd batch')
+
+
+def _check_det(g: DictConfig, loss: DictConfig) -> None:
+    for key in ('min_size', 'max_size', 'canvas'):
+        _check(g[key] >= 16, f'det.{key}', g[key], 'at least 16 pixels')
+    _check(g.max_size >= g.min_size, 'det.max_size', g.max_size, f'at least det.min_size ({g.min_size})')
+    for key in ('fpn_channels', 'box_head_dim', 'rpn_proposals_train', 'rpn_proposals_test', 'rois_per_image',
+                'detections_per_image'):
+        _check(g[key] >= 1, f'det.{key}', g[key], 'at least 1')
+    _check(0 <= g.trainable_backbone_layers <= 5, 'det.trainable_backbone_layers', g.trainable_backbone_layers,
+           '0 to 5 (the backbone stages that train, from the last)')
+    _check(0 <= g.hflip <= 1, 'det.hflip', g.hflip, 'a probability in [0, 1]')
+    _check(g.noise >= 0, 'det.noise', g.noise, 'zero or positive')
+    _check(len(g.scenes) == 2 and min(g.scenes) >= 1, 'det.scenes', list(g.scenes),
+           'two counts, [train, val], each at least 1')
+    _check(len(g.digits_per_scene) == 2 and 1 <= g.digits_per_scene[0] <= g.digits_per_scene[1],
+           'det.digits_per_scene', list(g.digits_per_scene), 'two counts lo <= hi, lo at least 1')
+    _check(len(g.digit_sizes) == 2 and 4 <= g.digit_sizes[0] <= g.digit_sizes[1] <= g.canvas,
+           'det.digit_sizes', list(g.digit_sizes), f'two sizes 4 <= lo <= hi <= det.canvas ({g.canvas})')
+    _check(g.anchor_sizes is None or (len(g.anchor_sizes) == 4 and min(g.anchor_sizes) > 0), 'det.anchor_sizes',
+           None if g.anchor_sizes is None else list(g.anchor_sizes), 'null or four positive sizes, one per FPN level')
+    _check(loss.box_beta > 0, 'loss.box_beta', loss.box_beta, 'positive')
 
 
 # Settings one task family reads and the other does not: set away from their defaults under the other task, they

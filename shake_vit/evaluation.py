@@ -81,7 +81,7 @@ def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, float]:
     with_shadow = load_student(student, weights, path, cfg)
     ema = None
     if ema_weights is not None:
-        ema = ModelEmaV3(student)
+        ema = ModelEmaV3(student, device=acc.device)
         load_student(ema.module, ema_weights, path, cfg)
     student.to(acc.device)
     pipe = build_pipeline(cfg, acc, splits, student)

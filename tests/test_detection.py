@@ -232,6 +232,12 @@ def test_coco_loader_clamps_drops_and_keeps_what_it_should(coco):
     assert empty_image.shape == (3, 48, 64) and empty['boxes'].shape == (0, 4) and empty['labels'].numel() == 0
     images, targets = det_data.collate([train_tf(*splits.train[i]) for i in range(3)])
     assert len(images) == 3 and [t['image_id'] for t in targets] == [100, 101, 102]
+    # evaluation keeps the crowd box, flagged, and drops the zero-width one with its flag
+    evaluated = det_data.CocoImages(coco / 'train2017', coco / 'annotations/instances_train2017.json',
+                                    keep_crowd=True)
+    _, target = det_data.build_transforms(cfg)[1](*evaluated[0])
+    assert target['labels'].tolist() == [1, 3, 3] and target['iscrowd'].tolist() == [0, 1, 0]
+    assert det_data.collate([(_, target)])[1][0]['iscrowd'].tolist() == [0, 1, 0]
 
 
 def test_coco_errors_name_the_file_and_the_fix(coco, tmp_path):
@@ -277,6 +283,14 @@ def test_map_is_100_for_the_ground_truth_and_drops_for_a_missed_or_misplaced_box
     metrics = evaluate_detection(predict, loader, Accelerator(cpu=True))
     assert metrics['truth_ap'] == pytest.approx(100) and metrics['truth_ap50'] == pytest.approx(100)
     assert metrics['shifted_ap50'] == pytest.approx(50) and metrics['none_ap'] == 0 and metrics['num_samples'] == 1
+    # a detection on a crowd region is ignored, as COCO's evaluation does, not a false positive
+    crowd = torch.tensor([[60.0, 0.0, 99.0, 30.0]])
+    loader = [([torch.zeros(3, 100, 100)], [{'boxes': torch.cat([boxes, crowd]), 'labels': torch.tensor([1, 2, 1]),
+                                            'iscrowd': torch.tensor([0, 0, 1])}])]
+    found = {'boxes': torch.cat([crowd, boxes]), 'scores': torch.tensor([0.95, 0.9, 0.8]),
+             'labels': torch.tensor([1, 1, 2])}
+    assert evaluate_detection(lambda images: {'h': [found]}, loader, Accelerator(cpu=True))['h_ap'] == \
+        pytest.approx(100)
 
 
 # ------------------------------------------------------------------------------------ the student and the teacher
@@ -380,6 +394,8 @@ def test_the_proxy_teacher_shadow_starts_as_the_teacher_and_learns_on_its_featur
         student.eval()
         assert set(student.predict(images, teacher=task.teacher_on_rois)) == {'student', 'shadow'}
         assert set(student.predict(images)) == {'student'}
+    with pytest.raises(ConfigError, match='predicts 5 classes'):  # checked before its predictor is copied
+        family.start_from_teachers(wide, student, [student_detector(smoke_cfg(), 5)])
 
 
 def test_config_refuses_settings_of_the_other_task():
@@ -391,6 +407,12 @@ def test_config_refuses_settings_of_the_other_task():
         smoke_cfg('data.name=digits')
     with pytest.raises(ConfigError, match="'loss.method' is 'deit_hard'; choose one of none, kd, shake"):
         smoke_cfg('loss.method=deit_hard')
+    with pytest.raises(ConfigError, match=r"'det.digit_sizes' is \[20, 200\]; it must be two sizes 4 <= lo <= hi"):
+        smoke_cfg('det.digit_sizes=[20,200]')
+    with pytest.raises(ConfigError, match=r"'det.trainable_backbone_layers' is 7; it must be 0 to 5"):
+        smoke_cfg('det.trainable_backbone_layers=7')
+    with pytest.raises(ConfigError, match="'det.shadow_on' is 'both'"):
+        smoke_cfg('det.shadow_on=both')
     with pytest.raises(ConfigError, match='not a detector here'):
         DetectionFamily().build_student(smoke_cfg('model.name=resnet18'), 11)
     with pytest.raises(ConfigError, match=r"teacher.kwargs has \['depth'\], which are not detector settings"):

@@ -88,16 +88,18 @@ def digit_scene_splits(cfg: DictConfig) -> Splits:
 
 class CocoImages(Dataset):
     """A COCO-format data set through torchvision's `CocoDetection` and its v2 wrapper (XYWH -> XYXY boxes), with
-    this trainer's image reader (a corrupt file is an error naming it) and crowd annotations left out. An image
-    without annotations is kept, with no boxes."""
+    this trainer's image reader (a corrupt file is an error naming it). An image without annotations is kept, with no
+    boxes. Crowd annotations are left out of training (`keep_crowd=False`); for evaluation they are kept with their
+    `iscrowd` flag, so that COCO's evaluation ignores detections on them instead of counting them false."""
 
-    def __init__(self, images: Path, annotations: Path):
+    def __init__(self, images: Path, annotations: Path, keep_crowd: bool = False):
         from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 
         class Reader(CocoDetection):
             def _load_image(self, id: int) -> Image.Image:
                 return read_image(str(Path(self.root) / self.coco.loadImgs(id)[0]['file_name']))
 
+        self.keep_crowd = keep_crowd
         self.coco = wrap_dataset_for_transforms_v2(Reader(str(images), str(annotations)),
                                                    target_keys=('boxes', 'labels', 'image_id', 'iscrowd'))
 
@@ -111,9 +113,11 @@ class CocoImages(Dataset):
         if 'boxes' not in target:  # the wrapper returns only the id for an image without annotations
             target['boxes'] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format='XYXY', canvas_size=(h, w))
             target['labels'] = torch.zeros(0, dtype=torch.int64)
-        keep = ~torch.as_tensor(target.pop('iscrowd', torch.zeros(len(target['labels']))), dtype=torch.bool)
-        boxes = tv_tensors.wrap(target['boxes'][keep], like=target['boxes'])  # indexing drops the box type
-        return image, {'boxes': boxes, 'labels': target['labels'][keep], 'image_id': target['image_id']}
+        crowd = torch.as_tensor(target.pop('iscrowd', torch.zeros(len(target['labels']))), dtype=torch.bool)
+        if self.keep_crowd:
+            return image, {**target, 'iscrowd': crowd.long()}
+        boxes = tv_tensors.wrap(target['boxes'][~crowd], like=target['boxes'])  # indexing drops the box type
+        return image, {'boxes': boxes, 'labels': target['labels'][~crowd], 'image_id': target['image_id']}
 
 
 def _check_annotations(path: Path) -> Dict[int, str]:
@@ -159,7 +163,7 @@ def coco_splits(cfg: DictConfig) -> Splits:
                               'are relative to data.root).')
     classes = ['background', *(train_cats.get(i, 'N/A') for i in range(1, max(train_cats) + 1))]
     return Splits(CocoImages(root / d.train_images, root / d.train_annotations),
-                  CocoImages(root / d.val_images, root / d.val_annotations), classes)
+                  CocoImages(root / d.val_images, root / d.val_annotations, keep_crowd=True), classes)
 
 
 def build_splits(cfg: DictConfig) -> Splits:
@@ -170,11 +174,18 @@ def build_splits(cfg: DictConfig) -> Splits:
     return splits
 
 
+def _per_box(sample) -> Tuple[torch.Tensor, ...]:
+    """What SanitizeBoundingBoxes drops along with an empty box: its label, and its crowd flag where there is one."""
+    target = sample[1]
+    return (target['labels'], target['iscrowd']) if 'iscrowd' in target else target['labels']
+
+
 def build_transforms(cfg: DictConfig) -> Tuple[Callable, Callable]:
     """Train: horizontal flip (`det.hflip`); both: float images in [0, 1], boxes clamped to the image and boxes left
     with no area dropped (torchvision's SanitizeBoundingBoxes), with their labels. The detectors resize and
     normalise themselves (their GeneralizedRCNNTransform)."""
-    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.ClampBoundingBoxes(), v2.SanitizeBoundingBoxes()]
+    tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(labels_getter=_per_box)]
     train = [v2.RandomHorizontalFlip(cfg.det.hflip)] if cfg.det.hflip else []
     return v2.Compose([*train, *tail]), v2.Compose(tail)
 
@@ -182,6 +193,6 @@ def build_transforms(cfg: DictConfig) -> Tuple[Callable, Callable]:
 def collate(batch: List[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Tensor], List[Target]]:
     """Images of any size and their targets, as lists (what torchvision's detectors take)."""
     images, targets = zip(*batch)
-    plain = [{'boxes': t['boxes'].as_subclass(torch.Tensor), 'labels': t['labels'], 'image_id': t['image_id']}
-             for t in targets]
+    plain = [{'boxes': t['boxes'].as_subclass(torch.Tensor), 'labels': t['labels'], 'image_id': t['image_id'],
+              **({'iscrowd': t['iscrowd']} if 'iscrowd' in t else {})} for t in targets]
     return [i.as_subclass(torch.Tensor) for i in images], plain

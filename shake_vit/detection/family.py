@@ -56,7 +56,12 @@ def student_detector(cfg: DictConfig, num_classes: int) -> nn.Module:
 
 def teacher_detector(cfg: DictConfig, num_classes: int, weights: Optional[str] = None) -> nn.Module:
     return build_detector(cfg.teacher.name, num_classes, det_settings(cfg, cfg.teacher.kwargs, 'teacher.kwargs'),
-                          weights=weights, key='teacher.name')
+                          weights=weights, key='teacher.pretrained' if weights else 'teacher.name')
+
+
+# the det keys a detector's weights depend on: a resumed run must match them
+GEOMETRY = ('min_size', 'max_size', 'anchor_sizes', 'fpn_channels', 'box_head_dim', 'rois_per_image',
+            'trainable_backbone_layers')
 
 
 def frozen(model: nn.Module) -> nn.Module:
@@ -100,14 +105,16 @@ class DetectionFamily(Family):
         method, on = methods.of(cfg), cfg.det.shadow_on
         width, head = None, None
         if method.trains_shadow and on == 'teacher':  # the shadow reads the teacher's box features: their width
-            box_head = teacher_detector(cfg, num_classes).roi_heads
-            width, head = box_head.box_predictor.cls_score.in_features, box_head.box_head
+            with torch.random.fork_rng(devices=[]):  # students of every method start from the same weights
+                heads = teacher_detector(cfg, num_classes).roi_heads
+            width, head = heads.box_predictor.cls_score.in_features, heads.box_head
         return DetectionStudent(student_detector(cfg, num_classes), num_shadow=int(method.trains_shadow),
                                 own_box_head=cfg.det.shadow_box_head, shadow_on=on, shadow_width=width,
                                 shadow_box_head=head)
 
     def start_from_teachers(self, cfg: DictConfig, student: DetectionStudent, teachers: List[nn.Module]) -> None:
         if student.shadow_on == 'teacher' and teachers:
+            check_teacher(teachers[0], student, cfg.teacher.name)  # before its predictor is copied
             student.start_from_teacher(teachers[0])
 
     def init_student(self, cfg: DictConfig, student: DetectionStudent, log) -> None:
@@ -149,7 +156,7 @@ class DetectionFamily(Family):
     def run_identity(self, cfg: DictConfig, student: DetectionStudent, num_processes: int) -> Dict[str, Any]:
         return {'model': cfg.model.name, 'model_kwargs': OmegaConf.to_container(cfg.model.kwargs),
                 'num_shadow': student.num_shadow, 'shadow_box_head': cfg.det.shadow_box_head,
-                'shadow_on': cfg.det.shadow_on,
+                'shadow_on': cfg.det.shadow_on, 'det': {k: OmegaConf.to_container(cfg.det)[k] for k in GEOMETRY},
                 'num_classes': student.num_classes, 'num_processes': num_processes}
 
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
@@ -256,7 +263,7 @@ class DetectionFamily(Family):
         with_shadow = load_weights(student, weights, path, cfg)
         ema = None
         if ema_weights is not None:
-            ema = ModelEmaV3(student)
+            ema = ModelEmaV3(student, device=acc.device)
             ema.module.load_state_dict(ema_weights)
         student.to(acc.device)
         pipe = self.build_pipeline(cfg, acc, splits, student)
