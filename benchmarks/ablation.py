@@ -87,6 +87,23 @@ def _run(args) -> dict:
     return job(*args)
 
 
+def teacher_then_methods(out: Path, study: List[str], base, teacher_epochs: int, methods: Dict[str, tuple],
+                         seeds: int) -> tuple:
+    """A study's runs, two at a time with one thread each: a teacher fitted once (by a one-epoch kd run) and shared,
+    then every method (`{name: (label, overrides)}`) on every seed. Returns the teacher's record and the runs'
+    records by name (also written to OUT/runs.json)."""
+    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
+    with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
+        teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
+                                               f'teacher.fit.epochs={teacher_epochs}'], out, study, base))
+        checkpoint = f"teacher.checkpoint={out / 'runs' / 'teacher' / 'teacher.safetensors'}"
+        jobs = [(f'{m}_s{s}', [*o, checkpoint, f'train.seed={s}'], out, study, base)
+                for s in range(seeds) for m, (_, o) in methods.items()]
+        records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
+    (out / 'runs.json').write_text(json.dumps(records, indent=2))
+    return teacher, records
+
+
 def teacher_job(fold: int, num_folds: int, inner: bool, out: Path, epochs: int, study: List[str]) -> tuple:
     """Fit the fold's teacher: the teacher phase of a 1-epoch SHAKE run, which fits it and saves it."""
     name = f'teacher_f{fold}' + ('_inner' if inner else '')

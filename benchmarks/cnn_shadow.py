@@ -19,7 +19,6 @@ with its data beside it (cnn_shadow.json).
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -30,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import _cpu_name, _run, add_elapsed, job, paired  # noqa: E402
+from ablation import _cpu_name, add_elapsed, paired, teacher_then_methods  # noqa: E402
 
 BASE = str(ROOT / 'configs' / 'cifar100_wrn_40_2_wrn_16_2.yaml')
 STUDY = ['data.name=digits', 'data.val_fraction=0.8', 'data.img_size=32', 'data.num_workers=0', 'aug.hflip=0',
@@ -95,16 +94,8 @@ def main() -> None:
     study = [*STUDY, *SMOKE] if args.smoke else STUDY
     seeds, teacher_epochs = (1, 1) if args.smoke else (args.seeds, TEACHER_EPOCHS)
     out = Path(args.out).resolve()
-    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'  # one thread per run, two runs at a time
     begin = time.perf_counter()
-    with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
-        teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
-                                               f'teacher.fit.epochs={teacher_epochs}'], out, study, BASE))
-        checkpoint = f"teacher.checkpoint={out / 'runs' / 'teacher' / 'teacher.safetensors'}"
-        jobs = [(f'{m}_s{s}', [*o, checkpoint, f'train.seed={s}'], out, study, BASE)
-                for s in range(seeds) for m, (_, o) in METHODS.items()]
-        records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
-    (out / 'runs.json').write_text(json.dumps(records, indent=2))
+    teacher, records = teacher_then_methods(out, study, BASE, teacher_epochs, METHODS, seeds)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     print(f'[cnn_shadow] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json')
     if args.smoke:

@@ -15,7 +15,6 @@ with its data beside it (detection.json).
 """
 import argparse
 import json
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import _cpu_name, _run, add_elapsed, job, paired  # noqa: E402
+from ablation import _cpu_name, add_elapsed, paired, teacher_then_methods  # noqa: E402
 
 BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
 STUDENT_EPOCHS = 6
@@ -97,17 +96,8 @@ def main() -> None:
     if args.smoke:
         study = [s for s in study if not s.startswith('det.scenes')]
     out = Path(args.out).resolve()
-    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'  # one thread per run, two runs at a time
     begin = time.perf_counter()
-    with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
-        # the teacher: fitted by a one-epoch kd run (train.max_updates_per_epoch would cut its fit short too)
-        teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
-                                               f'teacher.fit.epochs={teacher_epochs}'], out, study, base))
-        checkpoint = f"teacher.checkpoint={out / 'runs' / 'teacher' / 'teacher.safetensors'}"
-        jobs = [(f'{m}_s{s}', [*o, checkpoint, f'train.seed={s}'], out, study, base)
-                for s in range(seeds) for m, (_, o) in METHODS.items()]
-        records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
-    (out / 'runs.json').write_text(json.dumps(records, indent=2))
+    teacher, records = teacher_then_methods(out, study, base, teacher_epochs, METHODS, seeds)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     print(f'[detection] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json; '
           f"teacher AP {teacher['teacher_ap']:.2f}")

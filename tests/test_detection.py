@@ -339,6 +339,12 @@ def test_a_teacher_with_other_input_statistics_sees_its_own_normalisation():
     assert task.renormalize
     expected = teacher.transform(images)[0].tensors  # 64-px images: same size, no padding
     assert torch.allclose(seen[0], expected, atol=1e-5)
+    # images of two sizes: the smaller one's padding is 0 for the teacher, as its own transform pads
+    mixed = [images[0], images[1][:, :40]]
+    seen.clear()
+    task(mixed, [_targets[0], {'boxes': torch.tensor([[2.0, 2.0, 30.0, 30.0]]), 'labels': torch.tensor([1])}])
+    expected = teacher.transform(mixed)[0].tensors
+    assert expected.shape == seen[0].shape and torch.allclose(seen[0], expected, atol=1e-5)
 
 
 def test_a_teacher_of_other_classes_or_box_coding_is_refused():

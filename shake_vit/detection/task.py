@@ -51,6 +51,9 @@ class DetectionTask(TrainingTask):
         """The frozen teacher on the student's batch `x` (as the student's transform left it) and RoIs."""
         if self.renormalize:
             x = (x * self.student_std + self.student_mean - self.teacher_mean) / self.teacher_std
+            for i, (h, w) in enumerate(image_sizes):  # the batch padding stays 0, as the teacher's own transform pads
+                x[i, :, h:, :] = 0
+                x[i, :, :, w:] = 0
         return teacher_on_rois(self.teacher, x, proposals, image_sizes)
 
     def forward(self, images, targets) -> Dict[str, torch.Tensor]:
