@@ -49,3 +49,10 @@ def teacher_file(reference):
     """The reference run's fitted test_byobnet teacher (10 digit classes, 32 px), for runs that need a teacher but
     do not test fitting one: `teacher.checkpoint=...` skips the fit."""
     return reference / 'teacher.safetensors'
+
+
+@pytest.fixture(scope='session')
+def coco(tmp_path_factory):
+    """COCO's layout with the oddities a real file has (helpers.write_coco)."""
+    from helpers import write_coco
+    return write_coco(tmp_path_factory.mktemp('coco'))

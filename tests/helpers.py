@@ -105,3 +105,32 @@ def scalar_tags(out: Path) -> List[str]:
         acc.Reload()
         tags.update(acc.Tags()['scalars'])
     return sorted(tags)
+
+
+def write_coco(root, categories=({'id': 1, 'name': 'cat'}, {'id': 3, 'name': 'dog'}), bad_category=False):
+    """COCO's layout: annotations/instances_{train,val}2017.json, train2017/, val2017/. Train image 0 has a normal
+    box, a crowd box, a box running out of the image and one of zero width; image 1 has no annotations."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    (root / 'annotations').mkdir(parents=True)
+    for split, n in (('train', 4), ('val', 3)):
+        (root / f'{split}2017').mkdir()
+        images, annotations = [], []
+        for i in range(n):
+            pixels = rng.integers(0, 60, (48, 64, 3), dtype=np.uint8)
+            pixels[10:30, 8:40] = 220
+            Image.fromarray(pixels).save(root / f'{split}2017' / f'{i:03d}.png')
+            images.append({'id': 100 + i, 'file_name': f'{i:03d}.png', 'height': 48, 'width': 64})
+            if i == 1:
+                continue
+            boxes = [([8, 10, 32, 20], 1, 0)]
+            if i == 0:
+                boxes += [([0, 0, 20, 20], 3, 1), ([50, 30, 30, 30], 3, 0), ([10, 10, 0, 5], 1, 0)]
+            for box, cat, crowd in boxes:
+                annotations.append({'id': len(annotations) + 1, 'image_id': 100 + i, 'bbox': box, 'iscrowd': crowd,
+                                    'category_id': 7 if bad_category else cat, 'area': box[2] * box[3],
+                                    'segmentation': []})
+        (root / 'annotations' / f'instances_{split}2017.json').write_text(json.dumps(
+            {'images': images, 'annotations': annotations, 'categories': list(categories)}))
+    return root
