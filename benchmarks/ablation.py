@@ -87,6 +87,26 @@ def _run(args) -> dict:
     return job(*args)
 
 
+def study_args(doc: str, seeds: int, out: str) -> argparse.Namespace:
+    """The command line every seeded study takes: --seeds, --out, --docs, --smoke."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--seeds', type=int, default=seeds)
+    p.add_argument('--out', default=out)
+    p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
+    p.add_argument('--smoke', action='store_true', help='one seed, a few updates, no report; for the tests')
+    return p.parse_args()
+
+
+def write_report(docs: str, name: str, text: str, data: dict) -> None:
+    """DOCS/NAME.md (the report) and DOCS/NAME.json (its data, with the command and the date)."""
+    folder = Path(docs)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f'{name}.md').write_text(text)
+    (folder / f'{name}.json').write_text(json.dumps({'command': data.pop('command'), 'date': date.today().isoformat(),
+                                                     **data}, indent=2))
+    print(text)
+
+
 def teacher_then_methods(out: Path, study: List[str], base, teacher_epochs: int, methods: Dict[str, tuple],
                          seeds: int) -> tuple:
     """A study's runs, two at a time with one thread each: a teacher fitted once (by a one-epoch kd run) and shared,

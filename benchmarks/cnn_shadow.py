@@ -17,8 +17,6 @@ step-time benchmark (benchmarks/step_throughput.py --preset cifar) measures cost
 Writes OUT/runs.json (one record per run, reused when rerun) and, unless --smoke, the report docs/results/cnn_shadow.md
 with its data beside it (cnn_shadow.json).
 """
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,7 +27,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import _cpu_name, add_elapsed, paired, teacher_then_methods  # noqa: E402
+from ablation import (_cpu_name, add_elapsed, paired, study_args, teacher_then_methods,  # noqa: E402
+                      write_report)
 
 BASE = str(ROOT / 'configs' / 'cifar100_wrn_40_2_wrn_16_2.yaml')
 STUDY = ['data.name=digits', 'data.val_fraction=0.8', 'data.img_size=32', 'data.num_workers=0', 'aug.hflip=0',
@@ -85,12 +84,7 @@ def report(records: dict, seeds: int, teacher_top1: float, command: str, elapsed
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--seeds', type=int, default=5)
-    p.add_argument('--out', default='runs/cnn_shadow')
-    p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
-    p.add_argument('--smoke', action='store_true', help='one seed, a few updates, no report; for the tests')
-    args = p.parse_args()
+    args = study_args(__doc__, seeds=5, out='runs/cnn_shadow')
     study = [*STUDY, *SMOKE] if args.smoke else STUDY
     seeds, teacher_epochs = (1, 1) if args.smoke else (args.seeds, TEACHER_EPOCHS)
     out = Path(args.out).resolve()
@@ -102,12 +96,7 @@ def main() -> None:
         return
     command = 'python benchmarks/cnn_shadow.py' + ''.join(f' {a}' for a in sys.argv[1:])
     text, summary = report(records, seeds, teacher['teacher_top1'], command, elapsed)
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / 'cnn_shadow.md').write_text(text)
-    (docs / 'cnn_shadow.json').write_text(json.dumps({'command': command, 'date': date.today().isoformat(),
-                                                      'summary': summary, 'runs': records}, indent=2))
-    print(text)
+    write_report(args.docs, 'cnn_shadow', text, {'command': command, 'summary': summary, 'runs': records})
 
 
 if __name__ == '__main__':

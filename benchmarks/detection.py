@@ -13,8 +13,6 @@ own.
 Writes OUT/runs.json (one record per run, reused when rerun) and, unless --smoke, the report docs/results/detection.md
 with its data beside it (detection.json).
 """
-import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import _cpu_name, add_elapsed, paired, teacher_then_methods  # noqa: E402
+from ablation import (_cpu_name, add_elapsed, paired, study_args, teacher_then_methods,  # noqa: E402
+                      write_report)
 
 BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
 STUDENT_EPOCHS = 6
@@ -82,12 +81,7 @@ def report(records: dict, seeds: int, teacher: dict, command: str, elapsed: floa
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--seeds', type=int, default=3)
-    p.add_argument('--out', default='runs/detection_study')
-    p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
-    p.add_argument('--smoke', action='store_true', help='one seed, a few updates, no report; for the tests')
-    args = p.parse_args()
+    args = study_args(__doc__, seeds=3, out='runs/detection_study')
     seeds = 1 if args.smoke else args.seeds
     study = [*STUDY, 'train.epochs=2', 'eval.interval=1', 'train.max_updates_per_epoch=2'] if args.smoke else STUDY
     teacher_epochs = 1 if args.smoke else TEACHER_EPOCHS
@@ -105,13 +99,8 @@ def main() -> None:
         return
     command = 'python benchmarks/detection.py' + ''.join(f' {a}' for a in sys.argv[1:])
     text, summary = report(records, seeds, teacher, command, elapsed)
-    docs = Path(args.docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    (docs / 'detection.md').write_text(text)
-    (docs / 'detection.json').write_text(json.dumps({'command': command, 'date': date.today().isoformat(),
-                                                     'teacher': teacher, 'summary': summary, 'runs': records},
-                                                    indent=2))
-    print(text)
+    write_report(args.docs, 'detection', text,
+                 {'command': command, 'teacher': teacher, 'summary': summary, 'runs': records})
 
 
 if __name__ == '__main__':
