@@ -144,7 +144,7 @@ def test_map_is_100_for_the_ground_truth_and_drops_for_a_missed_or_misplaced_box
 
 # ------------------------------------------------------------------------------------ the student and the teacher
 
-def tiny_batch(n=2, size=64):
+def tiny_batch(n=2):
     cfg = smoke_cfg('det.scenes=[4,2]')
     scenes = det_data.build_splits(cfg).train
     tf = det_data.build_transforms(cfg)[1]
