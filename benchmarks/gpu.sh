@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu.sh
 # The lent GPU machines hold PyTorch but may lack this project's pins (timm>=1.0.31 for timm.task, omegaconf): put
 # their wheels in .whl/ (see docs/benchmarks.md) and carry that folder; they are installed to /tmp/site first.
-set -euo pipefail
+set -uo pipefail  # not -e: a stage that fails is reported and the others still run
 cd "$(dirname "$0")/.."
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -14,9 +14,18 @@ fi
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+export PYTHONUNBUFFERED=1
 bench() { python3 benchmarks/step_throughput.py --preset gpu --steps 10 --warmup 5 --repeats 5 "$@"; }
-bench | tee "$OUT/step.md"
-bench --methods deit_hard shake --variant teacher.inference_mode=false --variant teacher.precision=bf16 \
-  --variant teacher.channels_last=true --variant optim.fused=false | tee "$OUT/fast_path.md"
-bench --methods deit_hard shake --variant train.compile=true --variant teacher.compile=true | tee "$OUT/compile.md"
-python3 benchmarks/data_throughput.py --workers "$(nproc)" --batch-size 256 --batches 20 | tee "$OUT/data.md"
+stage() {  # stage NAME COMMAND...: its output to $OUT/NAME.md, its failure reported without stopping the others
+  local name=$1; shift
+  echo "## $name ($(date -u +%T))"
+  "$@" 2>&1 | tee "$OUT/$name.md" || echo "!! stage $name failed (exit ${PIPESTATUS[0]})"
+}
+stage step bench
+stage fast_path bench --methods deit_hard shake --variant teacher.inference_mode=false --variant teacher.precision=bf16 \
+  --variant teacher.channels_last=true --variant optim.fused=false
+stage data python3 benchmarks/data_throughput.py --workers "$(nproc)" --batch-size 256 --batches 20
+# last: compiling the RegNetY-16GF teacher and the DeiT-S student takes the longest
+stage compile bench --methods deit_hard shake --repeats 3 --variant train.compile=true --variant teacher.compile=true \
+  --variant 'train.compile=true teacher.compile=true'
+echo "## done ($(date -u +%T))"

@@ -170,8 +170,9 @@ def main() -> None:
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help='config override for every method (e.g. teacher.precision=bf16, teacher.channels_last=true)')
     p.add_argument('--variant', action='append', default=[], metavar='KEY=VALUE',
-                   help='also measure every method with this one change, in the same run (repeatable), e.g. '
-                        'teacher.precision=bf16, teacher.inference_mode=false, train.compile=true')
+                   help='also measure every method with this change, in the same run (repeatable), e.g. '
+                        'teacher.precision=bf16, teacher.inference_mode=false, train.compile=true; several overrides '
+                        'in one variant are separated by spaces ("train.compile=true teacher.compile=true")')
     p.add_argument('--no-memory', action='store_true', help='skip the per-method CPU memory processes')
     p.add_argument('--mfu-peak-tflops', type=float, default=989.0,
                    help='dense bf16 peak of the GPU for model FLOPs utilisation (H100/H200 SXM: 989)')
@@ -179,7 +180,7 @@ def main() -> None:
     args = p.parse_args()
     base = [*PRESETS[args.preset], 'aug.mixup=0', 'aug.cutmix=0', *args.set]
     configs = {'base': load_config(None, base)}
-    configs.update({v: load_config(None, [*base, v]) for v in args.variant})
+    configs.update({v: load_config(None, [*base, *v.split()]) for v in args.variant})
     cfg = configs['base']
     results = measure(configs, args.methods, args.steps, args.warmup, args.repeats)
     if args.json:
