@@ -8,6 +8,8 @@
     python train.py --config configs/NAME.yaml --check-data       # decode every image once, list unreadable files
     accelerate launch train.py --eval runs/NAME                   # evaluate a run, checkpoint, export or file
     python train.py --export runs/NAME [--export-head cls|both]   # a plain timm model (model.safetensors)
+    accelerate launch train.py --config configs/NAME.yaml --cache-teacher DIR   # the teachers' outputs, once; then
+    accelerate launch train.py --config configs/NAME.yaml teacher.cache=DIR      # ... any number of runs without them
 
 `python train.py ...` does the same in one process. Overrides may stand before, between or after the flags.
 """
@@ -40,6 +42,8 @@ def parse_args(argv):
                         "averages them). Default: what the student predicts with (SHAKE: cls, DeiT's methods: both)")
     p.add_argument('--export-dir', metavar='DIR', help='where to export (default: next to the checkpoint)')
     p.add_argument('--export-ema', action='store_true', help='export the EMA weights')
+    p.add_argument('--cache-teacher', metavar='DIR', help="write the teachers' outputs on this config's exact input "
+                   'stream, every epoch, to DIR (resumable), then exit; train from it with teacher.cache=DIR')
     p.add_argument('--debug', action='store_true', help='show full tracebacks for configuration errors')
     p.add_argument('overrides', nargs='*', metavar='section.key=value', help='config overrides, applied last')
     return p.parse_intermixed_args(argv)  # overrides before and after flags alike
@@ -116,6 +120,10 @@ def main(argv=None) -> int:
             return 0
         if args.check_data:
             return check_data(cfg)
+        if args.cache_teacher:
+            from shake_vit.teacher_cache import write
+            write(cfg, args.cache_teacher)
+            return 0
         from shake_vit.runner import train
         train(cfg, resume=args.resume)
     except (ConfigError, CheckpointError) as err:

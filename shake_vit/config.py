@@ -110,6 +110,18 @@ class TeacherConfig:
     channels_last: bool = False  # channels-last memory format (CNN teachers on GPUs)
     cifar_stem: bool = False  # CIFAR form of a timm ResNet/MobileNet/VGG (see shake_vit.models.cifar_stem)
     compile: bool = False  # torch.compile the teacher
+    cache: Optional[str] = None  # read every teacher's outputs from a cache written by --cache-teacher (no teacher is
+    # built); README "Teacher-output cache", shake_vit/teacher_cache.py
+
+
+@dataclass
+class TeacherCacheConfig:
+    """How `train.py --cache-teacher DIR` stores the teachers' outputs (shake_vit/teacher_cache.py)."""
+
+    store: str = 'auto'  # auto: full when the whole schedule fits max_gb, else topk | full | topk | argmax (deit_hard)
+    topk: int = 10  # logits kept per sample by 'topk'; the rest share one value that carries their softmax mass
+    precision: str = 'auto'  # auto: the teacher's own output precision (exact) | fp32 (exact) | fp16 (half the disk)
+    max_gb: float = 50.0  # 'auto' stores full logits when the whole schedule's cache stays under this size
 
 
 @dataclass
@@ -228,6 +240,7 @@ class Config:
     ckpt: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     det: DetectionConfig = field(default_factory=DetectionConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
 
 
 DATA = {'classification': ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake'),
@@ -247,6 +260,8 @@ CHOICES = {
     'aug.re_mode': ('pixel', 'const', 'rand'),
     'aug.mixup_mode': ('batch', 'pair', 'elem'),
     'aug.train_crop': ('rrc', 'pad_crop'),
+    'teacher_cache.store': ('auto', 'full', 'topk', 'argmax'),
+    'teacher_cache.precision': ('auto', 'fp32', 'fp16'),
 }
 
 
@@ -415,6 +430,15 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= a.smoothing < 1, 'aug.smoothing', a.smoothing, 'in [0, 1)')
     if cfg.task == 'detection':
         _check_det(cfg.det, cfg.loss)
+    _check(cfg.teacher_cache.topk >= 1, 'teacher_cache.topk', cfg.teacher_cache.topk, 'at least 1')
+    _check(cfg.teacher_cache.max_gb > 0, 'teacher_cache.max_gb', cfg.teacher_cache.max_gb, 'positive')
+    for i, extra in enumerate(cfg.extra_teachers):
+        _check(extra.cache is None, f'extra_teachers.{i}.cache', extra.cache,
+               'null: the cache that teacher.cache names holds every teacher')
+    if cfg.teacher.cache and cfg.model.shadow_on == 'teacher' and methods.of(cfg).needs_teacher:
+        raise ConfigError("teacher.cache holds the teachers' logits, but model.shadow_on=teacher makes the shadow "
+                          "head read the teacher's feature maps on every step: run the live teacher (drop "
+                          'teacher.cache) or put the shadow head on the student (model.shadow_on=auto).')
     if mixup_active(cfg):
         _check(t.batch_size % 2 == 0, 'train.batch_size', t.batch_size,
                'even when mixup or cutmix is on (timm Mixup pairs each sample with its mirror in the batch); '
@@ -449,7 +473,8 @@ CLASSIFICATION_ONLY = ('aug', 'data.img_size', 'data.mean', 'data.std', 'data.nu
                        'data.num_folds', 'data.fold', 'data.inner_val_fraction', 'model.drop_path_rate',
                        'model.shadow_head', 'model.shadow_hidden_dim', 'model.predict', 'model.shadow_on',
                        'model.proxy_features', 'model.cifar_stem', 'teacher.mean', 'teacher.std', 'teacher.cifar_stem',
-                       'teacher.channels_last', 'loss.teacher_loss', 'loss.standardize', 'loss.shadow_ce',
+                       'teacher.channels_last', 'teacher.cache', 'teacher_cache', 'loss.teacher_loss',
+                       'loss.standardize', 'loss.shadow_ce',
                        'loss.direct_kd', 'loss.deit_alpha', 'loss.deit_soft_reduction', 'loss.kd_alpha')
 DETECTION_ONLY = ('det', 'loss.box_beta')
 INSTEAD = {'aug.hflip': 'det.hflip', 'data.img_size': 'det.min_size / det.max_size',

@@ -239,6 +239,24 @@ def _seeded(seed: int) -> Iterator[None]:
             torch.default_generator.set_state(states[2])
 
 
+def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
+    """The seed of one batch's mixup/cutmix draws: a pure function of (run seed, epoch, process, batch index), so a
+    resumed run and the teacher-output cache (shake_vit/teacher_cache.py) replay the same mixing."""
+    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_033 + batch)
+    return int(torch.randint(0, 2 ** 62, (), generator=g))
+
+
+@contextmanager
+def seeded_mixup(seed: Optional[int]) -> Iterator[None]:
+    """Run timm's Mixup (which draws from numpy's global RNG) with its draws seeded by `seed`; None leaves the
+    RNGs alone."""
+    if seed is None:
+        yield
+    else:
+        with _seeded(seed):
+            yield
+
+
 class Transformed(Dataset):
     """Applies a transform to an (image, target) data set; a `(index, seed)` key seeds the augmentation.
 

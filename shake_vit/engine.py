@@ -16,6 +16,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from . import data
 from .optim import current_lr
 
 
@@ -44,12 +45,14 @@ class Trainer:
         clip_grad: max gradient norm, or None.
         log_interval: updates between log points.
         tag: prefix of the logged names ('train', 'teacher_fit').
+        seed: the run seed; each batch's mixup draws are seeded by (seed, epoch, process, batch index).
     """
 
     def __init__(self, accelerator: Accelerator, task: TrainingTask, optimizer: torch.optim.Optimizer,
                  schedule: Optional[Scheduler], *, mixup: Optional[Mixup] = None, ema: Optional[ModelEmaV3] = None,
-                 clip_grad: Optional[float] = None, log_interval: int = 50, tag: str = 'train'):
+                 clip_grad: Optional[float] = None, log_interval: int = 50, tag: str = 'train', seed: int = 0):
         self.accelerator, self.task, self.optimizer, self.schedule = accelerator, task, optimizer, schedule
+        self.seed = seed
         self.mixup, self.ema, self.clip_grad, self.log_interval, self.tag = mixup, ema, clip_grad, log_interval, tag
         self.update = 0  # optimizer updates done; the lr is a function of it
         self.after_update: Callable[[], bool] = lambda: False  # checkpointing hook; True stops the epoch
@@ -100,15 +103,19 @@ class Trainer:
         self._reset_sums()
         return values
 
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+    def step(self, x: torch.Tensor, y: torch.Tensor, mix_seed: Optional[int] = None) -> bool:
         """One batch on the device: mixup, forward, backward, and every `grad_accum` batches an optimizer update.
+
+        Args:
+            mix_seed: seeds this batch's mixup draws (data.batch_seed); None draws from the global RNGs.
 
         Returns:
             whether an update happened (then the lr, the EMA and the update count have moved).
         """
         acc, task = self.accelerator, self.task
         if self.mixup is not None:
-            x, y = self.mixup(x, y)
+            with data.seeded_mixup(mix_seed):
+                x, y = self.mixup(x, y)
         with acc.accumulate(task.trainable_module):
             with acc.autocast():
                 out = task(x, y)
@@ -139,13 +146,19 @@ class Trainer:
         num_batches = num_updates * acc.gradient_accumulation_steps  # whole updates only: the lr stays exact
         if skip_batches:
             loader = skip_first_batches(loader, skip_batches)
+        cache = getattr(task, 'cache', None)  # a teacher-output cache reads this epoch's batches from here on
+        if cache is not None:
+            cache.start_epoch(epoch, skip_batches)
         last: Dict[str, float] = {}
         # The bar is cleared however the epoch ends, an error included, so the error is not printed onto its line.
         with progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
                       disable=not acc.is_local_main_process) as bar:
-            for x, y in islice(loader, num_batches - skip_batches):
+            for index, (x, y) in enumerate(islice(loader, num_batches - skip_batches), start=skip_batches):
+                if cache is not None:
+                    cache.next_batch(y)  # checks the batch's labels against the cache's
                 updated = self.step(send_to_device(x, acc.device, non_blocking=True),
-                                    send_to_device(y, acc.device, non_blocking=True))
+                                    send_to_device(y, acc.device, non_blocking=True),
+                                    data.batch_seed(self.seed, epoch, acc.process_index, index))
                 bar.update()
                 if not updated:
                     continue

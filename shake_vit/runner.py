@@ -77,7 +77,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     prepared, optimizer = acc.prepare(student, optimizer)
     ema = ModelEmaV3(student, decay=cfg.train.ema_decay) if cfg.train.ema else None
     task = family.make_task(cfg, prepared, teachers, pipe).to(acc.device)
-    trainer = Trainer(acc, task, optimizer, schedule, mixup=family.mixup(cfg, pipe), ema=ema,
+    trainer = Trainer(acc, task, optimizer, schedule, mixup=family.mixup(cfg, pipe), ema=ema, seed=cfg.train.seed,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
     metric = cfg.ckpt.metric or family.best_metric(student)
     ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, metric)

@@ -30,12 +30,15 @@ class DistillationTask(TrainingTask):
         inference_mode: run the teachers under `torch.inference_mode` rather than `no_grad`.
         teacher_dtype: the teachers' own precision (weights already cast), outside autocast; None follows autocast.
         channels_last: feed the teachers channels-last inputs (their weights already converted).
+        cache: a teacher-output cache reader (shake_vit/teacher_cache.py) giving every batch's teacher logits in
+            place of `teachers` (then empty); the trainer positions it batch by batch.
     """
 
     def __init__(self, student: nn.Module, teachers, loss: LossFn, criterion: nn.Module, mean, std,
                  inference_mode: bool = True, teacher_dtype: Optional[torch.dtype] = None,
-                 channels_last: bool = False):
+                 channels_last: bool = False, cache=None):
         super().__init__(verbose=False)
+        self.cache = cache
         self.inference_mode, self.teacher_dtype, self.channels_last = inference_mode, teacher_dtype, channels_last
         self.trainable_module = student
         if teachers is None:
@@ -97,6 +100,8 @@ class DistillationTask(TrainingTask):
         """For student-normalised images [B, C, H, W]: the teachers' logits [B, K] (a tuple with several teachers,
         None without one) and, for a student with proxy-teacher heads, each teacher's maps and classifier (else
         None); never part of the autograd graph."""
+        if self.cache is not None:  # the batch the trainer staged; None in evaluation (no cached teacher there)
+            return self.cache.take(x.device), None
         outs = [self._one_teacher(t, r, x, i) for t, r, i in zip(self.teachers, self.renormalize, self.proxy_indices)]
         if not outs:
             return None, None

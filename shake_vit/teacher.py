@@ -60,7 +60,8 @@ def fitted_path(cfg: DictConfig, index: int) -> Path:
 def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
     """What a fitted teacher depends on; a saved teacher is reused only when this matches. `teacher.mean/std` are
     left out: a fitted teacher cannot have them, and teachers fitted before they existed stay reusable."""
-    keep = {'teacher': {k: v for k, v in t.items() if k not in ('checkpoint', 'mean', 'std')}, 'aug': cfg.aug,
+    keep = {'teacher': {k: v for k, v in t.items() if k not in ('checkpoint', 'mean', 'std', 'cache')},
+            'aug': cfg.aug,
             'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
     if cfg.task != 'classification':  # (left out for classification: the records written before it existed)
@@ -182,7 +183,8 @@ def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, 
     task.trainable_module = model
     task.to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=mixup, clip_grad=cfg.optim.clip_grad,
-                      log_interval=cfg.train.log_interval, tag=f'teacher_fit_{index}' if index else 'teacher_fit')
+                      log_interval=cfg.train.log_interval, tag=f'teacher_fit_{index}' if index else 'teacher_fit',
+                      seed=cfg.train.seed)
     for epoch in range(f.epochs):
         trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch)
     model = acc.unwrap_model(model)

@@ -45,6 +45,16 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def two_process_reference(tmp_path_factory):
+    """The reference run in two processes (`accelerate launch --multi_gpu`, gloo), shared by the resume and the
+    teacher-cache tests."""
+    from helpers import RUN, launch
+    out = tmp_path_factory.mktemp('two_processes')
+    launch([*RUN, f'train.output_dir={out}'], num_processes=2)
+    return out
+
+
+@pytest.fixture(scope='session')
 def teacher_file(reference):
     """The reference run's fitted test_byobnet teacher (10 digit classes, 32 px), for runs that need a teacher but
     do not test fitting one: `teacher.checkpoint=...` skips the fit."""

@@ -92,6 +92,16 @@ def main(args: Sequence[str], check: bool = True) -> subprocess.CompletedProcess
     return proc
 
 
+def assert_same_weights(a: Path, b: Path) -> None:
+    """Two safetensors files hold the same tensors, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+
+
 def results(out: Path) -> dict:
     return json.loads((out / 'results.json').read_text())
 

@@ -1,6 +1,7 @@
 """Checkpoints you can trust: exact resume (1 and 2 processes, mid-epoch), SIGTERM, interrupted saves, --eval.
 
-The reference run (`helpers.RUN`, checkpoints at updates 3, 4, 6, 8) is the session fixture in conftest.py."""
+The reference run (`helpers.RUN`, checkpoints at updates 3, 4, 6, 8) and its two-process twin are session fixtures
+in conftest.py."""
 import json
 import os
 import shutil
@@ -12,20 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from helpers import ROOT, RUN, launch, main, results
-
-
-def weights(path: Path):
-    return load_file(str(path))
-
-
-def assert_same_weights(a: Path, b: Path):
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
-    assert not different, f'{len(different)} tensors differ, e.g. {different[:3]}'
+from helpers import ROOT, RUN, assert_same_weights, launch, main, results
 
 
 def resume_copy(source: Path, target: Path, update: int) -> None:
@@ -35,14 +24,6 @@ def resume_copy(source: Path, target: Path, update: int) -> None:
     shutil.copytree(source / 'checkpoints' / name, target / 'checkpoints' / name)
     for f in ('teacher.safetensors', 'teacher.json'):
         shutil.copy(source / f, target / f)
-
-
-@pytest.fixture(scope='module')
-def two_process_run(tmp_path_factory):
-    """The reference run in two processes (`accelerate launch --multi_gpu`, gloo)."""
-    out = tmp_path_factory.mktemp('two_processes')
-    launch([*RUN, f'train.output_dir={out}'], num_processes=2)
-    return out
 
 
 def test_checkpoints_every_epoch_and_every_n_updates(reference):
@@ -66,18 +47,18 @@ def test_resume_gives_identical_weights_in_one_process(reference, tmp_path, upda
     assert_same_weights(reference / last, tmp_path / last)
 
 
-def test_resume_mid_epoch_gives_identical_weights_in_two_processes(two_process_run, tmp_path):
-    full, resumed = two_process_run, tmp_path / 'resumed'
+def test_resume_mid_epoch_gives_identical_weights_in_two_processes(two_process_reference, tmp_path):
+    full, resumed = two_process_reference, tmp_path / 'resumed'
     resume_copy(full, resumed, 3)
     proc = launch([*RUN, f'train.output_dir={resumed}', '--resume', 'auto'], num_processes=2)
     assert 'resumed from' in proc.stdout and (full / 'checkpoints/update_00000003/random_states_1.pkl').exists()
     assert_same_weights(full / 'student.safetensors', resumed / 'student.safetensors')
 
 
-def test_resume_with_another_number_of_processes_is_refused(two_process_run, tmp_path):
+def test_resume_with_another_number_of_processes_is_refused(two_process_reference, tmp_path):
     """A checkpoint written by two processes, resumed by one: the data position, the RNG streams and the global
     batch depend on the process count, so the run refuses and says how to go on."""
-    resume_copy(two_process_run, tmp_path, 3)
+    resume_copy(two_process_reference, tmp_path, 3)
     proc = main([*RUN, f'train.output_dir={tmp_path}', '--resume', 'auto'], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert 'was written by 2 processes and this run has 1' in proc.stderr

@@ -1,0 +1,188 @@
+"""The teacher-output cache (shake_vit/teacher_cache.py): written once with --cache-teacher, read with teacher.cache.
+
+A cached run must end with exactly the live run's weights (one process and two, mid-epoch resume included), refuse a
+cache of another input stream by naming the keys, and a top-k cache must stay within the pinned error."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from helpers import RUN, assert_same_weights, launch, main, results
+from shake_vit.teacher_cache import Format, decode, encode
+
+
+@pytest.fixture(scope='module')
+def cache(reference, teacher_file, tmp_path_factory):
+    """A full-logit cache of the reference run's input stream, written in this process with its fitted teacher."""
+    root = tmp_path_factory.mktemp('cache')
+    proc = main([*RUN, f'teacher.checkpoint={teacher_file}', f'train.output_dir={root / "writer"}',
+                 '--cache-teacher', str(root / 'cache')])
+    assert 'teacher cache complete' in proc.stdout
+    return root / 'cache'
+
+
+def cached(teacher_file, cache, out, *extra, check=True):
+    return main([*RUN, f'teacher.checkpoint={teacher_file}', f'teacher.cache={cache}', f'train.output_dir={out}',
+                 *extra], check=check)
+
+
+def test_a_cached_run_ends_with_the_live_runs_weights(reference, teacher_file, cache, tmp_path):
+    """The reference run has mixup, cutmix, random erasing, drop path and EMA on: every input the teacher saw must
+    come back from the cache bit for bit."""
+    manifest = json.loads((cache / 'manifest.json').read_text())
+    assert manifest['format'] == {'store': 'full', 'k': 0, 'precision': 'fp32', 'num_classes': 10}
+    assert sorted(p.name for p in cache.iterdir()) == ['e0000_r00', 'e0001_r00', 'manifest.json']
+    proc = cached(teacher_file, cache, tmp_path)
+    assert 'no teacher is built' in proc.stdout and 'teacher test_byobnet receives' not in proc.stdout
+    assert_same_weights(reference / 'student.safetensors', tmp_path / 'student.safetensors')
+    last = 'checkpoints/update_00000008/ema.safetensors'
+    assert_same_weights(reference / last, tmp_path / last)
+    # the teacher's top-1 is the one the writer measured, as the live run measured it
+    assert results(tmp_path)['teacher_top1'] == pytest.approx(results(reference)['teacher_top1'])
+
+
+def test_resuming_mid_epoch_reads_the_right_batches(reference, teacher_file, cache, tmp_path):
+    name = 'update_00000003'  # 3 of epoch 0's 4 updates done
+    shutil.copytree(reference / 'checkpoints' / name, tmp_path / 'checkpoints' / name)
+    proc = cached(teacher_file, cache, tmp_path, '--resume', 'auto')
+    assert f'resumed from {tmp_path}/checkpoints/{name}' in proc.stdout
+    assert_same_weights(reference / 'student.safetensors', tmp_path / 'student.safetensors')
+
+
+def test_a_cache_written_by_two_processes_serves_a_two_process_run(two_process_reference, tmp_path):
+    teacher = f'teacher.checkpoint={two_process_reference / "teacher.safetensors"}'
+    launch([*RUN, teacher, f'train.output_dir={tmp_path / "writer"}', '--cache-teacher', str(tmp_path / 'cache')],
+           num_processes=2)
+    assert {'e0000_r00', 'e0000_r01', 'e0001_r00', 'e0001_r01'} <= {p.name for p in (tmp_path / 'cache').iterdir()}
+    launch([*RUN, teacher, f'teacher.cache={tmp_path / "cache"}', f'train.output_dir={tmp_path / "run"}'],
+           num_processes=2)
+    assert_same_weights(two_process_reference / 'student.safetensors', tmp_path / 'run' / 'student.safetensors')
+    # and a one-process run refuses it: its input stream is another
+    proc = cached(two_process_reference / 'teacher.safetensors', tmp_path / 'cache', tmp_path / 'one', check=False)
+    assert proc.returncode == 2 and 'num_processes: cache 2, this run 1' in proc.stderr
+
+
+def test_the_student_and_the_loss_may_change_the_input_stream_may_not(teacher_file, cache, tmp_path):
+    proc = cached(teacher_file, cache, tmp_path / 'kd', 'loss.method=kd', 'loss.temperature=2',
+                  'model.kwargs.depth=2')
+    assert 'no teacher is built' in proc.stdout and results(tmp_path / 'kd')['epochs'] == 2
+    proc = cached(teacher_file, cache, tmp_path / 'other', 'aug.re_prob=0.5', 'train.seed=3', check=False)
+    assert proc.returncode == 2
+    assert 'aug.re_prob: cache 0.25, this run 0.5' in proc.stderr and 'seed: cache 0, this run 3' in proc.stderr
+    assert '--cache-teacher' in proc.stderr
+    proc = cached(teacher_file, cache, tmp_path / 'longer', 'train.epochs=3', check=False)
+    assert proc.returncode == 2 and 'holds 2 epochs of 4 batches; this run needs 3 of 4' in proc.stderr
+
+
+def test_a_cache_whose_samples_differ_from_the_data_is_refused(teacher_file, cache, tmp_path):
+    broken = tmp_path / 'cache'
+    shutil.copytree(cache, broken)
+    labels = np.load(broken / 'e0000_r00' / 'labels.npy')
+    np.save(broken / 'e0000_r00' / 'labels.npy', (labels + 1) % 10)
+    proc = cached(teacher_file, broken, tmp_path / 'run', check=False)
+    assert proc.returncode == 2 and 'batch 0 of epoch 0 on process 0 holds other samples' in proc.stderr
+    shutil.rmtree(broken / 'e0001_r00')
+    (broken / 'manifest.json').unlink()
+    proc = cached(teacher_file, broken, tmp_path / 'run', check=False)
+    assert proc.returncode == 2 and 'no manifest.json there' in proc.stderr
+
+
+def test_an_interrupted_writer_writes_only_what_is_missing(teacher_file, cache, tmp_path):
+    root = tmp_path / 'cache'
+    shutil.copytree(cache, root)
+    shutil.rmtree(root / 'e0001_r00')
+    (root / '.tmp-e0001_r00').mkdir()  # what a writer killed mid-shard leaves
+    (root / '.tmp-e0001_r00' / 'labels.npy').write_bytes(b'half')
+    kept = os.stat(root / 'e0000_r00' / 't0.values.npy').st_mtime_ns
+    main([*RUN, f'teacher.checkpoint={teacher_file}', f'train.output_dir={tmp_path / "w"}', '--cache-teacher',
+          str(root)])
+    assert os.stat(root / 'e0000_r00' / 't0.values.npy').st_mtime_ns == kept
+    assert not (root / '.tmp-e0001_r00').exists()
+    for name in ('labels.npy', 't0.values.npy'):
+        assert np.array_equal(np.load(root / 'e0001_r00' / name), np.load(cache / 'e0001_r00' / name))
+    proc = main([*RUN, f'teacher.checkpoint={teacher_file}', 'aug.cutmix=0', f'train.output_dir={tmp_path / "w"}',
+                 '--cache-teacher', str(root)], check=False)
+    assert proc.returncode == 2 and 'holds a cache of another run' in proc.stderr and 'aug.cutmix' in proc.stderr
+
+
+def test_an_argmax_cache_serves_deit_hard_exactly_and_nothing_else(teacher_file, tmp_path):
+    base = [*RUN, 'loss.method=deit_hard', f'teacher.checkpoint={teacher_file}', 'train.epochs=1']
+    main([*base, f'train.output_dir={tmp_path / "w"}', 'teacher_cache.store=argmax', '--cache-teacher',
+          str(tmp_path / 'cache')])
+    assert {p.name for p in (tmp_path / 'cache' / 'e0000_r00').iterdir()} == {'labels.npy', 't0.indices.npy',
+                                                                              'meta.json'}
+    main([*base, f'train.output_dir={tmp_path / "live"}'])
+    main([*base, f'teacher.cache={tmp_path / "cache"}', f'train.output_dir={tmp_path / "cached"}'])
+    assert_same_weights(tmp_path / 'live' / 'student.safetensors', tmp_path / 'cached' / 'student.safetensors')
+    proc = main([*base, 'loss.method=shake', f'teacher.cache={tmp_path / "cache"}',
+                 f'train.output_dir={tmp_path / "shake"}'], check=False)
+    assert proc.returncode == 2 and "holds the teacher's argmax alone, which serves deit_hard" in proc.stderr
+
+
+def test_nothing_to_cache_and_uncacheable_setups_are_refused(tmp_path):
+    proc = main([*RUN, 'loss.method=none', '--cache-teacher', str(tmp_path)], check=False)
+    assert proc.returncode == 2 and 'uses no teacher, so there is nothing to cache' in proc.stderr
+    proc = main([*RUN, 'model.shadow_on=teacher', 'model.name=resnet18', f'teacher.cache={tmp_path}',
+                 '--print-config'], check=False)
+    assert proc.returncode == 2 and "feature maps on every step" in proc.stderr
+
+
+def test_the_stored_formats_rebuild_the_logits():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10) * 3
+    fmt = Format('full', 0, 'fp32', 10)
+    assert torch.equal(decode(encode(logits, fmt), fmt), logits)
+    low = logits.to(torch.bfloat16).float()  # what a bf16 teacher produces: stored in 16 bits, exactly
+    fmt = Format('full', 0, 'bf16', 10)
+    assert encode(low, fmt)['values'].dtype == np.uint16 and torch.equal(decode(encode(low, fmt), fmt), low)
+    fmt = Format('argmax', 0, 'fp32', 10)
+    assert torch.equal(decode(encode(logits, fmt), fmt).argmax(1), logits.argmax(1))
+    fmt = Format('topk', 3, 'fp32', 10)  # the k largest stay the k largest, in their places
+    top = logits.topk(3, dim=1).indices
+    assert torch.equal(decode(encode(logits, fmt), fmt, 4.0).topk(3, dim=1).indices.sort(1).values,
+                       top.sort(1).values)
+
+
+# The pinned error of a top-k cache (README "Teacher-output cache"): |term with the rebuilt logits - term with the
+# full ones| for SHAKE's shadow-teacher KL, on seeded Gaussian logits (K = 100 classes, teacher std 3, 512 samples,
+# student and shadow std 2). Measured: T = 1: 0.129 of 4.407 (k = 10), 0.037 (k = 20); T = 4: 1.798 of 6.360
+# (k = 10), 1.090 (k = 20). The other terms do not read the teacher and must not move at all.
+TOPK_BOUND = {(10, 1.0): 0.15, (20, 1.0): 0.05, (10, 4.0): 2.0, (20, 4.0): 1.2}
+
+
+@pytest.mark.parametrize('k,temperature', sorted(TOPK_BOUND))
+def test_topk_loss_terms_stay_within_the_pinned_bound(k, temperature):
+    from shake_vit.config import load_config
+    from shake_vit.methods import loss_fn
+    torch.manual_seed(0)
+    K, B = 100, 512
+    t, s, h = torch.randn(B, K) * 3, torch.randn(B, K) * 2, torch.randn(B, K) * 2
+    y = torch.randint(0, K, (B,))
+    fmt = Format('topk', k, 'fp32', K)
+    rebuilt = decode(encode(t, fmt), fmt, temperature)
+    loss = loss_fn(load_config(None, [f'loss.temperature={temperature}']))
+    live, approx = (loss(s, h, teacher, y, torch.nn.CrossEntropyLoss()) for teacher in (t, rebuilt))
+    error = {n: abs(live[n].item() - approx[n].item()) for n in live}
+    assert error['kl_shadow_teacher'] <= TOPK_BOUND[(k, temperature)], error
+    assert all(v == 0 for n, v in error.items() if n != 'kl_shadow_teacher'), error
+    # the tail's softmax mass is exact at the stored temperatures, as are the k classes' probabilities
+    top = t.topk(k, dim=1).indices
+    for T in (1.0, 2.0, 4.0, 8.0):
+        p, q = (t / T).softmax(1), (decode(encode(t, fmt), fmt, T) / T).softmax(1)
+        assert torch.allclose(q.gather(1, top), p.gather(1, top), atol=1e-5)
+        assert torch.allclose(1 - q.gather(1, top).sum(1), 1 - p.gather(1, top).sum(1), atol=1e-5)
+
+
+def test_config_for_a_cache_is_classification_only(tmp_path):
+    from shake_vit.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match='teacher.cache'):
+        load_config(None, ['task=detection', 'data.name=digit_scenes', 'loss.method=shake',
+                           f'teacher.cache={tmp_path}'])
+    cfg = load_config(None, ['teacher_cache.store=topk', 'teacher_cache.topk=5'])
+    assert OmegaConf.to_container(cfg.teacher_cache)['topk'] == 5
+    with pytest.raises(ConfigError, match="'teacher_cache.store' is 'top5'"):
+        load_config(None, ['teacher_cache.store=top5'])
