@@ -2,6 +2,7 @@
 
     python benchmarks/ablation.py                 # the full study (66 minutes on 2 CPU cores)
     python benchmarks/ablation.py --smoke         # one fold, one seed, 4 updates (tests/test_benchmarks.py runs it)
+    python benchmarks/ablation.py --teacher-cache # the same runs, each fold and seed's teacher outputs written once
 
 Protocol. Every run is `shake_vit.runner.train` with the quick-start recipe made smaller (configs/quickstart.yaml plus
 STUDY below). The 1,797 images are split into stratified folds; each fold is the test set once. One teacher is fitted
@@ -62,10 +63,8 @@ def job(name: str, overrides: List[str], out: Path, study: List[str], base: Unio
     record_path = out / 'records' / f'{name}.json'
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    from shake_vit.config import load_config
     from shake_vit.runner import train
-    cfg = load_config([base] if isinstance(base, str) else base,
-                      [*study, *overrides, f'train.output_dir={out / "runs" / name}'])
+    cfg = _config(overrides, out, study, base, name)
     start = time.perf_counter()
     results = train(cfg)
     record = {'name': name, 'overrides': overrides, 'wall_s': time.perf_counter() - start,
@@ -73,6 +72,64 @@ def job(name: str, overrides: List[str], out: Path, study: List[str], base: Unio
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return record
+
+
+def _config(overrides: List[str], out: Path, study: List[str], base: Union[str, List[str]], name: str):
+    from shake_vit.config import load_config
+    return load_config([base] if isinstance(base, str) else base,
+                       [*study, *overrides, f'train.output_dir={out / "runs" / name}'])
+
+
+def stream_key(overrides: List[str], study: List[str], base: Union[str, List[str]] = BASE):
+    """What a run's teacher outputs depend on (teacher_cache.identity), as a short hash: runs with the same key can
+    share one teacher-output cache. None for a run that cannot read one (no teacher, a proxy-teacher head, a
+    detection run)."""
+    import hashlib
+
+    from timm.data import resolve_model_data_config
+
+    from shake_vit import data, teacher_cache
+    from shake_vit.config import ConfigError
+    from shake_vit.models import build_student
+    try:  # a run that cannot read a cache (a proxy-teacher head, detection) is refused here
+        cfg = _config([*overrides, 'teacher.cache=/probe'], Path('/tmp'), study, base, 'probe')
+    except ConfigError:
+        return None
+    if not teacher_cache.in_use(cfg):
+        return None
+    student = build_student(cfg, len(data.build_splits(cfg).classes))
+    model_cfg = resolve_model_data_config(student.model)
+    mean, std = cfg.data.mean or model_cfg['mean'], cfg.data.std or model_cfg['std']
+    ident = teacher_cache.identity(cfg, mean, std, 1)
+    ident['epochs'], ident['max_updates'] = cfg.train.epochs, cfg.train.max_updates_per_epoch  # what is written
+    return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def cache_job(key: str, overrides: List[str], out: Path, study: List[str], base: Union[str, List[str]] = BASE) -> str:
+    """Write (or finish) the teacher-output cache OUT/caches/KEY for a run configured by `overrides`; returns it."""
+    from shake_vit import teacher_cache
+    root = out / 'caches' / key
+    # any method with a teacher writes the same cache; shake takes one teacher or several
+    cfg = _config([*overrides, 'loss.method=shake'], out, study, base, f'cache_{key}')
+    teacher_cache.write(cfg, str(root))
+    return str(root)
+
+
+def _cache(args) -> str:
+    return cache_job(*args)
+
+
+def with_teacher_caches(pool, jobs: List[tuple]) -> List[tuple]:
+    """`--teacher-cache`: the study's jobs `(name, overrides, out, study[, base])`, each reading a teacher-output
+    cache shared by every job with the same input stream and teacher (written first, in the pool; a rerun finds the
+    caches complete). Jobs that cannot read a cache are returned unchanged."""
+    keys = [stream_key(j[1], j[3], *j[4:]) for j in jobs]
+    first = {}
+    for job_args, key in zip(jobs, keys):
+        if key is not None and key not in first:
+            first[key] = (key, job_args[1], job_args[2], job_args[3], *job_args[4:])
+    roots = dict(zip(first, pool.map(_cache, list(first.values()))))
+    return [j if key is None else (j[0], [*j[1], f'teacher.cache={roots[key]}'], *j[2:]) for j, key in zip(jobs, keys)]
 
 
 def add_elapsed(out: Path, seconds: float) -> float:
@@ -87,13 +144,17 @@ def _run(args) -> dict:
     return job(*args)
 
 
-def study_args(doc: str, seeds: int, out: str) -> argparse.Namespace:
-    """The command line every seeded study takes: --seeds, --out, --docs, --smoke."""
+def study_args(doc: str, seeds: int, out: str, teacher_cache: bool = False) -> argparse.Namespace:
+    """The command line every seeded study takes: --seeds, --out, --docs, --smoke (and --teacher-cache, for a study
+    whose runs can read one)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--seeds', type=int, default=seeds)
     p.add_argument('--out', default=out)
     p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
     p.add_argument('--smoke', action='store_true', help='one seed, a few updates, no report; for the tests')
+    if teacher_cache:
+        p.add_argument('--teacher-cache', action='store_true', help='runs read shared teacher-output caches '
+                       '(OUT/caches) where they can, so a rerun pays for its teachers once')
     return p.parse_args()
 
 
@@ -108,10 +169,11 @@ def write_report(docs: str, name: str, text: str, data: dict) -> None:
 
 
 def teacher_then_methods(out: Path, study: List[str], base, teacher_epochs: int, methods: Dict[str, tuple],
-                         seeds: int) -> tuple:
+                         seeds: int, teacher_cache: bool = False) -> tuple:
     """A study's runs, two at a time with one thread each: a teacher fitted once (by a one-epoch kd run) and shared,
-    then every method (`{name: (label, overrides)}`) on every seed. Returns the teacher's record and the runs'
-    records by name (also written to OUT/runs.json)."""
+    then every method (`{name: (label, overrides)}`) on every seed (with `teacher_cache`, from shared teacher-output
+    caches where a method can read one). Returns the teacher's record and the runs' records by name (also written to
+    OUT/runs.json)."""
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
     with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
         teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
@@ -119,6 +181,8 @@ def teacher_then_methods(out: Path, study: List[str], base, teacher_epochs: int,
         checkpoint = f"teacher.checkpoint={out / 'runs' / 'teacher' / 'teacher.safetensors'}"
         jobs = [(f'{m}_s{s}', [*o, checkpoint, f'train.seed={s}'], out, study, base)
                 for s in range(seeds) for m, (_, o) in methods.items()]
+        if teacher_cache:
+            jobs = with_teacher_caches(pool, jobs)
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
     (out / 'runs.json').write_text(json.dumps(records, indent=2))
     return teacher, records
@@ -317,6 +381,8 @@ def main() -> None:
     p.add_argument('--out', default='runs/ablation')
     p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
     p.add_argument('--smoke', action='store_true', help='fold 0 only, 1 seed, 1 epoch, no grid; for the tests')
+    p.add_argument('--teacher-cache', action='store_true', help='runs read shared teacher-output caches (OUT/caches): '
+                   "one per fold and seed, written once, so the methods and a rerun pay for the teacher once")
     args = p.parse_args()
     study = [*STUDY, *SMOKE] if args.smoke else [*STUDY, f'train.epochs={args.epochs}', f'eval.interval={args.epochs}']
     if args.smoke:
@@ -345,6 +411,8 @@ def main() -> None:
                     jobs.append((f'grid_l{lam}_t{T}_f{f}_s{s}', [*split, 'data.inner_val_fraction=0.2', inner_teacher,
                                  f'train.seed={s}', 'loss.method=shake', f'loss.mutual={lam}',
                                  f'loss.temperature={T}'], out, study))
+        if args.teacher_cache:
+            jobs = with_teacher_caches(pool, jobs)
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
     records.update({name: json.loads((out / 'records' / f'{name}.json').read_text()) for name in paths})
     (out / 'runs.json').write_text(json.dumps(records, indent=2))

@@ -84,12 +84,12 @@ def report(records: dict, seeds: int, teacher_top1: float, command: str, elapsed
 
 
 def main() -> None:
-    args = study_args(__doc__, seeds=5, out='runs/cnn_shadow')
+    args = study_args(__doc__, seeds=5, out='runs/cnn_shadow', teacher_cache=True)
     study = [*STUDY, *SMOKE] if args.smoke else STUDY
     seeds, teacher_epochs = (1, 1) if args.smoke else (args.seeds, TEACHER_EPOCHS)
     out = Path(args.out).resolve()
     begin = time.perf_counter()
-    teacher, records = teacher_then_methods(out, study, BASE, teacher_epochs, METHODS, seeds)
+    teacher, records = teacher_then_methods(out, study, BASE, teacher_epochs, METHODS, seeds, args.teacher_cache)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     print(f'[cnn_shadow] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json')
     if args.smoke:

@@ -30,7 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import METHODS, NONE_NOTE, STUDY, _cpu_name, _run, add_elapsed, job, paired  # noqa: E402
+from ablation import (METHODS, NONE_NOTE, STUDY, _cpu_name, _run, add_elapsed, job, paired,  # noqa: E402
+                      with_teacher_caches)
 
 AUTHORS = METHODS['shake_authors']  # the form the ablation found steadier (docs/results/ablation.md)
 CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3']
@@ -61,6 +62,8 @@ def main() -> None:
                    help='fresh seeds (after the pilot seeds 0-2) for the MobileNet confirmation rows')
     p.add_argument('--out', default='runs/extensions')
     p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
+    p.add_argument('--teacher-cache', action='store_true', help='runs read shared teacher-output caches (OUT/caches) '
+                   'where they can (the DeiT and pooled-head runs), so a rerun pays for its teachers once')
     args = p.parse_args()
     out = Path(args.out).resolve()
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
@@ -100,6 +103,8 @@ def main() -> None:
         jobs = [(run_name(name, s), [*o, f'train.seed={s}'], out, STUDY) for name, (_, o, ss) in groups.items()
                 for s in ss]
         jobs.sort(key=lambda j: int(j[0].rsplit('_s', 1)[1]))  # seed-major: every row has some runs early on
+        if args.teacher_cache:
+            jobs = with_teacher_caches(pool, jobs)
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     teachers = {n: json.loads((out / 'records' / f'teacher_{n}.json').read_text())['teacher_top1']

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run, under 8 minutes: the training-step table of docs/benchmarks.md on the DeiT setting (DeiT-S
-# student, RegNetY-16GF teacher, 224 px, bf16, batch 256) with model FLOPs utilisation, each fast-path switch, and the
-# loader's images/s on the machine's cores. Writes the tables to $OUT (default benchmarks/out).
+# One prepared GPU run, about 6 minutes on an H200: the training-step table of docs/benchmarks.md on the DeiT setting
+# (DeiT-S student, RegNetY-16GF teacher, 224 px, bf16, batch 256) with model FLOPs utilisation, each fast-path switch,
+# the step from a teacher-output cache (DeiT-Ti), torch.compile, and the loader's images/s on the machine's cores. Writes the tables to $OUT (default benchmarks/out).
 #   bash benchmarks/gpu.sh
 # The lent GPU machines hold PyTorch but may lack this project's pins (timm>=1.0.31 for timm.task, omegaconf): put
 # their wheels in .whl/ (see docs/benchmarks.md) and carry that folder; they are installed to /tmp/site first.
@@ -24,7 +24,9 @@ stage() {  # stage NAME COMMAND...: its output to $OUT/NAME.md, its failure repo
 stage step bench
 stage fast_path bench --methods deit_hard shake --variant teacher.inference_mode=false --variant teacher.precision=bf16 \
   --variant teacher.channels_last=true --variant optim.fused=false
-stage data python3 benchmarks/data_throughput.py --workers "$(nproc)" --batch-size 256 --batches 20
+# the teacher-output cache: the real DeiT-Ti + RegNetY-16GF pair, live against a top-10 cache read from disk
+stage cache bench --preset gpu_tiny --methods none shake shake_cached
+stage data python3 benchmarks/data_throughput.py --workers "$(nproc)" --batch-size 256 --batches 40
 # last: compiling the RegNetY-16GF teacher and the DeiT-S student takes the longest
 stage compile bench --methods deit_hard shake --repeats 3 --variant train.compile=true --variant teacher.compile=true \
   --variant 'train.compile=true teacher.compile=true'

@@ -47,13 +47,23 @@ PRESETS = {
     # The DeiT setting: DeiT-S student, RegNetY-16GF teacher, 224 px, bf16, 256 images per step.
     'gpu': ['model.name=deit_small_distilled_patch16_224', 'teacher.name=regnety_160', 'data.img_size=224',
             'train.batch_size=256', 'train.mixed_precision=bf16'],
+    # DeiT-Ti + RegNetY-16GF at 224 px, cut to a CPU: 64 px, 8-px patches, 3 blocks, the teacher unchanged. Teacher
+    # forward / student forward FLOPs = 14.5 here (torch.utils.flop_counter), 14.7 for the real pair, so the
+    # teacher's share of a step matches the real one's.
+    'deit_ratio': ['data.img_size=64', 'model.kwargs.patch_size=8', 'model.kwargs.depth=3', 'teacher.name=regnety_160',
+                   'train.batch_size=32', 'train.mixed_precision=no'],
+    # the real pair, DeiT-Ti + RegNetY-16GF at 224 px, bf16, batch 256 (benchmarks/gpu.sh)
+    'gpu_tiny': ['model.name=deit_tiny_distilled_patch16_224', 'teacher.name=regnety_160', 'data.img_size=224',
+                 'train.batch_size=256', 'train.mixed_precision=bf16'],
     # CRD's resnet32x4 -> resnet8x4 at CIFAR's 32 px and batch 64, fp32, the shadow head on the pooled features
     # (`--variant model.shadow_on=teacher`: the authors' proxy teacher on the teacher's maps).
     'cifar': ['model.name=cifar_resnet8x4', 'model.kwargs={}', 'model.drop_path_rate=0', 'model.shadow_on=pooled',
               'teacher.name=cifar_resnet32x4', 'data.img_size=32', 'train.batch_size=64', 'train.mixed_precision=no',
               'optim.opt=momentum'],
 }
-METHODS = ('none', 'deit_hard', 'shake', 'timm_token_hard', 'kd')
+# shake_cached: shake with the teachers' logits read from a teacher-output cache (shake_vit/teacher_cache.py) on disk,
+# top-k as the writer stores ImageNet's, decoded by the reader's thread; no teacher is built.
+METHODS = ('none', 'deit_hard', 'shake', 'timm_token_hard', 'kd', 'shake_cached')
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NUM_CLASSES = 1000
 
@@ -64,13 +74,18 @@ def build(method: str, cfg: DictConfig, acc: Accelerator) -> Trainer:
     method_cfg = cfg.copy()
     # the 'none' row is the two-head student without a teacher (the step docs/benchmarks.md reports); timm's task
     # trains the distilled DeiT deit_hard trains
-    method_cfg.loss.method = {'none': 'none_both_heads', 'timm_token_hard': 'deit_hard'}.get(method, method)
+    method_cfg.loss.method = {'none': 'none_both_heads', 'timm_token_hard': 'deit_hard',
+                              'shake_cached': 'shake'}.get(method, method)
     student = build_student(method_cfg, NUM_CLASSES)
     optimizer = build_optimizer(cfg.optim, student, lr=1e-4)
     student, optimizer = acc.prepare(student, optimizer)
     if cfg.train.compile:  # what Accelerate's dynamo_backend='inductor' does in prepare, per configuration here
         student = torch.compile(student)
     teacher = None
+    if method == 'shake_cached':
+        task = DistillationTask(student, None, loss_fn(method_cfg), torch.nn.CrossEntropyLoss(), MEAN, STD,
+                                cache=synthetic_cache(method_cfg, acc))
+        return Trainer(acc, task.to(acc.device), optimizer, schedule=None, log_interval=10 ** 9)
     if method != 'none':
         teacher = freeze(build_teacher_model(cfg.teacher, NUM_CLASSES), Normalisation(MEAN, STD, 'ImageNet'))
         teacher = speed_up(teacher.to(acc.device), cfg.teacher)
@@ -85,6 +100,55 @@ def build(method: str, cfg: DictConfig, acc: Accelerator) -> Trainer:
     return Trainer(acc, task.to(acc.device), optimizer, schedule=None, log_interval=10 ** 9)
 
 
+CACHE_BATCHES = 16  # batches in the synthetic cache shard; the reader cycles through them
+
+
+def synthetic_cache(cfg: DictConfig, acc: Accelerator):
+    """A teacher-output cache on disk for one epoch of CACHE_BATCHES batches of the benchmark's batch (labels
+    y_labels(cfg)), in the format the writer would choose for ImageNet-1k's 300-epoch schedule (top-10, the teacher's
+    precision), and its reader, positioned at the start."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from shake_vit import teacher_cache as tc
+    root = Path(tempfile.mkdtemp(prefix='shake_cache_bench_'))
+    atexit.register(shutil.rmtree, root, True)
+    fmt = tc.choose_format(cfg, NUM_CLASSES, 1_281_167 * 300, 1)
+    g = torch.Generator().manual_seed(0)
+    writer = tc.ShardWriter(root, 0, 0, CACHE_BATCHES, cfg.train.batch_size)
+    for _ in range(CACHE_BATCHES):
+        logits = torch.randn(cfg.train.batch_size, NUM_CLASSES, generator=g) * 3
+        if fmt.precision == 'bf16':
+            logits = logits.to(torch.bfloat16).float()
+        writer.add(y_labels(cfg).numpy(), [tc.encode(logits, fmt)])
+    writer.finish()
+    (root / tc.MANIFEST).write_text(json.dumps({
+        'version': tc.VERSION, 'identity': tc.identity(cfg, MEAN, STD, acc.num_processes), 'teacher_weights': ['-'],
+        'classes': [str(i) for i in range(NUM_CLASSES)], 'format': fmt.__dict__, 'epochs': cfg.train.epochs,
+        'batches_per_epoch': CACHE_BATCHES}))
+    reader = tc.Reader(str(root), cfg, MEAN, STD, NUM_CLASSES, CACHE_BATCHES, log=lambda m: None)
+    reader.start_epoch(0, 0)
+    reader.fed = 0
+    return reader
+
+
+def y_labels(cfg: DictConfig) -> torch.Tensor:
+    return torch.randint(0, NUM_CLASSES, (cfg.train.batch_size,), generator=torch.Generator().manual_seed(1))
+
+
+def feed(trainer: Trainer, y_cpu: torch.Tensor) -> None:
+    """What Trainer.train_epoch does before each step when the task reads a cache: check and stage the batch."""
+    cache = getattr(trainer.task, 'cache', None)
+    if cache is None:
+        return
+    if cache.fed == CACHE_BATCHES:  # the shard is used up: start it again
+        cache.start_epoch(0, 0)
+        cache.fed = 0
+    cache.next_batch(y_cpu)
+    cache.fed += 1
+
+
 def sync(device: torch.device) -> None:
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -97,7 +161,8 @@ def measure(configs: Dict[str, DictConfig], methods: List[str], steps: int, warm
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=base.train.mixed_precision)
     size, batch = base.data.img_size, base.train.batch_size
     x = torch.randn(batch, 3, size, size, device=acc.device)
-    y = torch.randint(0, NUM_CLASSES, (batch,), device=acc.device)
+    y_cpu = y_labels(base)
+    y = y_cpu.to(acc.device)
     trainers = {(label, m): build(m, cfg, acc) for label, cfg in configs.items() for m in methods
                 if not (m == 'timm_token_hard' and label != 'base')}
     times = {key: [] for key in trainers}
@@ -107,6 +172,7 @@ def measure(configs: Dict[str, DictConfig], methods: List[str], steps: int, warm
         if acc.device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats()
         for _ in range(warmup):
+            feed(trainer, y_cpu)
             trainer.step(x, y)
         sync(acc.device)
         if acc.device.type == 'cuda':
@@ -116,6 +182,7 @@ def measure(configs: Dict[str, DictConfig], methods: List[str], steps: int, warm
             sync(acc.device)
             start = time.perf_counter()
             for _ in range(steps):
+                feed(trainer, y_cpu)
                 trainer.step(x, y)
             sync(acc.device)
             times[key].append((time.perf_counter() - start) / steps)
@@ -200,7 +267,7 @@ def main() -> None:
         print(f"| {name} | {1000 * r['step_s']:.1f} | {r['images_per_sec']:.1f} | {mem} |")
     step = {name: r['step_s'] for name, r in results.items()}
     pairs = [('shake', 'deit_hard'), ('deit_hard', 'timm_token_hard'), ('deit_hard', 'none'), ('shake', 'none'),
-             ('shake', 'kd')]
+             ('shake', 'kd'), ('shake_cached', 'shake'), ('shake_cached', 'none')]
     pairs += [(f'shake [{v}]', 'kd') for v in args.variant]
     pairs += [(f'{m} [{v}]', m) for v in args.variant for m in args.methods]
     print('\n| ratio (step time) | value |\n| --- | --- |')

@@ -32,6 +32,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -309,6 +310,7 @@ def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
              f'{acc.num_processes} processes, about {samples * fmt.bytes_per_sample(len(teachers)) / 2 ** 30:.3f} GiB')
     mixup = family.mixup(cfg, pipe)
     rank, loader = acc.process_index, pipe.train_loader
+    written, begin = 0, time.perf_counter()
     for epoch in range(cfg.train.epochs):
         if (out / shard_name(epoch, rank)).is_dir():
             continue  # written by an earlier, interrupted invocation
@@ -324,12 +326,15 @@ def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
                     logits, _ = task.teacher_outputs(x)
                 logits = logits if isinstance(logits, tuple) else (logits,)
                 writer.add(y.numpy(), [encode(t.float().cpu(), fmt) for t in logits])
+                written += len(y)
                 bar.update()
         writer.finish()
+    seconds = time.perf_counter() - begin
     acc.wait_for_everyone()
-    log(acc, f'teacher cache complete: {out} (read it with teacher.cache={out})')
+    log(acc, f'teacher cache complete: {out} (read it with teacher.cache={out}); this process wrote {written} '
+             f'samples in {seconds:.1f} s ({written / max(seconds, 1e-9):.1f} images/s)')
     acc.end_training()
-    return manifest
+    return dict(manifest, written={'samples': written, 'seconds': seconds})
 
 
 class Reader:

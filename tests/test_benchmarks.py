@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from helpers import ROOT
 
 TINY = ['--set', 'data.img_size=32', '--set', 'model.kwargs.depth=1', '--set', 'model.kwargs.embed_dim=32',
@@ -28,14 +30,34 @@ def test_step_throughput_measures_memory_in_a_process_per_method():
     assert len(rows) == 2 and all('not measured' not in r for r in rows)
 
 
+def test_step_throughput_reads_a_teacher_cache_in_place_of_the_teacher():
+    out = run('benchmarks/step_throughput.py', '--steps', '2', '--repeats', '1', '--warmup', '0', '--no-memory',
+              '--methods', 'shake', 'shake_cached', *TINY)
+    assert '| shake_cached |' in out and '| shake_cached / shake |' in out
+
+
+def test_teacher_cache_benchmark_prints_sizes_and_reader_rates():
+    out = run('benchmarks/teacher_cache.py', 'sizes')
+    row = '| ImageNet-1k, DeiT (300 epochs, bf16 teacher) | top-10 logits and a shared tail (bf16, 1000 classes) | 64 |'
+    assert row in out
+    out = run('benchmarks/teacher_cache.py', 'reader', '--batches', '3')
+    assert out.count('| 3 |') == 3, out
+
+
 def test_data_throughput_runs():
     out = run('benchmarks/data_throughput.py', '--batches', '1', '--batch-size', '8', '--workers', '0')
     assert '| train pipeline |' in out
 
 
-def test_ablation_smoke_runs_every_method_on_one_fold(tmp_path):
+@pytest.fixture(scope='module')
+def ablation_smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp('ablation')
+    return out, run('benchmarks/ablation.py', '--smoke', '--out', str(out))
+
+
+def test_ablation_smoke_runs_every_method_on_one_fold(ablation_smoke):
     """One fold, one seed, one epoch: every method trains through the study's own job() and leaves a record."""
-    out = run('benchmarks/ablation.py', '--smoke', '--out', str(tmp_path))
+    tmp_path, out = ablation_smoke
     records = json.loads((tmp_path / 'runs.json').read_text())
     methods = ('none', 'deit_hard', 'deit_soft', 'kd', 'shake', 'shake_authors')
     assert set(records) == {f'{m}_f0_s0' for m in methods} | {'teacher_f0'}, out
@@ -48,6 +70,19 @@ def test_ablation_smoke_runs_every_method_on_one_fold(tmp_path):
     import ablation
     terms = ablation.loss_terms(tmp_path / 'runs' / 'shake_f0_s0')  # what the report's loss-scale table reads
     assert {'loss', 'ce_cls', 'kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'} <= set(terms), terms
+
+
+def test_ablation_with_a_teacher_cache_gives_the_same_results(ablation_smoke, tmp_path):
+    """--teacher-cache: the five methods with a teacher read one cache of fold 0, seed 0, and every run scores what
+    it scored with the live teacher."""
+    live = json.loads((ablation_smoke[0] / 'runs.json').read_text())
+    run('benchmarks/ablation.py', '--smoke', '--teacher-cache', '--out', str(tmp_path))
+    cached = json.loads((tmp_path / 'runs.json').read_text())
+    assert len(list((tmp_path / 'caches').iterdir())) == 1
+    for name, record in cached.items():
+        reads = any(o.startswith('teacher.cache=') for o in record['overrides'])
+        assert reads == (name not in ('none_f0_s0', 'teacher_f0')), name
+        assert record['top1_cls'] == live[name]['top1_cls'], name
 
 
 def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
