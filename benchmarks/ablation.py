@@ -49,6 +49,18 @@ NONE_NOTE = ('The `none` rows train both heads on the labels (`loss.method=none_
              "classification head alone, DeiT's plain baseline).")
 KD_NOTE = (' `kd` trains no shadow head: its shadow and average columns are not models it predicts with (nan in runs '
            'since 2026-11-27, an untrained head in earlier records).')
+# The protocols (issue 18): the quick start's own recipe, only the fold, the seed and the method changing (what a user
+# meets first), and the cheaper 20-epoch protocol above (`short`, the study's first protocol, kept for the contrast:
+# which methods stall at a higher lr). Settings that change no weight: evaluation only at the end, 50-update log
+# points (the stalled-start test reads them), one thread per run, one kept checkpoint.
+QUICKSTART = ['eval.interval=40', 'train.log_interval=50', 'ckpt.keep_last=1', 'train.cpu_threads=1',
+              'data.num_workers=0']
+PROTOCOLS = {
+    'quickstart': {'study': QUICKSTART, 'epochs': 40, 'methods': {**METHODS, 'none': ['loss.method=none']},
+                   'label': 'the quick start (configs/quickstart.yaml: 96-wide DeiT, 40 epochs, batch 64, lr 1e-3)'},
+    'short': {'study': STUDY, 'epochs': 20, 'methods': METHODS,
+              'label': 'short (64-wide DeiT, 20 epochs, batch 32, lr 3e-3)'},
+}
 LAMBDAS = (0.5, 1.0, 2.0)
 GRID = [(lam, T) for lam in LAMBDAS for T in (1.0, 4.0)]
 HEADS = ('cls', 'shadow', 'avg')
@@ -372,19 +384,25 @@ def _cpu_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--protocol', choices=sorted(PROTOCOLS), default='quickstart',
+                   help="quickstart: the quick start's recipe as it is; short: 20 epochs at batch 32 and lr 3e-3")
     p.add_argument('--folds', type=int, default=4)
     p.add_argument('--seeds', type=int, default=3)
-    p.add_argument('--sens-seeds', type=int, default=1)
+    p.add_argument('--sens-seeds', type=int, default=0, help='seeds of the optional lambda x T grid (0: no grid)')
     p.add_argument('--workers', type=int, default=2, help='runs in parallel (one CPU thread each)')
     p.add_argument('--teacher-epochs', type=int, default=12)
-    p.add_argument('--epochs', type=int, default=20, help='student epochs per run')
-    p.add_argument('--out', default='runs/ablation')
+    p.add_argument('--epochs', type=int, help="student epochs per run (default: the protocol's)")
+    p.add_argument('--out', help='the runs and their records (default: runs/ablation_PROTOCOL)')
     p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
     p.add_argument('--smoke', action='store_true', help='fold 0 only, 1 seed, 1 epoch, no grid; for the tests')
     p.add_argument('--teacher-cache', action='store_true', help='runs read shared teacher-output caches (OUT/caches): '
                    "one per fold and seed, written once, so the methods and a rerun pay for the teacher once")
     args = p.parse_args()
-    study = [*STUDY, *SMOKE] if args.smoke else [*STUDY, f'train.epochs={args.epochs}', f'eval.interval={args.epochs}']
+    protocol = PROTOCOLS[args.protocol]
+    args.epochs = args.epochs or protocol['epochs']
+    args.out = args.out or f'runs/ablation_{args.protocol}'
+    study = [*protocol['study'], *SMOKE] if args.smoke else [*protocol['study'], f'train.epochs={args.epochs}',
+                                                            f'eval.interval={args.epochs}']
     if args.smoke:
         args.teacher_epochs, args.sens_seeds = 1, 0
     out = Path(args.out).resolve()
@@ -403,7 +421,7 @@ def main() -> None:
             split = [f'data.num_folds={args.folds}', f'data.fold={f}']
             teacher = f"teacher.checkpoint={paths[f'teacher_f{f}']}"
             for s in range(args.seeds if not args.smoke else 1):
-                for m, o in METHODS.items():
+                for m, o in protocol['methods'].items():
                     jobs.append((f'{m}_f{f}_s{s}', [*split, teacher, f'train.seed={s}', *o], out, study))
             inner_teacher = f"teacher.checkpoint={paths.get(f'teacher_f{f}_inner')}"
             for s in range(args.sens_seeds):
