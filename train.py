@@ -8,6 +8,7 @@
     python train.py --config configs/NAME.yaml --check-data       # decode every image once, list unreadable files
     accelerate launch train.py --eval runs/NAME                   # evaluate a run, checkpoint, export or file
     python train.py --export runs/NAME [--export-head cls|both]   # a plain timm model (model.safetensors)
+    python train.py --export runs/NAME --export-format onnx       # model.onnx, dynamic batch, checked by onnxruntime
     accelerate launch train.py --config configs/NAME.yaml --cache-teacher DIR   # the teachers' outputs, once; then
     accelerate launch train.py --config configs/NAME.yaml teacher.cache=DIR      # ... any number of runs without them
 
@@ -40,6 +41,9 @@ def parse_args(argv):
     p.add_argument('--export-head', choices=('cls', 'both'),
                    help="cls: the classification head alone; both: the distilled DeiT with its two heads (timm "
                         "averages them). Default: what the student predicts with (SHAKE: cls, DeiT's methods: both)")
+    p.add_argument('--export-format', choices=('timm', 'onnx'), default='timm',
+                   help="timm: model.safetensors + config.json (timm's save_for_hf); onnx: model.onnx with a dynamic "
+                        'batch size (classification; the cls head by default), checked with onnxruntime if installed')
     p.add_argument('--export-dir', metavar='DIR', help='where to export (default: next to the checkpoint)')
     p.add_argument('--export-ema', action='store_true', help='export the EMA weights')
     p.add_argument('--cache-teacher', metavar='DIR', help="write the teachers' outputs on this config's exact input "
@@ -112,7 +116,8 @@ def main(argv=None) -> int:
             if args.eval:
                 family_of(cfg).evaluate_checkpoint(args.eval, cfg)
             else:
-                family_of(cfg).export(args.export, cfg, args.export_head, args.export_dir, args.export_ema)
+                family_of(cfg).export(args.export, cfg, args.export_head, args.export_dir, args.export_ema,
+                                      args.export_format)
             return 0
         cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
         if args.print_config:

@@ -1,6 +1,7 @@
 """Does SHAKE beat the baselines? A k-fold, multi-seed ablation on digits, with the paper's sensitivity grid.
 
-    python benchmarks/ablation.py                 # the full study (66 minutes on 2 CPU cores)
+    python benchmarks/ablation.py                 # the quick start's protocol, 4 folds x 3 seeds x 6 methods
+    python benchmarks/ablation.py --protocol short --out runs/ablation   # the 20-epoch protocol (66 min, with grid)
     python benchmarks/ablation.py --smoke         # one fold, one seed, 4 updates (tests/test_benchmarks.py runs it)
     python benchmarks/ablation.py --teacher-cache # the same runs, each fold and seed's teacher outputs written once
 
@@ -113,7 +114,9 @@ def stream_key(overrides: List[str], study: List[str], base: Union[str, List[str
     model_cfg = resolve_model_data_config(student.model)
     mean, std = cfg.data.mean or model_cfg['mean'], cfg.data.std or model_cfg['std']
     ident = teacher_cache.identity(cfg, mean, std, 1)
-    ident['epochs'], ident['max_updates'] = cfg.train.epochs, cfg.train.max_updates_per_epoch  # what is written
+    # what is written: every epoch's batches for this schedule
+    ident['epochs'], ident['max_updates'] = cfg.train.epochs, cfg.train.max_updates_per_epoch
+    ident['grad_accum'] = cfg.train.grad_accum
     return hashlib.sha1(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

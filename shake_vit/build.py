@@ -25,9 +25,10 @@ def make_accelerator(cfg: DictConfig, trackers: bool = True) -> Accelerator:
     # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes, but Accelerate joins them into
     # one (gloo) group only when told to use the CPU; otherwise each process would silently train alone.
     cpu = world_size > 1 and not torch.cuda.is_available()
+    log_with = tracker_list(cfg.train.log_with, out) if trackers else None
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
                       gradient_accumulation_steps=cfg.train.grad_accum, dynamo_backend='inductor' if
-                      cfg.train.compile else 'no', log_with='tensorboard' if trackers else None, project_dir=str(out))
+                      cfg.train.compile else 'no', log_with=log_with or None, project_dir=str(out))
     if cfg.train.cpu_threads >= 0 and acc.device.type == 'cpu':
         # `accelerate launch` sets OMP_NUM_THREADS=1 on machines without GPUs unless told otherwise.
         local = int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
@@ -43,8 +44,30 @@ def make_accelerator(cfg: DictConfig, trackers: bool = True) -> Accelerator:
             except OSError as err:
                 raise ConfigError(f"train.output_dir '{out}' is not writable ({err.strerror}): point it at a folder "
                                   'you can write to (train.output_dir=/path/to/runs/NAME).') from None
-        acc.init_trackers('tensorboard', config=flat_hparams(cfg))
+        if log_with:
+            acc.init_trackers(out.name or 'shake-vit', config=flat_hparams(cfg))
     return acc
+
+
+# the package each Accelerate tracker needs (Accelerate itself skips a missing one without a word)
+TRACKER_PACKAGES = {'tensorboard': 'tensorboard', 'wandb': 'wandb', 'comet_ml': 'comet-ml', 'aim': 'aim',
+                    'mlflow': 'mlflow', 'clearml': 'clearml', 'dvclive': 'dvclive', 'swanlab': 'swanlab',
+                    'trackio': 'trackio'}
+
+
+def tracker_list(names, out: Path) -> list:
+    """`train.log_with` as Accelerate's `log_with`: TensorBoard writes to OUTPUT/tensorboard; the others get the run
+    folder's name as their project. A tracker whose package is missing is an error naming the package."""
+    from accelerate.tracking import LoggerType, TensorBoardTracker, get_available_trackers
+    available = {str(t) for t in get_available_trackers()}
+    missing = [n for n in names if str(LoggerType(n)) not in available]
+    if missing:
+        raise ConfigError(f"train.log_with names {', '.join(missing)}, but "
+                          f"{'its package is' if len(missing) == 1 else 'their packages are'} not installed: pip "
+                          f"install {' '.join(TRACKER_PACKAGES.get(n, n) for n in missing)}, or drop "
+                          f"{'it' if len(missing) == 1 else 'them'} from train.log_with (TensorBoard comes with "
+                          'shake-vit).')
+    return [TensorBoardTracker('tensorboard', str(out)) if n == 'tensorboard' else n for n in names]
 
 
 def log(acc: Accelerator, message: str) -> None:

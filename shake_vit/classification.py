@@ -73,5 +73,5 @@ class ClassificationFamily(Family):
     def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
         return evaluate_checkpoint(path, cfg)
 
-    def export(self, path: str, cfg: DictConfig, head, out_dir, use_ema: bool):
-        return export(path, cfg, head, out_dir, use_ema)
+    def export(self, path: str, cfg: DictConfig, head, out_dir, use_ema: bool, fmt: str = 'timm'):
+        return export(path, cfg, head, out_dir, use_ema, fmt)

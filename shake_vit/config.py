@@ -110,8 +110,29 @@ class TeacherConfig:
     channels_last: bool = False  # channels-last memory format (CNN teachers on GPUs)
     cifar_stem: bool = False  # CIFAR form of a timm ResNet/MobileNet/VGG (see shake_vit.models.cifar_stem)
     compile: bool = False  # torch.compile the teacher
+    class_map: Optional[str] = None  # auto: select and order the teacher's logits as the data's classes, by name |
+    # a YAML/JSON file of `data class: teacher class` renamings (shake_vit/classmap.py)
+    class_names: Optional[str] = None  # the teacher's class names in output order (a text file or JSON list), when
+    # neither its file nor timm records them
     cache: Optional[str] = None  # read every teacher's outputs from a cache written by --cache-teacher (no teacher is
     # built); README "Teacher-output cache", shake_vit/teacher_cache.py
+
+
+@dataclass
+class HealthConfig:
+    """The run's health checks (shake_vit/health.py), each with its own switch."""
+
+    teacher: bool = True  # the teachers' top-1 on the first validation images, before training; stops a broken one
+    teacher_images: int = 500  # how many validation images that check scores
+    near_chance: float = 2.0  # a teacher with no recorded top-1 fails below near_chance x chance (100 / classes)
+    max_drop: float = 20.0  # a teacher fails this many points below the top-1 its file records
+    class_order: bool = True  # a teacher whose known class names are the data's in another order stops the run
+    stall: bool = True  # warn when the student's cross-entropy is still near chance ...
+    stall_after: float = 0.2  # ... after this share of the run's updates ...
+    stall_fraction: float = 0.9  # ... i.e. above stall_fraction x ln(classes)
+    dominance: bool = True  # warn when, at the first log point, a distillation term is ...
+    dominance_factor: float = 4.5  # ... more than this many times the student's cross-entropy (the quick start: 3.9x;
+    # the 20-epoch digits protocol at T = 4, where one run in twelve stalled: 4.9x)
 
 
 @dataclass
@@ -176,6 +197,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile the student (Accelerate's dynamo backend 'inductor')
     trust_pickled_files: bool = False  # allow checkpoints that need arbitrary unpickling (only for trusted files)
     cpu_threads: int = 0  # CPU-only runs: 0 = the machine's cores shared by its processes, -1 = leave as launched
+    log_with: List[str] = field(default_factory=lambda: ['tensorboard'])  # Accelerate's trackers: tensorboard, wandb,
+    # comet_ml, aim, mlflow, clearml, dvclive, swanlab, trackio (their packages installed by you); [] logs to none
 
 
 @dataclass
@@ -241,6 +264,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     det: DetectionConfig = field(default_factory=DetectionConfig)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 DATA = {'classification': ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake'),
@@ -430,11 +454,29 @@ def validate(cfg: DictConfig) -> None:
     _check(0 <= a.smoothing < 1, 'aug.smoothing', a.smoothing, 'in [0, 1)')
     if cfg.task == 'detection':
         _check_det(cfg.det, cfg.loss)
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+    for name in t.log_with:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            close = difflib.get_close_matches(str(name), list(LOGGER_TYPE_TO_CLASS), n=1)
+            raise ConfigError(f"'train.log_with' names {name!r}, which Accelerate does not know; choose from "
+                              f"{', '.join(LOGGER_TYPE_TO_CLASS)}." + (f" Did you mean '{close[0]}'?" if close else ''))
+    h = cfg.health
+    _check(h.teacher_images >= 1, 'health.teacher_images', h.teacher_images, 'at least 1')
+    _check(h.near_chance > 0, 'health.near_chance', h.near_chance, 'positive')
+    _check(h.max_drop >= 0, 'health.max_drop', h.max_drop, 'zero or positive (percentage points)')
+    _check(0 <= h.stall_after <= 1, 'health.stall_after', h.stall_after, 'a share of the run in [0, 1]')
+    _check(0 < h.stall_fraction <= 1, 'health.stall_fraction', h.stall_fraction, 'in (0, 1]')
+    _check(h.dominance_factor > 0, 'health.dominance_factor', h.dominance_factor, 'positive')
     _check(cfg.teacher_cache.topk >= 1, 'teacher_cache.topk', cfg.teacher_cache.topk, 'at least 1')
     _check(cfg.teacher_cache.max_gb > 0, 'teacher_cache.max_gb', cfg.teacher_cache.max_gb, 'positive')
     for i, extra in enumerate(cfg.extra_teachers):
         _check(extra.cache is None, f'extra_teachers.{i}.cache', extra.cache,
                'null: the cache that teacher.cache names holds every teacher')
+    for who, teacher in (('teacher', cfg.teacher),
+                         *((f'extra_teachers.{i}', e) for i, e in enumerate(cfg.extra_teachers))):
+        if teacher.class_map and cfg.model.shadow_on == 'teacher':
+            raise ConfigError(f"{who}.class_map selects the teacher's logits, but model.shadow_on=teacher fuses its "
+                              'feature maps through its own classifier: use a teacher trained on your classes.')
     if cfg.teacher.cache and cfg.model.shadow_on == 'teacher' and methods.of(cfg).needs_teacher:
         raise ConfigError("teacher.cache holds the teachers' logits, but model.shadow_on=teacher makes the shadow "
                           "head read the teacher's feature maps on every step: run the live teacher (drop "
@@ -473,7 +515,8 @@ CLASSIFICATION_ONLY = ('aug', 'data.img_size', 'data.mean', 'data.std', 'data.nu
                        'data.num_folds', 'data.fold', 'data.inner_val_fraction', 'model.drop_path_rate',
                        'model.shadow_head', 'model.shadow_hidden_dim', 'model.predict', 'model.shadow_on',
                        'model.proxy_features', 'model.cifar_stem', 'teacher.mean', 'teacher.std', 'teacher.cifar_stem',
-                       'teacher.channels_last', 'teacher.cache', 'teacher_cache', 'loss.teacher_loss',
+                       'teacher.channels_last', 'teacher.cache', 'teacher_cache', 'teacher.class_map',
+                       'teacher.class_names', 'loss.teacher_loss',
                        'loss.standardize', 'loss.shadow_ce',
                        'loss.direct_kd', 'loss.deit_alpha', 'loss.deit_soft_reduction', 'loss.kd_alpha')
 DETECTION_ONLY = ('det', 'loss.box_beta')

@@ -242,8 +242,11 @@ def _seeded(seed: int) -> Iterator[None]:
 def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
     """The seed of one batch's mixup/cutmix draws: a pure function of (run seed, epoch, process, batch index), so a
     resumed run and the teacher-output cache (shake_vit/teacher_cache.py) replay the same mixing."""
-    g = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_009 + rank) * 1_000_033 + batch)
-    return int(torch.randint(0, 2 ** 62, (), generator=g))
+    # SeedSequence hashes any non-negative integers (a product of them would overflow 64 bits for large seeds)
+    return int(np.random.SeedSequence([seed, epoch, rank, batch, MIXUP_TAG]).generate_state(1, np.uint64)[0] >> 2)
+
+
+MIXUP_TAG = 0x6D6978  # keeps the mixup streams apart from any other use of (seed, epoch, rank, batch)
 
 
 @contextmanager

@@ -1,4 +1,5 @@
 """The training and evaluation loops on Accelerate. Method-agnostic: a step is whatever the TrainingTask returns."""
+import contextlib
 import sys
 import time
 from itertools import islice
@@ -56,6 +57,7 @@ class Trainer:
         self.mixup, self.ema, self.clip_grad, self.log_interval, self.tag = mixup, ema, clip_grad, log_interval, tag
         self.update = 0  # optimizer updates done; the lr is a function of it
         self.after_update: Callable[[], bool] = lambda: False  # checkpointing hook; True stops the epoch
+        self.on_log: Callable[[Dict[str, float], int], None] = lambda values, update: None  # health checks
         self._reset_sums()
 
     def _reset_sums(self) -> None:
@@ -101,6 +103,7 @@ class Trainer:
         values['images_per_sec'] = self._images / max(elapsed, 1e-9)
         self.accelerator.log({f'{self.tag}/{k}': v for k, v in values.items()}, step=self.update)
         self._reset_sums()
+        self.on_log(values, self.update)
         return values
 
     def step(self, x: torch.Tensor, y: torch.Tensor, mix_seed: Optional[int] = None) -> bool:
@@ -150,9 +153,12 @@ class Trainer:
         if cache is not None:
             cache.start_epoch(epoch, skip_batches)
         last: Dict[str, float] = {}
-        # The bar is cleared however the epoch ends, an error included, so the error is not printed onto its line.
+        # The bar is cleared however the epoch ends, an error included, so the error is not printed onto its line;
+        # the cache's reading thread is stopped likewise.
         with progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
-                      disable=not acc.is_local_main_process) as bar:
+                      disable=not acc.is_local_main_process) as bar, contextlib.ExitStack() as stack:
+            if cache is not None:
+                stack.callback(cache.close)
             for index, (x, y) in enumerate(islice(loader, num_batches - skip_batches), start=skip_batches):
                 if cache is not None:
                     cache.next_batch(y)  # checks the batch's labels against the cache's

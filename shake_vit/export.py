@@ -78,13 +78,14 @@ def timm_builds_both(student: Student) -> bool:
 
 
 def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Optional[str] = None,
-           use_ema: bool = False) -> Path:
-    """`train.py --export PATH` with its run's config (`weights.config_for`): write the plain timm model and check it
-    reproduces the student's logits.
+           use_ema: bool = False, fmt: str = 'timm') -> Path:
+    """`train.py --export PATH` with its run's config (`weights.config_for`): write the plain timm model (or, with
+    `fmt='onnx'`, its ONNX graph) and check it reproduces the student's logits.
 
     Args:
         head: 'cls' or 'both'; None exports what the student predicts with (`model.predict`, else the method's: the
-            cls head for SHAKE, both heads for DeiT's methods), the cls head where plain timm cannot build the average.
+            cls head for SHAKE, both heads for DeiT's methods), the cls head where plain timm cannot build the average;
+            for ONNX, the cls head.
     """
     weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
     if use_ema:
@@ -95,6 +96,8 @@ def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Opti
     student = build_student(cfg, num_classes)
     with_shadow = load_student(student, weights, Path(path), cfg)
     student.eval()
+    if head is None and fmt == 'onnx':
+        head = 'cls'  # what is deployed: SHAKE's deliverable; --export-head both for DeiT's two-head average
     if head is None:
         head = 'both' if student.predict == 'avg' and with_shadow and timm_builds_both(student) else 'cls'
         if student.predict == 'avg' and head == 'cls':
@@ -104,6 +107,8 @@ def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Opti
         raise ConfigError(f"--export-head both: the weights in '{path}' hold no shadow head (an export of the cls "
                           'head?): export the classification head, --export-head cls.')
     model = plain_model(cfg, student, head)
+    if fmt == 'onnx':
+        return export_onnx(model, student, head, cfg, Path(out_dir or where / f'export_{head}_onnx'))
     out = Path(out_dir or where / f'export_{head}')
     if out.exists():
         shutil.rmtree(out)
@@ -138,4 +143,42 @@ def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Opti
         'cls-head ViT'
     print(f'[shake-vit] exported the {what} to {out} (max logit difference to the student {diff:.1e}). Load it with '
           f'{how}')
+    return out
+
+
+def export_onnx(model: nn.Module, student: Student, head: str, cfg: DictConfig, out: Path) -> Path:
+    """`model` (the plain timm model of `head`) as OUT/model.onnx with a dynamic batch size, through torch.onnx's
+    TorchScript exporter (the dynamo exporter needs onnxscript and fails on some timm blocks); checked against the
+    student's logits with onnxruntime, at another batch size than the export's, when onnxruntime is installed."""
+    import warnings
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    size = cfg.data.img_size
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter('ignore')  # the exporter's deprecation and tracer notices
+        torch.onnx.export(model, (torch.randn(2, 3, size, size),), str(out / 'model.onnx'), input_names=['input'],
+                          output_names=['logits'], dynamic_axes={'input': {0: 'batch'}, 'logits': {0: 'batch'}},
+                          opset_version=17, dynamo=False)
+    (out / 'config.yaml').write_text(OmegaConf.to_yaml(cfg))
+    try:
+        import onnxruntime
+    except ImportError:
+        print(f'[shake-vit] exported {out / "model.onnx"} (input [batch, 3, {size}, {size}], normalised with '
+              f'mean {list(cfg.data.mean or model.pretrained_cfg["mean"])}); not checked: onnxruntime is not '
+              'installed (pip install onnxruntime)')
+        return out
+    x = torch.randn(3, 3, size, size)
+    with torch.no_grad():
+        s, hs = student.forward_heads(x)
+        expected = average_heads(s, hs) if head == 'both' else s
+    session = onnxruntime.InferenceSession(str(out / 'model.onnx'), providers=['CPUExecutionProvider'])
+    got = torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
+    diff = (got - expected).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f'The ONNX model differs from the student by {diff:.2e}; please report this.')
+    print(f'[shake-vit] exported the {"cls head" if head == "cls" else "two-head average"} to {out / "model.onnx"} '
+          f'(dynamic batch; onnxruntime at batch 3 matches the student to {diff:.1e}). Load it with:\n'
+          f"    onnxruntime.InferenceSession('{out / 'model.onnx'}').run(None, {{'input': images}})  "
+          f'# images: float32 [batch, 3, {size}, {size}], normalised as in training')
     return out

@@ -74,8 +74,10 @@ class Family:
         """`train.py --eval PATH` with the run's config: a table and eval.json beside the checkpoint."""
         raise NotImplementedError
 
-    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool):
-        """`train.py --export PATH`: the student alone, loadable without this package."""
+    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool,
+               fmt: str = 'timm'):
+        """`train.py --export PATH`: the student alone, loadable without this package (`fmt`: timm's format, or
+        'onnx')."""
         raise NotImplementedError
 
 

@@ -14,6 +14,7 @@ from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fau
     read_progress
 from .engine import Trainer
 from .family import family_of
+from .health import Health
 from .preemption import StopRequest
 
 
@@ -79,6 +80,10 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     task = family.make_task(cfg, prepared, teachers, pipe).to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=family.mixup(cfg, pipe), ema=ema, seed=cfg.train.seed,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
+    health = Health(cfg, acc, splits.classes, d.updates_per_epoch * cfg.train.epochs, lambda m: log(acc, m))
+    if cfg.task == 'classification':  # before the first update: a broken teacher stops the run here
+        health.check_teachers(task, teachers, pipe.val_loader, getattr(task, 'cache', None))
+    trainer.on_log = health.observe
     metric = cfg.ckpt.metric or family.best_metric(student)
     ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, metric)
 
@@ -151,7 +156,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     # The final evaluation, and the best one by `metric` over the run (CRD's logs report the best epoch's top-1).
     best = {f'best_{metric}': progress.best, 'best_epoch': progress.best_epoch} if progress.best is not None else {}
     results = dict(progress.metrics, epochs=cfg.train.epochs, train_images_per_sec=trained / max(train_time, 1e-9),
-                   **best)
+                   **best, health=health.summary())
     if acc.is_main_process:
         (out / 'results.json').write_text(json.dumps(results, indent=2))
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}

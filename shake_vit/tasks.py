@@ -91,7 +91,9 @@ class DistillationTask(TrainingTask):
     def _run(teacher: DistillationTeacher, x: torch.Tensor,
              indices: Optional[Sequence[int]]) -> Tuple[torch.Tensor, Optional[ProxyInput]]:
         if indices is None:
-            return teacher(x), None
+            logits = teacher(x)
+            index = getattr(teacher, 'class_index', None)  # teacher.class_map: the data's classes, in its order
+            return (logits if index is None else logits.index_select(1, index)), None
         final, maps = teacher.model.forward_intermediates(x, indices=list(indices))  # maps [B, C_i, H_i, W_i]
         fc = linear_classifier(teacher.model)
         return teacher.model.forward_head(final), ([f.float() for f in maps], fc.weight.float(), fc.bias.float())
@@ -113,4 +115,7 @@ class DistillationTask(TrainingTask):
         t, proxy = self.teacher_outputs(input)
         s, h = self.trainable_module(input) if proxy is None else self.trainable_module(input, proxy)
         terms = self.loss(s, h, t, target, self.criterion)
-        return {'loss': sum(terms.values()), **terms, 'logits_cls': s}
+        # the student's own cross-entropy, unweighted whatever the method: the health checks' yardstick (logged as
+        # train/monitor_ce, not a loss term)
+        monitor = self.criterion(s.detach().float(), target).detach()
+        return {'loss': sum(terms.values()), **terms, 'monitor_ce': monitor, 'logits_cls': s}

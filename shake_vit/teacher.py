@@ -60,7 +60,8 @@ def fitted_path(cfg: DictConfig, index: int) -> Path:
 def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
     """What a fitted teacher depends on; a saved teacher is reused only when this matches. `teacher.mean/std` are
     left out: a fitted teacher cannot have them, and teachers fitted before they existed stay reusable."""
-    keep = {'teacher': {k: v for k, v in t.items() if k not in ('checkpoint', 'mean', 'std', 'cache')},
+    keep = {'teacher': {k: v for k, v in t.items()
+                        if k not in ('checkpoint', 'mean', 'std', 'cache', 'class_map', 'class_names')},
             'aug': cfg.aug,
             'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
@@ -146,18 +147,24 @@ def load_teacher(t: DictConfig, num_classes: int, data_norm: Sequence[Sequence[f
     """
     path = path or t.checkpoint
     if path is None:
+        if t.class_map:  # the hub head as it is; the class map picks the data's classes from it
+            num_classes = get_pretrained_cfg(t.name).num_classes if get_pretrained_cfg(t.name) else num_classes
         model = build_teacher_model(t, num_classes, pretrained=True)
         cfg = model.pretrained_cfg
         hub = Normalisation(tuple(cfg['mean']), tuple(cfg['std']), f"timm's pretrained_cfg of {t.name}")
         return freeze(model, _explicit(t) or hub)
-    model = build_teacher_model(t, num_classes)
     state = read_state_dict(path, trusted)
-    classifier = model.pretrained_cfg.get('classifier', 'head')  # timm names its head here: 'fc', 'head.fc', ...
+    probe = build_teacher_model(t, num_classes)
+    classifier = probe.pretrained_cfg.get('classifier', 'head')  # timm names its head here: 'fc', 'head.fc', ...
     head = state.get(f'{classifier}.weight')
+    if t.class_map and head is not None:  # the file's own classes; the class map picks the data's from them
+        num_classes = head.shape[0]
+    model = probe if probe.num_classes == num_classes else build_teacher_model(t, num_classes)
     if head is not None and head.shape[0] != num_classes:
         raise ConfigError(f"The teacher checkpoint '{path}' predicts {head.shape[0]} classes but the data has "
-                          f'{num_classes}: give a teacher trained on these classes, or drop teacher.checkpoint to '
-                          'let the trainer fit one on the training split.')
+                          f'{num_classes}: give a teacher trained on these classes, map its classes to the data\'s '
+                          'by name (teacher.class_map=auto), or drop teacher.checkpoint to let the trainer fit one '
+                          'on the training split.')
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -184,7 +191,7 @@ def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, 
     task.to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=mixup, clip_grad=cfg.optim.clip_grad,
                       log_interval=cfg.train.log_interval, tag=f'teacher_fit_{index}' if index else 'teacher_fit',
-                      seed=cfg.train.seed)
+                      seed=cfg.train.seed + 7_919)  # mixup draws of its own, not the student's
     for epoch in range(f.epochs):
         trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch)
     model = acc.unwrap_model(model)
@@ -222,11 +229,45 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
     norm = Normalisation(tuple(pipe.mean), tuple(pipe.std), 'what it was fitted with')
     if acc.is_main_process:  # the file records its normalisation: any later run that loads it feeds it the same
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-                  metadata={'mean': json.dumps(list(norm.mean)), 'std': json.dumps(list(norm.std))})
+                  metadata={'mean': json.dumps(list(norm.mean)), 'std': json.dumps(list(norm.std)),
+                            'classes': json.dumps(list(pipe.splits.classes)),
+                            'top1': json.dumps(metrics['teacher_top1'])})
         record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
     acc.wait_for_everyone()
     acc.free_memory()  # drop Accelerate's references so the student's checkpoints hold the student alone
     return freeze(model, norm)
+
+
+def describe_classes(teacher: DistillationTeacher, t: DictConfig, path: Optional[str], classes, acc) -> None:
+    """Attach to `teacher` what the health checks and the class map need: `class_names` (known names, or None),
+    `recorded_top1` (what its file records), and with `t.class_map` the `class_index` buffer that selects and orders
+    its logits as the data's classes."""
+    from . import classmap
+    teacher.class_names = classmap.teacher_names(t, teacher.model, path)
+    teacher.recorded_top1 = recorded_top1(path)
+    if t.class_map:
+        if teacher.class_names is None:
+            raise ConfigError('teacher.class_map needs the teacher\'s class names: set teacher.class_names to a file '
+                              "listing them in output order (this teacher's file records none and its head is not "
+                              "timm's ImageNet one).")
+        index = classmap.resolve(t.class_map, teacher.class_names, classes)
+        teacher.register_buffer('class_index', torch.tensor(index, dtype=torch.long), persistent=False)
+        log(acc, f'teacher {t.name}: {len(index)} of its {len(teacher.class_names["names"])} classes mapped to the '
+                 f"data's by name ({teacher.class_names['source']}; teacher.class_map={t.class_map})")
+
+
+def recorded_top1(path: Optional[str]) -> Optional[float]:
+    """The top-1 a teacher file records: a fitted teacher's metadata, or its record beside it."""
+    if not path or not str(path).endswith('.safetensors') or not Path(path).is_file():
+        return None
+    with safe_open(str(path), framework='pt') as f:
+        meta = f.metadata() or {}
+    if 'top1' in meta:
+        return float(json.loads(meta['top1']))
+    record = Path(path).with_suffix('.json')
+    if record.is_file():
+        return json.loads(record.read_text()).get('metrics', {}).get('teacher_top1')
+    return None
 
 
 DTYPES = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -263,11 +304,17 @@ def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = 
             with acc.main_process_first():  # one hub download per machine
                 teacher = load_teacher(t, pipe.num_classes, data_norm)
         elif fit:
+            if t.class_map:
+                raise ConfigError('teacher.class_map maps the classes of a given teacher (teacher.checkpoint or '
+                                  'teacher.pretrained) to the data\'s; a teacher fitted here already predicts the '
+                                  "data's classes: drop teacher.class_map.")
             teacher = fit_teacher(cfg, t, index, acc, pipe)
         elif fitted.is_file():
             teacher = load_teacher(t, pipe.num_classes, data_norm, str(fitted))
         else:
             break
+        source = t.checkpoint or (str(fitted) if fitted.is_file() else None)
+        describe_classes(teacher, t, source, pipe.splits.classes, acc)
         same = tuple(teacher.normalisation.mean) == tuple(pipe.mean) and tuple(teacher.normalisation.std) == \
             tuple(pipe.std)
         log(acc, f"teacher{f' {index}' if index else ''} {t.name} receives inputs normalised with "

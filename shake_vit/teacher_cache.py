@@ -50,8 +50,9 @@ from .config import ConfigError, derive
 MANIFEST = 'manifest.json'
 VERSION = 1
 # the teacher settings that change its outputs; the fast-path switches without numeric effect are left out
-TEACHER_KEYS = ('name', 'pretrained', 'checkpoint', 'mean', 'std', 'kwargs', 'fit', 'precision', 'channels_last',
-                'cifar_stem')
+TEACHER_KEYS = ('name', 'pretrained', 'checkpoint', 'mean', 'std', 'kwargs', 'fit', 'channels_last', 'cifar_stem',
+                'class_map', 'class_names')
+AUG_TRAIN_ONLY = ('smoothing', 'crop_pct')  # aug settings that do not change a training input (targets, evaluation)
 
 
 class CacheError(ConfigError):
@@ -80,11 +81,38 @@ def identity(cfg: DictConfig, mean: Sequence[float], std: Sequence[float], num_p
     teachers = [cfg.teacher, *cfg.extra_teachers] if methods.of(cfg).needs_teacher else []
     keep = {
         'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory', 'download')},
-        'aug': cfg.aug, 'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size, 'num_processes': num_processes,
-        'mixed_precision': cfg.train.mixed_precision, 'input_mean': list(mean), 'input_std': list(std),
-        'teachers': [{k: t[k] for k in TEACHER_KEYS} for t in teachers],
+        'aug': {k: v for k, v in cfg.aug.items() if k not in AUG_TRAIN_ONLY}, 'seed': cfg.train.seed,
+        'batch_size': cfg.train.batch_size, 'num_processes': num_processes, 'input_mean': list(mean),
+        'input_std': list(std), 'versions': _versions(),
+        'teachers': [{**{k: t[k] for k in TEACHER_KEYS if not (k == 'fit' and (t.checkpoint or t.pretrained))},
+                      'output_precision': _output_precision(cfg, t), 'file_sha256': _file_hash(t.checkpoint)}
+                     for t in teachers],
     }
     return _flat(OmegaConf.to_container(OmegaConf.create(keep), resolve=True))
+
+
+def _versions() -> Dict[str, str]:
+    """The libraries whose augmentation and numerics the stream depends on."""
+    import PIL
+    import timm
+    import torchvision
+    return {'torch': str(torch.__version__), 'torchvision': str(torchvision.__version__), 'timm': str(timm.__version__),
+            'pillow': str(PIL.__version__)}
+
+
+_HASHES: Dict[Tuple[str, int, int], str] = {}
+
+
+def _file_hash(path: Optional[str]) -> Optional[str]:
+    """sha256 of a teacher file (the same path may hold other weights later), memoised by size and time."""
+    if not path or not Path(path).is_file():
+        return None
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        with open(path, 'rb') as f:
+            _HASHES[key] = hashlib.file_digest(f, 'sha256').hexdigest()
+    return _HASHES[key]
 
 
 def _flat(node: Any, prefix: str = '') -> Dict[str, Any]:
@@ -95,10 +123,11 @@ def _flat(node: Any, prefix: str = '') -> Dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def _output_precision(cfg: DictConfig) -> str:
-    """The precision the live teacher's logits come out in: its own (`teacher.precision`), else the autocast's."""
-    if cfg.teacher.precision != 'auto':
-        return cfg.teacher.precision
+def _output_precision(cfg: DictConfig, t: Optional[DictConfig] = None) -> str:
+    """The precision a live teacher's logits come out in: its own (`teacher.precision`), else the autocast's."""
+    t = cfg.teacher if t is None else t
+    if t.precision != 'auto':
+        return t.precision
     return {'no': 'fp32'}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
 
 
@@ -108,6 +137,7 @@ class Format:
     k: int  # logits kept per sample (topk), else 0
     precision: str  # how values are stored: fp32 | bf16 | fp16
     num_classes: int
+    exact: bool = True  # the values are the teacher's own (checked on writing); False: rounded to fp16 on request
 
     def bytes_per_sample(self, teachers: int) -> int:
         width = 4 if self.precision == 'fp32' else 2
@@ -125,29 +155,31 @@ def choose_format(cfg: DictConfig, num_classes: int, samples: int, teachers: int
     """The format of `teacher_cache` for a schedule of `samples` samples (all epochs, all processes)."""
     c = cfg.teacher_cache
     precision = _output_precision(cfg) if c.precision == 'auto' else c.precision
-    full = Format('full', 0, precision, num_classes)
+    exact = c.precision != 'fp16' or _output_precision(cfg) == 'fp16'
+    full = Format('full', 0, precision, num_classes, exact)
     store = c.store
     if store == 'auto':
         fits = samples * full.bytes_per_sample(teachers) <= c.max_gb * 2 ** 30
         store = 'full' if fits or c.topk >= num_classes else 'topk'
     if store == 'topk' and c.topk >= num_classes:
         store = 'full'  # k >= K keeps every logit
-    return Format(store, c.topk if store == 'topk' else 0, precision, num_classes)
+    return Format(store, c.topk if store == 'topk' else 0, precision, num_classes, exact)
 
 
 TAIL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)  # where a top-k cache keeps the tail's exact softmax mass
 _NUMPY = {'fp32': np.float32, 'fp16': np.float16, 'bf16': np.uint16}  # bf16 kept as its raw 16 bits
 
 
-def _to_numpy(values: torch.Tensor, precision: str) -> np.ndarray:
-    """Values [B, n] float32 -> the stored dtype; bf16 must round-trip exactly (the teacher computed in bf16)."""
+def _to_numpy(values: torch.Tensor, precision: str, exact: bool = True) -> np.ndarray:
+    """Values [B, n] float32 -> the stored dtype. Stored in 16 bits because the teacher computes in them (`exact`),
+    they must round-trip exactly; fp16 asked for (`exact` False) rounds."""
+    low = values.to({'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32))
+    if exact and precision != 'fp32' and not torch.equal(low.float(), values):
+        raise CacheError(f'The teacher produced logits that are not {precision} values although it runs in '
+                         f'{precision}: store them in full precision (teacher_cache.precision=fp32).')
     if precision == 'bf16':
-        low = values.to(torch.bfloat16)
-        if not torch.equal(low.float(), values):
-            raise CacheError('The teacher produced logits that are not bf16 values although it runs in bf16: store '
-                             'them in full precision (teacher_cache.precision=fp32).')
         return low.view(torch.int16).numpy().view(np.uint16)
-    return values.numpy().astype(_NUMPY[precision])
+    return low.numpy().astype(_NUMPY[precision])
 
 
 def _from_numpy(array: np.ndarray, precision: str) -> torch.Tensor:
@@ -160,14 +192,14 @@ def encode(logits: torch.Tensor, fmt: Format) -> Dict[str, np.ndarray]:
     """One teacher's logits [B, K] (float32, CPU) as the arrays `fmt` stores."""
     index = np.int16 if fmt.num_classes <= 2 ** 15 else np.int32
     if fmt.store == 'full':
-        return {'values': _to_numpy(logits, fmt.precision)}
+        return {'values': _to_numpy(logits, fmt.precision, fmt.exact)}
     if fmt.store == 'argmax':
         return {'indices': logits.argmax(dim=1).numpy().astype(index)}
     top, idx = logits.topk(fmt.k, dim=1)
     rest = logits.scatter(1, idx, float('-inf'))  # [B, K] with the top k masked out
     tail = torch.stack([torch.logsumexp(rest / T, dim=1) for T in TAIL_TEMPERATURES], dim=1) \
         - math.log(fmt.num_classes - fmt.k)  # [B, len(TAIL_TEMPERATURES)]: f(T), the tail's log-mean-exp at T
-    return {'values': _to_numpy(top, fmt.precision), 'indices': idx.numpy().astype(index),
+    return {'values': _to_numpy(top, fmt.precision, fmt.exact), 'indices': idx.numpy().astype(index),
             'tail': tail.numpy().astype(np.float32)}
 
 
@@ -286,7 +318,8 @@ def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
     fmt = choose_format(cfg, pipe.num_classes, samples, len(teachers))
     manifest = {'version': VERSION, 'identity': identity(cfg, pipe.mean, pipe.std, acc.num_processes),
                 'teacher_weights': [weights_hash(t.model) for t in teachers], 'classes': list(splits.classes),
-                'format': fmt.__dict__, 'epochs': cfg.train.epochs, 'batches_per_epoch': num_batches}
+                'format': fmt.__dict__, 'epochs': cfg.train.epochs, 'batches_per_epoch': num_batches,
+                'teacher_recorded_top1': [getattr(t, 'recorded_top1', None) for t in teachers]}
     existing = _manifest(out)
     if existing is not None:
         same = {k: existing.get(k) for k in manifest if k != 'teacher_metrics'}
@@ -297,10 +330,13 @@ def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
         manifest['teacher_metrics'] = existing.get('teacher_metrics')
     else:
         metrics = {}
-        for i, t in enumerate(teachers):  # the teachers' own val metrics, named as a live run names them
-            head = f'teacher_{i}' if i else 'teacher'
-            m = evaluate(lambda x, t=t, head=head: {head: t(x)}, pipe.val_loader, acc, desc=f'{head} eval')
-            metrics.update({k: v for k, v in m.items() if 'teacher' in k})
+
+        def heads(x):  # the teachers as the live run's evaluation sees them: through the task
+            t, _ = task.teacher_outputs(x)
+            return {('teacher' if i == 0 else f'teacher_{i}'): v
+                    for i, v in enumerate(t if isinstance(t, tuple) else (t,))}
+        m = evaluate(heads, pipe.val_loader, acc, desc='teacher eval')  # the teachers' own val metrics
+        metrics.update({k: v for k, v in m.items() if 'teacher' in k})
         manifest['teacher_metrics'] = metrics
         if acc.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
@@ -370,6 +406,10 @@ class Reader:
             raise CacheError(f"teacher.cache={root} holds the teacher's argmax alone, which serves deit_hard; "
                              f'loss.method={cfg.loss.method} needs its logits: write a cache with '
                              'teacher_cache.store=full or topk.')
+        if self.fmt.store == 'topk' and (cfg.loss.standardize or cfg.loss.teacher_loss == 'mse'):
+            raise CacheError(f'teacher.cache={root} holds top-{self.fmt.k} logits with a shared tail, which keeps the '
+                             'softmax of the top classes; loss.standardize / loss.teacher_loss=mse (the authors\' '
+                             'form) read the raw logits of every class: write a cache with teacher_cache.store=full.')
         if cfg.train.epochs > manifest['epochs'] or batches_per_epoch > manifest['batches_per_epoch']:
             raise CacheError(f"teacher.cache={root} holds {manifest['epochs']} epochs of "
                              f"{manifest['batches_per_epoch']} batches; this run needs {cfg.train.epochs} of "
@@ -379,6 +419,7 @@ class Reader:
         self.temperature = methods.temperature(cfg) if methods.of(cfg).temperature is not None or \
             cfg.loss.temperature is not None else 1.0
         self.metrics = manifest.get('teacher_metrics') or {}
+        self.recorded_top1 = (manifest.get('teacher_recorded_top1') or [None])[0]  # what the teacher's file records
         log(f'teachers from the cache {root}: {self.fmt.describe()}; no teacher is built'
             + ''.join(f', {k} {v:.2f}' for k, v in self.metrics.items()))
         self._thread: Optional[threading.Thread] = None
@@ -406,20 +447,25 @@ class Reader:
                                  for i in range(self.num_teachers))
                 if torch.cuda.is_available():  # pinned, so that the copy to the GPU overlaps the step
                     teachers = tuple(t.pin_memory() for t in teachers)
-                item = (b, torch.from_numpy(np.array(arrays['labels'][lo:hi])), teachers)
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not self._put(out, stop, (b, torch.from_numpy(np.array(arrays['labels'][lo:hi])), teachers)):
                     return
-            out.put(None)
+            self._put(out, stop, None)
         except BaseException as err:  # handed to the training thread, which raises it
-            out.put(err)
+            self._put(out, stop, err)
+
+    @staticmethod
+    def _put(out: 'queue.Queue', stop: threading.Event, item) -> bool:
+        """Queue `item` unless the reader is being closed; False when it is (never blocks a close)."""
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def close(self) -> None:
+        """Stop the reading thread (at the next epoch, at the end of training, on an error)."""
         if self._thread is not None:
             self._stop.set()
             self._thread.join()

@@ -34,7 +34,7 @@ def test_a_cached_run_ends_with_the_live_runs_weights(reference, teacher_file, c
     """The reference run has mixup, cutmix, random erasing, drop path and EMA on: every input the teacher saw must
     come back from the cache bit for bit."""
     manifest = json.loads((cache / 'manifest.json').read_text())
-    assert manifest['format'] == {'store': 'full', 'k': 0, 'precision': 'fp32', 'num_classes': 10}
+    assert manifest['format'] == {'store': 'full', 'k': 0, 'precision': 'fp32', 'num_classes': 10, 'exact': True}
     assert sorted(p.name for p in cache.iterdir()) == ['e0000_r00', 'e0001_r00', 'manifest.json']
     proc = cached(teacher_file, cache, tmp_path)
     assert 'no teacher is built' in proc.stdout and 'teacher test_byobnet receives' not in proc.stdout
@@ -186,3 +186,44 @@ def test_config_for_a_cache_is_classification_only(tmp_path):
     assert OmegaConf.to_container(cfg.teacher_cache)['topk'] == 5
     with pytest.raises(ConfigError, match="'teacher_cache.store' is 'top5'"):
         load_config(None, ['teacher_cache.store=top5'])
+
+
+def test_mixup_seeds_take_any_run_seed():
+    from shake_vit.data import batch_seed
+    seeds = {batch_seed(s, e, r, b) for s in (0, 20240101, 2 ** 40) for e in (0, 7) for r in (0, 1) for b in (0, 1)}
+    assert len(seeds) == 24 and all(0 <= s < 2 ** 62 for s in seeds)
+
+
+def test_a_run_reading_fewer_batches_leaves_no_reading_thread(teacher_file, cache, tmp_path):
+    import threading
+    cached(teacher_file, cache, tmp_path, 'train.max_updates_per_epoch=2')  # 2 of the cache's 4 batches per epoch
+    assert not [t for t in threading.enumerate() if t.name == 'teacher-cache']
+
+
+def test_a_bf16_teacher_is_cached_in_16_bits_and_read_back_exactly(teacher_file, tmp_path):
+    base = [*RUN, f'teacher.checkpoint={teacher_file}', 'teacher.precision=bf16', 'train.epochs=1']
+    main([*base, f'train.output_dir={tmp_path / "w"}', '--cache-teacher', str(tmp_path / 'cache')])
+    assert json.loads((tmp_path / 'cache' / 'manifest.json').read_text())['format']['precision'] == 'bf16'
+    assert np.load(tmp_path / 'cache' / 'e0000_r00' / 't0.values.npy').dtype == np.uint16
+    main([*base, f'train.output_dir={tmp_path / "live"}'])
+    main([*base, f'teacher.cache={tmp_path / "cache"}', f'train.output_dir={tmp_path / "cached"}'])
+    assert_same_weights(tmp_path / 'live' / 'student.safetensors', tmp_path / 'cached' / 'student.safetensors')
+    assert results(tmp_path / 'live')['teacher_top1'] == results(tmp_path / 'cached')['teacher_top1']
+
+
+def test_other_weights_at_the_same_path_and_a_topk_cache_for_raw_logits_are_refused(teacher_file, cache, tmp_path):
+    from safetensors.torch import load_file, save_file
+    moved = tmp_path / 'teacher.safetensors'
+    shutil.copy(teacher_file, moved)
+    base = [*RUN, f'teacher.checkpoint={moved}', 'train.epochs=1']
+    main([*base, f'train.output_dir={tmp_path / "w"}', 'teacher_cache.store=topk', 'teacher_cache.topk=3',
+          '--cache-teacher', str(tmp_path / 'cache')])
+    proc = main([*base, 'loss.standardize=true', f'teacher.cache={tmp_path / "cache"}',
+                 f'train.output_dir={tmp_path / "std"}'], check=False)
+    assert proc.returncode == 2 and 'teacher_cache.store=full' in proc.stderr
+    state = load_file(str(moved))
+    state['head.fc.bias'] = state['head.fc.bias'] + 1
+    save_file(state, str(moved))
+    proc = main([*base, f'teacher.cache={tmp_path / "cache"}', f'train.output_dir={tmp_path / "other"}'],
+                check=False)
+    assert proc.returncode == 2 and 'teachers.0.file_sha256' in proc.stderr

@@ -278,10 +278,14 @@ class DetectionFamily(Family):
         finish(acc)
         return metrics
 
-    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool) -> Path:
+    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool,
+               fmt: str = 'timm') -> Path:
         """The student detector alone (its shadow predictors dropped): `model.safetensors` of a torchvision
         `FasterRCNN`, `detector.json` with what builds it, and the torchvision lines that load it, run here to check
         that the reloaded detector reproduces the student's detections."""
+        if fmt != 'timm':
+            raise ConfigError(f'--export-format {fmt} is for classification students; a detection student exports '
+                              "torchvision's state dict (drop --export-format).")
         if head not in (None, 'cls'):
             raise ConfigError("--export-head: a detection student exports its own box predictor; the shadow predictor "
                               'is not part of the model (drop --export-head).')

@@ -1,0 +1,182 @@
+"""Health checks: the run says when the teacher or the loss is wrong, before the hours are spent.
+
+Each check has its own switch under `health.*` and reports in the log (one paragraph: what was seen, the likely
+causes, what to try), in TensorBoard (`health/<check>`: 0 ok, 1 warning, 2 failed; `health/teacher_top1`) and in the
+`health` section of results.json.
+
+- teacher: the teachers' top-1 on the first `health.teacher_images` validation images, before the first update. A
+  teacher far below what its file records, or near chance with no record, stops the run (HealthError).
+- class_order: a teacher whose class names are known (a fitted teacher records them; timm's ImageNet teachers have
+  them) and are the data's classes in another order stops the run; names that differ are a warning.
+- stall: the student's cross-entropy (unweighted, `monitor_ce`) not below `stall_fraction` x ln(K) once
+  `stall_after` of the run's updates are done: a warning with the terms' sizes.
+- dominance: at the first log point, a distillation term more than `dominance_factor` times the student's
+  cross-entropy: a warning.
+"""
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Subset
+
+from .config import ConfigError
+
+STATUS = {'ok': 0, 'warning': 1, 'failed': 2}
+NOT_TERMS = ('loss', 'lr', 'images_per_sec', 'monitor_ce')
+
+
+class HealthError(ConfigError):
+    """A check that stops the run before its first update; the message says what was seen and what to try."""
+
+
+class Health:
+    """The findings of one run's checks.
+
+    Args:
+        cfg: the run's config (`health.*`).
+        acc: the run's Accelerator (TensorBoard).
+        classes: the data's class names.
+        total_updates: the run's optimizer updates (the stall check waits for a share of them).
+        log: prints a line on the main process.
+    """
+
+    def __init__(self, cfg: DictConfig, acc: Accelerator, classes: Sequence[str], total_updates: int,
+                 log: Callable[[str], None]):
+        self.cfg, self.h, self.acc, self.classes, self.log = cfg, cfg.health, acc, list(classes), log
+        self.total_updates = total_updates
+        self.findings: Dict[str, Dict[str, Any]] = {}
+        self._first_log = True
+
+    def _report(self, check: str, status: str, seen: str, causes: str = '', remedy: str = '', **values) -> None:
+        self.findings[check] = {'status': status, 'seen': seen, **({'causes': causes} if causes else {}),
+                                **({'try': remedy} if remedy else {}), **values}
+        self.acc.log({f'health/{check}': STATUS[status],
+                      **{f'health/{k}': v for k, v in values.items() if isinstance(v, (int, float))}})
+        if status != 'ok':
+            self.log(f'health check {check}: {status.upper()}. Seen: {seen}.'
+                     + (f' Likely causes: {causes}.' if causes else '') + (f' Try: {remedy}.' if remedy else ''))
+
+    # before training -------------------------------------------------------------------------------------------
+
+    def check_teachers(self, task, teachers: List, val_loader: DataLoader, cache=None):
+        """The class-order and teacher-sanity checks (`cache`: a teacher-output cache's reader, which stands in for
+        the teachers); raises HealthError on a failure."""
+        names = [self._name(i) for i in range(max(len(teachers), 1))]
+        if self.h.class_order:
+            for i, t in enumerate(teachers):
+                self._class_order(names[i], t)
+        if not self.h.teacher:
+            return
+        chance = 100.0 / len(self.classes)
+        if cache is not None:  # a teacher-output cache: what its writer measured on the whole validation set
+            scores = [(cache.metrics.get('teacher_top1'), cache.recorded_top1,
+                       'the whole validation set, as the cache writer measured it')]
+        else:
+            scores = self._measure(task, teachers, val_loader)
+        for name, (top1, recorded, where) in zip(names, scores):
+            if top1 is None:
+                continue
+            self._teacher(name, top1, recorded, chance, where)
+
+    def _name(self, i: int) -> str:
+        return 'teacher' if i == 0 else f'teacher_{i}'
+
+    def _measure(self, task, teachers: List, val_loader: DataLoader):
+        from .engine import evaluate
+        dataset = val_loader.dataset
+        n = min(self.h.teacher_images, len(dataset))
+        loader = self.acc.prepare(DataLoader(Subset(dataset, range(n)), batch_size=self.cfg.eval.batch_size))
+
+        def predict(x):
+            t, _ = task.teacher_outputs(x)
+            ts = t if isinstance(t, tuple) else (t,)
+            return {self._name(i): v for i, v in enumerate(ts)}
+        metrics = evaluate(predict, loader, self.acc, desc='teacher check')
+        where = f'the first {metrics["num_samples"]} validation images'
+        return [(metrics['teacher_top1' if i == 0 else f'top1_teacher_{i}'], getattr(t, 'recorded_top1', None), where)
+                for i, t in enumerate(teachers)]
+
+    def _teacher(self, name: str, top1: float, recorded: Optional[float], chance: float, where: str) -> None:
+        floor = self.h.near_chance * chance
+        values = {f'{name}_top1': top1}
+        causes = ("its inputs are normalised otherwise than it was trained with (the log line 'teacher ... receives "
+                  "inputs normalised with' above says what it gets; teacher.mean/std override it), its classes are "
+                  "in another order than the data's (teacher.class_map=auto maps them by name), or the wrong file "
+                  '(teacher.checkpoint)')
+        remedy = ('check those three; a teacher for other classes can be refitted on yours by dropping '
+                  'teacher.checkpoint; health.teacher=false trains anyway')
+        if recorded is not None and top1 < recorded - self.h.max_drop:
+            raise self._fail(name, f'{name} scores {top1:.2f}% top-1 on {where}, {recorded - top1:.1f} points below '
+                             f'the {recorded:.2f}% its file records (chance: {chance:.2f}%)', causes, remedy, values)
+        if recorded is None and top1 < floor:
+            raise self._fail(name, f'{name} scores {top1:.2f}% top-1 on {where}, near chance ({chance:.2f}%; the '
+                             f'check asks for {floor:.2f}%, health.near_chance x chance)', causes, remedy, values)
+        if recorded is not None and recorded < floor:
+            self._report(name, 'warning', f'{name} scores {top1:.2f}% top-1 on {where}; it scored {recorded:.2f}% '
+                         f'when it was fitted, near chance ({chance:.2f}%)', 'too short a fit (teacher.fit.epochs)',
+                         'fit the teacher longer, or give a trained one (teacher.checkpoint)', **values)
+            return
+        self._report(name, 'ok', f'{name} scores {top1:.2f}% top-1 on {where}'
+                     + (f' (its file records {recorded:.2f}%)' if recorded is not None else ''), **values)
+
+    def _fail(self, name: str, seen: str, causes: str, remedy: str, values: Dict[str, float]) -> HealthError:
+        self.findings[name] = {'status': 'failed', 'seen': seen, 'causes': causes, 'try': remedy, **values}
+        return HealthError(f'The teacher check stopped the run before its first update. Seen: {seen}. Likely causes: '
+                           f'{causes}. Try: {remedy}.')
+
+    def _class_order(self, name: str, teacher) -> None:
+        from .classmap import order_finding
+        if getattr(teacher, 'class_index', None) is not None:
+            self._report(f'{name}_classes', 'ok', f"{name}'s outputs mapped to the data's classes by name")
+            return
+        finding = order_finding(getattr(teacher, 'class_names', None), self.classes)
+        if finding is None:
+            return
+        remedy = ('teacher.class_map=auto selects and orders its outputs by class name (or a class-map file for '
+                  'renamings); health.class_order=false trains anyway')
+        if finding['status'] == 'failed':
+            self.findings[f'{name}_classes'] = {**finding, 'try': remedy}
+            raise HealthError(f"The class-order check stopped the run before its first update. Seen: "
+                              f"{finding['seen']}. The teacher's logits would be compared with the wrong classes. "
+                              f'Try: {remedy}.')
+        self._report(f'{name}_classes', 'warning', finding['seen'], 'a teacher for other classes, or the same '
+                     'classes under other names', remedy)
+
+    # during training --------------------------------------------------------------------------------------------
+
+    def observe(self, values: Dict[str, float], update: int) -> None:
+        """A log point's averaged terms (Trainer.flush): the dominance check at the first, the stall check once."""
+        ce = values.get('monitor_ce')
+        if ce is None:
+            return
+        terms = {k: v for k, v in values.items() if k not in NOT_TERMS and not k.startswith('ce_')}
+        sizes = ', '.join(f'{k} {v:.3f}' for k, v in sorted(values.items()) if k not in ('lr', 'images_per_sec'))
+        if self._first_log and self.h.dominance and terms and update <= 2 * self.cfg.train.log_interval:
+            name, biggest = max(terms.items(), key=lambda kv: kv[1])
+            ratio = biggest / max(ce, 1e-8)
+            if ratio > self.h.dominance_factor:
+                self._report('dominance', 'warning', f'at update {update}, {name} is {ratio:.1f}x the student\'s '
+                             f'cross-entropy ({sizes})', 'a high temperature (its terms grow with T^2) or a large '
+                             'distillation weight', 'a lower loss.temperature, a smaller loss.teacher_weight / '
+                             'loss.mutual, or a longer optim.warmup_epochs', dominance_ratio=ratio)
+            else:
+                self._report('dominance', 'ok', f'at update {update}, the largest distillation term, {name}, is '
+                             f"{ratio:.1f}x the student's cross-entropy", dominance_ratio=ratio)
+        self._first_log = False
+        if self.h.stall and 'stall' not in self.findings and update >= self.h.stall_after * self.total_updates:
+            limit = self.h.stall_fraction * math.log(len(self.classes))
+            if ce > limit:
+                self._report('stall', 'warning', f"after {update} of {self.total_updates} updates the student's "
+                             f'cross-entropy is {ce:.3f}, above {limit:.3f} ({self.h.stall_fraction:g} x ln '
+                             f'{len(self.classes)}): it is near chance ({sizes})', 'the distillation terms drown '
+                             'the labels early on (see their sizes), or the lr is too high or too low',
+                             'a lower loss.temperature, a smaller loss.teacher_weight / loss.mutual, a longer '
+                             'optim.warmup_epochs, or another optim.lr', student_ce=ce)
+            else:
+                self._report('stall', 'ok', f"after {update} updates the student's cross-entropy is {ce:.3f} (limit "
+                             f'{limit:.3f})', student_ce=ce)
+
+    def summary(self) -> Dict[str, Dict[str, Any]]:
+        """The `health` section of results.json."""
+        return dict(self.findings)
