@@ -241,7 +241,7 @@ def summarise(records: Dict[str, dict], folds: int, seeds: int, sens_seeds: int)
             main[m][f'vs_{ref}'] = {h: paired(main[m][h]['runs'], main[ref][h]['runs']) for h in HEADS}
         main[m]['time_vs_kd'] = main['kd']['images_per_sec'] / main[m]['images_per_sec']
     grid = {}
-    for lam, T in GRID:
+    for lam, T in (GRID if sens_seeds else ()):
         runs = [records[f'grid_l{lam}_t{T}_f{f}_s{s}'] for f in range(folds) for s in range(sens_seeds)]
         grid[f'{lam},{T}'] = {h: statistics.fmean(r[f'top1_{h}'] for r in runs) for h in HEADS}
     teachers = [records[f'teacher_f{f}']['teacher_top1'] for f in range(folds)]
@@ -256,7 +256,7 @@ def train_scalars(run_dir: Path) -> Dict[str, list]:
         acc = EventAccumulator(str(events))
         acc.Reload()
         for tag in acc.Tags()['scalars']:
-            if tag.startswith('train/') and tag not in ('train/lr', 'train/images_per_sec'):
+            if tag.startswith('train/') and tag not in ('train/lr', 'train/images_per_sec', 'train/monitor_ce'):
                 series[tag[len('train/'):]] = [e.value for e in acc.Scalars(tag)]
     return series
 
@@ -273,62 +273,78 @@ def stalled(run_dir: Path, points: int = 6) -> bool:
     return min(ce[:points]) > 0.95 * ce[0]
 
 
-def figure(summary: dict, path: Path) -> None:
-    """Left: every run's cls-head top-1 per method (dots) with the mean; middle: the paired difference of the cls
-    head against `none` and `deit_hard` with its 95% interval; right: the sensitivity grid."""
+def figure(summaries: Dict[str, dict], path: Path) -> None:
+    """One row per protocol. Left: every run's cls-head top-1 per method (dots) with the mean; middle: the paired
+    difference of the cls head against `none` and `deit_hard` with its 95% interval; right: the sensitivity grid,
+    where the protocol ran one."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, (ax, cx, bx) = plt.subplots(1, 3, figsize=(15, 4.4), gridspec_kw={'width_ratios': [1.4, 1.4, 1]})
-    methods = list(summary['main'])
-    runs = [summary['main'][m]['cls']['runs'] for m in methods]
-    floor = math.floor(statistics.median(v for r in runs for v in r) - 8)  # runs below it are drawn on it
-    for j, r in enumerate(runs):
-        ax.scatter([j + 0.06 * (i % 5 - 2) for i in range(len(r))], [max(v, floor) for v in r], s=14, alpha=0.7)
-        ax.hlines(statistics.fmean(r), j - 0.3, j + 0.3, color='black')
-        for v in r:
-            if v < floor:
-                ax.annotate(f'{v:.1f}', (j, floor), textcoords='offset points', xytext=(6, 2), fontsize=8)
-    ax.set_ylim(floor - 0.5, 100)
-    ax.set_xticks(range(len(methods)), methods, rotation=15)
-    ax.set_ylabel('test top-1 of the cls head (%)')
-    ax.set_title('Every run (dots; below the axis: drawn at its floor) and the mean (bar)', fontsize=9)
-    for k, (ref, dx) in enumerate((('none', -0.12), ('deit_hard', 0.12))):
-        d = [summary['main'][m][f'vs_{ref}']['cls'] for m in methods]
-        mean = [x['mean'] for x in d]
-        err = [[x['mean'] - x['ci95'][0] for x in d], [x['ci95'][1] - x['mean'] for x in d]]
-        cx.errorbar([j + dx for j in range(len(methods))], mean, yerr=err, fmt='o', capsize=3, label=f'vs {ref}')
-    cx.axhline(0, color='grey', lw=0.8)
-    cx.set_ylim(-5, 5)
-    cx.set_xticks(range(len(methods)), methods, rotation=15)
-    cx.set_ylabel('cls top-1 difference (points), 95% CI')
-    cx.set_title('Paired by fold and seed (clipped at +-5)', fontsize=9)
-    cx.legend(loc='lower left', fontsize=8)
-    lams, temps = sorted({lam for lam, _ in GRID}), sorted({t for _, t in GRID})
-    cells = [[summary['grid'][f'{lam},{t}']['cls'] for lam in lams] for t in temps]
-    im = bx.imshow(cells, cmap='viridis')
-    bx.set_xticks(range(len(lams)), [f'lambda {lam:g}' for lam in lams], fontsize=8)
-    bx.set_yticks(range(len(temps)), [f'T={t:g}' for t in temps])
-    for r, row in enumerate(cells):
-        for c, v in enumerate(row):
-            bx.text(c, r, f'{v:.2f}', ha='center', va='center', color='white')
-    bx.set_title('shake, cls head, inner validation (%)', fontsize=9)
-    fig.colorbar(im, ax=bx, shrink=0.8)
+    rows = len(summaries)
+    fig, axes = plt.subplots(rows, 3, figsize=(15, 4.4 * rows), gridspec_kw={'width_ratios': [1.4, 1.4, 1]},
+                             squeeze=False)
+    for (name, summary), (ax, cx, bx) in zip(summaries.items(), axes):
+        label = PROTOCOLS[name]['label'] if name in PROTOCOLS else name
+        methods = list(summary['main'])
+        runs = [summary['main'][m]['cls']['runs'] for m in methods]
+        floor = math.floor(statistics.median(v for r in runs for v in r) - 8)  # runs below it are drawn on it
+        for j, r in enumerate(runs):
+            ax.scatter([j + 0.06 * (i % 5 - 2) for i in range(len(r))], [max(v, floor) for v in r], s=14, alpha=0.7)
+            ax.hlines(statistics.fmean(r), j - 0.3, j + 0.3, color='black')
+            for v in r:
+                if v < floor:
+                    ax.annotate(f'{v:.1f}', (j, floor), textcoords='offset points', xytext=(6, 2), fontsize=8)
+        ax.set_ylim(floor - 0.5, 100)
+        ax.set_xticks(range(len(methods)), methods, rotation=15)
+        ax.set_ylabel('test top-1 of the cls head (%)')
+        ax.set_title(f'{label}\nevery run (dots; below the axis: at its floor), mean (bar)', fontsize=9)
+        for ref, dx in (('none', -0.12), ('deit_hard', 0.12)):
+            d = [summary['main'][m][f'vs_{ref}']['cls'] for m in methods]
+            mean = [x['mean'] for x in d]
+            err = [[x['mean'] - x['ci95'][0] for x in d], [x['ci95'][1] - x['mean'] for x in d]]
+            cx.errorbar([j + dx for j in range(len(methods))], mean, yerr=err, fmt='o', capsize=3,
+                        label=f'vs {ref}')
+        cx.axhline(0, color='grey', lw=0.8)
+        cx.set_ylim(-5, 5)
+        cx.set_xticks(range(len(methods)), methods, rotation=15)
+        cx.set_ylabel('cls top-1 difference (points), 95% CI')
+        cx.set_title('Paired by fold and seed (clipped at +-5)', fontsize=9)
+        cx.legend(loc='lower left', fontsize=8)
+        if not summary['grid']:
+            bx.axis('off')
+            continue
+        lams, temps = sorted({lam for lam, _ in GRID}), sorted({t for _, t in GRID})
+        cells = [[summary['grid'][f'{lam},{t}']['cls'] for lam in lams] for t in temps]
+        im = bx.imshow(cells, cmap='viridis')
+        bx.set_xticks(range(len(lams)), [f'lambda {lam:g}' for lam in lams], fontsize=8)
+        bx.set_yticks(range(len(temps)), [f'T={t:g}' for t in temps])
+        for r, row in enumerate(cells):
+            for c, v in enumerate(row):
+                bx.text(c, r, f'{v:.2f}', ha='center', va='center', color='white')
+        bx.set_title('shake, cls head, inner validation (%)', fontsize=9)
+        fig.colorbar(im, ax=bx, shrink=0.8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
-def report(summary: dict, args, command: str, elapsed: float) -> str:
+def report(summary: dict, args, command: str, elapsed: float, when: str = '') -> str:
+    """One protocol's section of docs/results/ablation.md (`args`: its folds, seeds, sens_seeds, epochs and
+    protocol)."""
     main, lines = summary['main'], []
-    lines += ['# SHAKE against the baselines on digits', '',
+    protocol = getattr(args, 'protocol', 'short')
+    label = PROTOCOLS[protocol]['label']
+    none_note = NONE_NOTE if protocol == 'short' else ('The `none` rows are `loss.method=none`: the classification '
+                                                       'head alone on the labels, a plain DeiT.')
+    ups = round(1348 / (32 if protocol == 'short' else 64))  # updates per epoch (4 folds: 1,347-1,348 train images)
+    lines += [f'## Protocol: {label}', '',
               f'Command: `{command}`  ', f'Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), '
-              f'two runs in parallel, one thread each; {date.today().isoformat()}; {elapsed / 60:.0f} min in all.', '',
-              f'Protocol: {args.folds}-fold stratified cross-validation over all 1,797 images x {args.seeds} seeds '
-              f'({args.folds * args.seeds} runs per method; every image is tested once per seed). Student: the quick '
-              'start DeiT (32 px, 8-px patches, 64 wide, 4 blocks) at batch 32 and lr 3e-3, '
+              f'two runs in parallel, one thread each; {when or date.today().isoformat()}; {elapsed / 60:.0f} min in '
+              'all.', '',
+              f'{args.folds}-fold stratified cross-validation over all 1,797 images x {args.seeds} seeds '
+              f'({args.folds * args.seeds} runs per method; every image is tested once per seed). Student: {label}, '
               f'{args.epochs} epochs. Teacher: timm test_byobnet fitted '
               f"once per training split (test top-1 per fold: {', '.join(f'{t:.2f}' for t in summary['teacher_top1'])}"
-              '). Numbers are test top-1 (%), mean +- std over runs. ' + NONE_NOTE + KD_NOTE, '',
+              '). Numbers are test top-1 (%), mean +- std over runs. ' + none_note + KD_NOTE, '',
               '| method | cls head | shadow head | average | cls median [worst] | stalled starts | '
               'cls vs none (95% CI) | cls vs deit_hard (95% CI) | time vs kd |',
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
@@ -341,15 +357,29 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
                      f"{summary.get('stalled', {}).get(m, '-')} of {len(r['cls']['runs'])} | "
                      f"{ci(r['vs_none']['cls'])} | {ci(r['vs_deit_hard']['cls'])} | x{r['time_vs_kd']:.2f} |")
     lines += ['', 'A stalled start: the cls cross-entropy had not fallen 5% below its first logged value after 300 '
-              'updates (7 of 20 epochs), so the student sat at chance for a third of its schedule. "ahead k/n": the '
-              'method scored higher in k of the n paired runs.', '',
+              f'updates ({300 / ups:.0f} of {args.epochs} epochs), so the student sat at chance for that long. "ahead '
+              'k/n": the method scored higher in k of the n paired runs.', '',
               'Paired differences on the DeiT average of the two heads:', '',
               '| method | avg vs none (95% CI) | avg vs deit_hard (95% CI) |', '| --- | --- | --- |']
     for m, r in main.items():
         lines.append(f"| {m} | {r['vs_none']['avg']['mean']:+.2f} [{r['vs_none']['avg']['ci95'][0]:+.2f}, "
                      f"{r['vs_none']['avg']['ci95'][1]:+.2f}] | {r['vs_deit_hard']['avg']['mean']:+.2f} "
                      f"[{r['vs_deit_hard']['avg']['ci95'][0]:+.2f}, {r['vs_deit_hard']['avg']['ci95'][1]:+.2f}] |")
-    lines += ['', f'Sensitivity of `shake` (lambda = loss.mutual, T = loss.temperature): inner validation top-1 of the '
+    if summary['grid']:
+        lines += grid_lines(summary, args)
+    if summary.get('terms'):
+        lines += ['Loss terms of the fold-0, seed-0 run of each method, as logged (weighted, mean over 50 updates): '
+                  'first, middle and last log point. `loss` is their sum, the number the optimiser sees.', '',
+                  '| method | term | first | middle | last |', '| --- | --- | --- | --- | --- |']
+        for m, terms in summary['terms'].items():
+            for term, (first, middle, last) in terms.items():
+                lines.append(f'| {m} | {term} | {first:.3f} | {middle:.3f} | {last:.3f} |')
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def grid_lines(summary: dict, args) -> List[str]:
+    lines = ['', f'Sensitivity of `shake` (lambda = loss.mutual, T = loss.temperature): inner validation top-1 of the '
               f'cls head (%), {args.folds} folds x {args.sens_seeds} seed(s), trained on 80% of each training fold '
               'and scored on the other 20%; the test folds are not used.', '',
               '| | ' + ' | '.join(f'lambda = {lam:g}' for lam in LAMBDAS) + ' |', '| --- |' + ' --- |' * len(LAMBDAS)]
@@ -360,19 +390,66 @@ def report(summary: dict, args, command: str, elapsed: float) -> str:
                                                   for lam in LAMBDAS) + ' |')
     best = max(summary['grid'], key=lambda k: summary['grid'][k]['cls'])
     lines += ['', f'Best on inner validation: lambda, T = {best} (the paper: lambda = 1, T = 4 in the main text, '
-              'lambda = 0.5 best in its sensitivity plot).', '', '![ablation](ablation.png)', '']
-    if summary.get('terms'):
-        lines += ['Loss terms of the fold-0, seed-0 run of each method, as logged (weighted, mean over 50 updates): '
-                  'first, middle and last log point. `loss` is their sum, the number the optimiser sees.', '',
-                  '| method | term | first | middle | last |', '| --- | --- | --- | --- | --- |']
-        for m, terms in summary['terms'].items():
-            for term, (first, middle, last) in terms.items():
-                lines.append(f'| {m} | {term} | {first:.3f} | {middle:.3f} | {last:.3f} |')
-        lines.append('')
-    notes = Path(getattr(args, 'docs', '')) / 'ablation_notes.md'  # the hand-written reading, kept across reruns
-    if getattr(args, 'docs', None) and notes.is_file():
+              'lambda = 0.5 best in its sensitivity plot).', '']
+    return lines
+
+
+def side_by_side(protocols: Dict[str, dict]) -> List[str]:
+    """The two protocols' cls-head results in one table."""
+    names = [n for n in ('quickstart', 'short') if n in protocols]
+    head = ' | '.join(f'{n}: mean +- std | {n}: vs none (95% CI) | {n}: vs deit_hard (95% CI) | {n}: stalled'
+                      for n in names)
+    lines = [f'| method | {head} |', '| --- |' + ' --- |' * (4 * len(names))]
+    methods = list(protocols[names[0]]['summary']['main'])
+    for m in methods:
+        cells = []
+        for n in names:
+            r = protocols[n]['summary']['main'][m]
+            c = [r['cls']['mean'], r['cls']['std']]
+            vn, vd = r['vs_none']['cls'], r['vs_deit_hard']['cls']
+            cells.append(f"{c[0]:.2f} +- {c[1]:.2f} | " + (
+                '' if m == 'none' else f"{vn['mean']:+.2f} [{vn['ci95'][0]:+.2f}, {vn['ci95'][1]:+.2f}]") + ' | ' + (
+                '' if m == 'deit_hard' else f"{vd['mean']:+.2f} [{vd['ci95'][0]:+.2f}, {vd['ci95'][1]:+.2f}]")
+                + f" | {protocols[n]['summary'].get('stalled', {}).get(m, '-')} of {len(r['cls']['runs'])}")
+        lines.append(f'| {m} | ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def load_protocols(path: Path) -> Dict[str, dict]:
+    """docs/results/ablation.json's protocols; a file from before there were two holds the short one."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if 'protocols' in data:
+        return data['protocols']
+    # the first study (2026-11-26): 4 folds x 3 seeds, 1 grid seed, 20 epochs, 66 min (its report's own figures)
+    return {'short': {'command': data['command'], 'date': data['date'], 'summary': data['summary'],
+                      'runs': data['runs'], 'folds': 4, 'seeds': 3, 'sens_seeds': 1, 'epochs': 20,
+                      'elapsed_s': 66 * 60}}
+
+
+def write_both(docs: Path, protocols: Dict[str, dict]) -> str:
+    """docs/results/ablation.md, .json and .png from every protocol on record."""
+    order = [n for n in ('quickstart', 'short') if n in protocols]
+    lines = ['# SHAKE against the baselines on digits, at two protocols', '',
+             'The same six methods, folds and seeds at two protocols. `quickstart` is the quick start\'s recipe '
+             '(`configs/quickstart.yaml`) with only the fold, the seed and the method changing: what a user meets '
+             'first. `short` is the cheaper protocol this study ran first (a 64-wide student for 20 epochs at batch 32 '
+             'and lr 3e-3). Cls-head test top-1 (%), 4 folds x 3 seeds, paired by fold and seed:', '',
+             *side_by_side(protocols), '', '![ablation](ablation.png)', '']
+    for n in order:
+        p = protocols[n]
+        args = type('Args', (), {'protocol': n, 'folds': p['folds'], 'seeds': p['seeds'],
+                                 'sens_seeds': p['sens_seeds'], 'epochs': p['epochs']})()
+        lines += [report(p['summary'], args, p['command'], p['elapsed_s'], p['date']), '']
+    notes = docs / 'ablation_notes.md'  # the hand-written reading, kept across reruns
+    if notes.is_file():
         lines += [notes.read_text()]
-    return '\n'.join(lines)
+    (docs / 'ablation.json').write_text(json.dumps({'protocols': protocols}, indent=2))
+    figure({n: protocols[n]['summary'] for n in order}, docs / 'ablation.png')
+    text = '\n'.join(lines)
+    (docs / 'ablation.md').write_text(text)
+    return text
 
 
 def _cpu_name() -> str:
@@ -447,15 +524,15 @@ def main() -> None:
                                  for s in range(args.seeds)) for m in METHODS}
     summary['stalled_grid'] = {f'{lam},{T}': sum(stalled(out / 'runs' / f'grid_l{lam}_t{T}_f{f}_s{s}')
                                                  for f in range(args.folds) for s in range(args.sens_seeds))
-                               for lam, T in GRID}
+                               for lam, T in (GRID if args.sens_seeds else ())}
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     command = 'python benchmarks/ablation.py' + ''.join(f' {a}' for a in sys.argv[1:])
-    (docs / 'ablation.json').write_text(json.dumps({'command': command, 'date': date.today().isoformat(),
-                                                    'summary': summary, 'runs': records}, indent=2))
-    figure(summary, docs / 'ablation.png')
-    (docs / 'ablation.md').write_text(report(summary, args, command, elapsed))
-    print((docs / 'ablation.md').read_text())
+    protocols = load_protocols(docs / 'ablation.json')  # the other protocol's results stay beside this one's
+    protocols[args.protocol] = {'command': command, 'date': date.today().isoformat(), 'summary': summary,
+                                'runs': records, 'folds': args.folds, 'seeds': args.seeds,
+                                'sens_seeds': args.sens_seeds, 'epochs': args.epochs, 'elapsed_s': elapsed}
+    print(write_both(docs, protocols))
 
 
 if __name__ == '__main__':

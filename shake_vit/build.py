@@ -44,8 +44,9 @@ def make_accelerator(cfg: DictConfig, trackers: bool = True) -> Accelerator:
             except OSError as err:
                 raise ConfigError(f"train.output_dir '{out}' is not writable ({err.strerror}): point it at a folder "
                                   'you can write to (train.output_dir=/path/to/runs/NAME).') from None
-        if log_with:
-            acc.init_trackers(out.name or 'shake-vit', config=flat_hparams(cfg))
+        if log_with:  # one project for every run; each run named by its folder
+            acc.init_trackers('shake-vit', config=flat_hparams(cfg),
+                              init_kwargs={'wandb': {'name': out.name}, 'mlflow': {'run_name': out.name}})
     return acc
 
 
@@ -56,8 +57,8 @@ TRACKER_PACKAGES = {'tensorboard': 'tensorboard', 'wandb': 'wandb', 'comet_ml': 
 
 
 def tracker_list(names, out: Path) -> list:
-    """`train.log_with` as Accelerate's `log_with`: TensorBoard writes to OUTPUT/tensorboard; the others get the run
-    folder's name as their project. A tracker whose package is missing is an error naming the package."""
+    """`train.log_with` as Accelerate's `log_with`: TensorBoard writes to OUTPUT/tensorboard; the others log to the
+    project 'shake-vit', the run named by its folder. A tracker whose package is missing is an error naming it."""
     from accelerate.tracking import LoggerType, TensorBoardTracker, get_available_trackers
     available = {str(t) for t in get_available_trackers()}
     missing = [n for n in names if str(LoggerType(n)) not in available]

@@ -68,7 +68,8 @@ def teacher_names(t: DictConfig, model: nn.Module, path: Optional[str]) -> Optio
             return None
         names = list(info.label_names())
         aliases = [d.split(',') for d in info.label_descriptions()]
-        source = f"timm's {info.num_classes()}-class ImageNet labels"
+        source = f"timm's {info.num_classes()}-class ImageNet labels" + (
+            '' if path is None else f', assumed for {path} from its head size; set teacher.class_names if it is not')
     if num is not None and len(names) != num:
         raise ConfigError(f'The teacher predicts {num} classes but its class names ({source}) list {len(names)}: '
                           'give one name per output, in output order.')
@@ -84,20 +85,32 @@ def resolve(class_map: str, known: Dict[str, List[str]], classes: Sequence[str])
         if not file.is_file():
             raise ConfigError(f"teacher.class_map='{class_map}' is neither 'auto' nor a file: use auto (match by name) "
                               'or a YAML/JSON file of `data class: teacher class` lines.')
-        loaded = yaml.safe_load(file.read_text()) or {}
+        loaded = yaml.load(file.read_text(), Loader=yaml.BaseLoader) or {}  # every key a string ('007', 'no')
         if not isinstance(loaded, dict):
             raise ConfigError(f"teacher.class_map='{class_map}' must map data class names to teacher class names.")
         renames = {str(k): str(v) for k, v in loaded.items()}
     lookup: Dict[str, int] = {}
-    for i, (name, more) in enumerate(zip(known['names'], known['aliases'])):
-        for key in (name, *more):
-            lookup.setdefault(_norm(key), i)
-    index, missing = [], []
+    for i, name in enumerate(known['names']):  # names first: they win over any description
+        lookup.setdefault(_norm(name), i)
+    shared: Dict[str, List[int]] = {}
+    for i, more in enumerate(known['aliases']):
+        for key in map(_norm, more):
+            if key not in lookup:
+                shared.setdefault(key, []).append(i)
+    for key, where in shared.items():
+        lookup[key] = where[0] if len(set(where)) == 1 else -1  # -1: a description that several classes share
+    index, missing, ambiguous = [], [], []
     for c in classes:
         i = lookup.get(_norm(renames.get(c, c)))
         if i is None:
             missing.append(c if c not in renames else f'{c} (as {renames[c]})')
+        elif i < 0:
+            ids = sorted(set(shared[_norm(renames.get(c, c))]))
+            ambiguous.append(f"{c} ({', '.join(known['names'][j] for j in ids)})")
         index.append(i)
+    if ambiguous:
+        raise ConfigError(f"teacher.class_map={class_map}: {', '.join(ambiguous[:10])} name several teacher classes "
+                          "(timm's descriptions share them): name the one you mean by its id in a class-map file.")
     if missing:
         sample = ', '.join(known['names'][:5])
         raise ConfigError(f'teacher.class_map={class_map}: {len(missing)} of the data\'s {len(classes)} classes match '
@@ -119,6 +132,8 @@ def order_finding(known: Optional[Dict[str, List[str]]], classes: Sequence[str])
         return None
     names = [str(n) for n in known['names']]
     if names == list(classes):
+        return None
+    if [_norm(n) for n in names] == [_norm(c) for c in classes]:  # the same names, written otherwise
         return None
     if sorted(map(_norm, names)) == sorted(map(_norm, classes)):
         first = next(i for i, (a, b) in enumerate(zip(names, classes)) if _norm(a) != _norm(b))

@@ -88,7 +88,7 @@ class Trainer:
         names = sorted(self._sums)
         means = self.accelerator.reduce(torch.stack([self._sums[n] for n in names]), 'mean') / self._steps
         values = dict(zip(names, means.tolist()))  # the one host sync of the interval
-        bad = [n for n in names if n != 'loss' and not torch.isfinite(torch.tensor(values[n]))]
+        bad = [n for n in names if n not in ('loss', 'monitor_ce') and not torch.isfinite(torch.tensor(values[n]))]
         if bad or not torch.isfinite(torch.tensor(values['loss'])):
             first = int(self._first_bad.item())  # batches since the last log point
             accum = self.accelerator.gradient_accumulation_steps

@@ -175,7 +175,7 @@ def export_onnx(model: nn.Module, student: Student, head: str, cfg: DictConfig, 
     session = onnxruntime.InferenceSession(str(out / 'model.onnx'), providers=['CPUExecutionProvider'])
     got = torch.from_numpy(session.run(None, {'input': x.numpy()})[0])
     diff = (got - expected).abs().max().item()
-    if diff > 1e-4:
+    if not torch.allclose(got, expected, rtol=1e-3, atol=1e-4):  # onnxruntime's kernels sum in another order
         raise RuntimeError(f'The ONNX model differs from the student by {diff:.2e}; please report this.')
     print(f'[shake-vit] exported the {"cls head" if head == "cls" else "two-head average"} to {out / "model.onnx"} '
           f'(dynamic batch; onnxruntime at batch 3 matches the student to {diff:.1e}). Load it with:\n'

@@ -13,9 +13,12 @@ causes, what to try), in TensorBoard (`health/<check>`: 0 ok, 1 warning, 2 faile
 - dominance: at the first log point, a distillation term more than `dominance_factor` times the student's
   cross-entropy: a warning.
 """
+import json
 import math
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import torch
 from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
@@ -62,6 +65,8 @@ class Health:
     def check_teachers(self, task, teachers: List, val_loader: DataLoader, cache=None):
         """The class-order and teacher-sanity checks (`cache`: a teacher-output cache's reader, which stands in for
         the teachers); raises HealthError on a failure."""
+        if not teachers and cache is None:  # a method without a teacher
+            return
         names = [self._name(i) for i in range(max(len(teachers), 1))]
         if self.h.class_order:
             for i, t in enumerate(teachers):
@@ -86,14 +91,18 @@ class Health:
         from .engine import evaluate
         dataset = val_loader.dataset
         n = min(self.h.teacher_images, len(dataset))
-        loader = self.acc.prepare(DataLoader(Subset(dataset, range(n)), batch_size=self.cfg.eval.batch_size))
+        # evenly strided: an image folder's validation split is sorted by class, so its first images are few classes
+        index = [round(i * len(dataset) / n) for i in range(n)]
+        loader = self.acc.prepare(DataLoader(Subset(dataset, index), batch_size=self.cfg.eval.batch_size,
+                                             generator=torch.Generator()))
 
         def predict(x):
             t, _ = task.teacher_outputs(x)
             ts = t if isinstance(t, tuple) else (t,)
             return {self._name(i): v for i, v in enumerate(ts)}
-        metrics = evaluate(predict, loader, self.acc, desc='teacher check')
-        where = f'the first {metrics["num_samples"]} validation images'
+        with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they would be without the check
+            metrics = evaluate(predict, loader, self.acc, desc='teacher check')
+        where = f'{metrics["num_samples"]} validation images spread over the split'
         return [(metrics['teacher_top1' if i == 0 else f'top1_teacher_{i}'], getattr(t, 'recorded_top1', None), where)
                 for i, t in enumerate(teachers)]
 
@@ -122,8 +131,19 @@ class Health:
 
     def _fail(self, name: str, seen: str, causes: str, remedy: str, values: Dict[str, float]) -> HealthError:
         self.findings[name] = {'status': 'failed', 'seen': seen, 'causes': causes, 'try': remedy, **values}
+        self._record_failure(name, values)
         return HealthError(f'The teacher check stopped the run before its first update. Seen: {seen}. Likely causes: '
                            f'{causes}. Try: {remedy}.')
+
+    def _record_failure(self, check: str, values: Dict[str, float]) -> None:
+        """A failure stops the run before results.json exists: TensorBoard gets `health/<check>` = 2 and the output
+        folder `health.json`."""
+        self.acc.log({f'health/{check}': STATUS['failed'],
+                      **{f'health/{k}': v for k, v in values.items() if isinstance(v, (int, float))}})
+        if self.acc.is_main_process:
+            out = Path(self.cfg.train.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / 'health.json').write_text(json.dumps(self.findings, indent=2))
 
     def _class_order(self, name: str, teacher) -> None:
         from .classmap import order_finding
@@ -137,6 +157,7 @@ class Health:
                   'renamings); health.class_order=false trains anyway')
         if finding['status'] == 'failed':
             self.findings[f'{name}_classes'] = {**finding, 'try': remedy}
+            self._record_failure(f'{name}_classes', {})
             raise HealthError(f"The class-order check stopped the run before its first update. Seen: "
                               f"{finding['seen']}. The teacher's logits would be compared with the wrong classes. "
                               f'Try: {remedy}.')
@@ -150,7 +171,8 @@ class Health:
         ce = values.get('monitor_ce')
         if ce is None:
             return
-        terms = {k: v for k, v in values.items() if k not in NOT_TERMS and not k.startswith('ce_')}
+        # the distillation terms: what compares with a teacher or between heads, not the heads' label losses
+        terms = {k: v for k, v in values.items() if k not in NOT_TERMS and k not in ('ce_cls', 'ce_shadow')}
         sizes = ', '.join(f'{k} {v:.3f}' for k, v in sorted(values.items()) if k not in ('lr', 'images_per_sec'))
         if self._first_log and self.h.dominance and terms and update <= 2 * self.cfg.train.log_interval:
             name, biggest = max(terms.items(), key=lambda kv: kv[1])

@@ -298,9 +298,11 @@ def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = 
     teachers, data_norm = [], (pipe.mean, pipe.std)
     for index, t in enumerate(teacher_configs(cfg)):
         fitted = fitted_path(cfg, index).with_suffix('.safetensors')
+        source = None  # the file the teacher's weights come from (its record: classes, top-1)
         if t.checkpoint:
-            teacher = load_teacher(t, pipe.num_classes, data_norm, trusted=cfg.train.trust_pickled_files)
-        elif t.pretrained and _hub_head_fits(t, pipe.num_classes):
+            teacher, source = load_teacher(t, pipe.num_classes, data_norm, trusted=cfg.train.trust_pickled_files), \
+                t.checkpoint
+        elif t.pretrained and (t.class_map or _hub_head_fits(t, pipe.num_classes)):
             with acc.main_process_first():  # one hub download per machine
                 teacher = load_teacher(t, pipe.num_classes, data_norm)
         elif fit:
@@ -308,12 +310,11 @@ def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = 
                 raise ConfigError('teacher.class_map maps the classes of a given teacher (teacher.checkpoint or '
                                   'teacher.pretrained) to the data\'s; a teacher fitted here already predicts the '
                                   "data's classes: drop teacher.class_map.")
-            teacher = fit_teacher(cfg, t, index, acc, pipe)
+            teacher, source = fit_teacher(cfg, t, index, acc, pipe), str(fitted)
         elif fitted.is_file():
-            teacher = load_teacher(t, pipe.num_classes, data_norm, str(fitted))
+            teacher, source = load_teacher(t, pipe.num_classes, data_norm, str(fitted)), str(fitted)
         else:
             break
-        source = t.checkpoint or (str(fitted) if fitted.is_file() else None)
         describe_classes(teacher, t, source, pipe.splits.classes, acc)
         same = tuple(teacher.normalisation.mean) == tuple(pipe.mean) and tuple(teacher.normalisation.std) == \
             tuple(pipe.std)

@@ -288,6 +288,7 @@ def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
     from .build import log, make_accelerator
     from .engine import evaluate, progress
     from .family import family_of
+    from .health import Health
     from .tasks import DistillationTask
     from .teacher import teacher_options
 
@@ -312,6 +313,8 @@ def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
     task = DistillationTask(torch.nn.Identity(), teachers, None, None, pipe.mean, pipe.std,
                             **teacher_options(cfg)).to(acc.device)
     task.eval()
+    # the teacher checks of a training run, before hours of writing: a broken teacher stops here (HealthError)
+    Health(cfg, acc, splits.classes, 1, lambda m: log(acc, m)).check_teachers(task, teachers, pipe.val_loader)
     d = derive(cfg, acc.num_processes, len(pipe.train_loader))
     num_batches = d.updates_per_epoch * cfg.train.grad_accum
     samples = cfg.train.epochs * num_batches * cfg.train.batch_size * acc.num_processes

@@ -108,11 +108,28 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     assert shake['time_vs_kd'] == (1 + methods.index('shake')) / (1 + methods.index('kd'))
     assert summary['grid']['2.0,4.0']['cls'] == 78.0
     summary['terms'] = {'shake': {'loss': [3.0, 2.0, 1.0]}}
-    args = type('A', (), {'folds': 2, 'seeds': 2, 'sens_seeds': 2, 'epochs': 1})()
+    args = type('A', (), {'folds': 2, 'seeds': 2, 'sens_seeds': 2, 'epochs': 1, 'protocol': 'short'})()
     text = ablation.report(summary, args, 'python benchmarks/ablation.py', 60.0)
     assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text and '| shake | loss | 3.000 | 2.000 | 1.000 |' in text
-    ablation.figure(summary, tmp_path / 'a.png')
+    ablation.figure({'short': summary}, tmp_path / 'a.png')
     assert (tmp_path / 'a.png').stat().st_size > 1000
+
+
+def test_the_ablation_report_keeps_the_other_protocol_beside_this_one(tmp_path):
+    """The committed results (either format) and a new protocol's summary make one report with both."""
+    import shutil
+    sys.path.insert(0, str(ROOT / 'benchmarks'))
+    import ablation
+    shutil.copy(ROOT / 'docs' / 'results' / 'ablation.json', tmp_path / 'ablation.json')
+    protocols = ablation.load_protocols(tmp_path / 'ablation.json')
+    assert 'short' in protocols
+    other = 'quickstart' if 'quickstart' not in protocols else 'short'
+    protocols[other] = dict(protocols['quickstart' if other == 'short' else 'short'])
+    text = ablation.write_both(tmp_path, protocols)
+    assert '## Protocol: the quick start' in text and '## Protocol: short' in text
+    assert 'quickstart: vs none (95% CI)' in text and 'short: stalled' in text
+    assert (tmp_path / 'ablation.png').stat().st_size > 1000
+    assert set(json.loads((tmp_path / 'ablation.json').read_text())['protocols']) == {'quickstart', 'short'}
 
 
 def test_a_stalled_start_is_a_cross_entropy_that_stays_at_chance(monkeypatch):

@@ -136,6 +136,9 @@ def test_an_imagenet_teacher_knows_its_class_names():
     known = teacher_names(t, model, None)
     assert known['names'][0] == 'n01440764'
     assert resolve('auto', known, ['n01443537', 'tench', 'Great_White_Shark']) == [1, 0, 2]
+    from shake_vit.config import ConfigError
+    with pytest.raises(ConfigError, match='crane .*name several teacher classes'):  # the bird and the machine
+        resolve('auto', known, ['crane'])
 
 
 def test_a_student_that_cannot_learn_and_a_dominating_term_are_reported(good_teacher, tmp_path):

@@ -33,8 +33,11 @@ def make_task(method, **overrides):
 ])
 def test_step_returns_named_terms_that_sum_to_the_loss(method, terms):
     task = make_task(method)
-    out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    scalars = {k for k, v in out.items() if v.ndim == 0 and k != 'loss'}
+    y = torch.tensor([0, 1, 2, 3])
+    out = task(torch.randn(4, 3, 32, 32), y)
+    # monitor_ce: the student's unweighted cross-entropy, which the health checks read; not a term of the loss
+    assert torch.allclose(out['monitor_ce'], torch.nn.functional.cross_entropy(out['logits_cls'].detach(), y))
+    scalars = {k for k, v in out.items() if v.ndim == 0 and k not in ('loss', 'monitor_ce')}
     assert scalars == terms
     assert out['loss'].item() == pytest.approx(sum(out[k].item() for k in terms), rel=1e-6)
     assert out['logits_cls'].shape == (4, 4)
@@ -70,7 +73,7 @@ def test_none_with_a_plain_deit_is_timms_classifier_alone():
     assert {n.split('.')[0] for n, _ in student.named_parameters()} == {'model'}
     task = DistillationTask(student, None, loss_fn(cfg), torch.nn.CrossEntropyLoss(), MEAN, STD).train()
     out = task(torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3]))
-    assert set(k for k, v in out.items() if v.ndim == 0) == {'loss', 'ce_cls'}
+    assert set(k for k, v in out.items() if v.ndim == 0) == {'loss', 'ce_cls', 'monitor_ce'}
     student.eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.allclose(student(x), student.model(x))
