@@ -164,6 +164,7 @@ class Trainer:
                     cache.next_batch(y)  # checks the batch's labels against the cache's
                 updated = self.step(send_to_device(x, acc.device, non_blocking=True),
                                     send_to_device(y, acc.device, non_blocking=True),
+                                    None if self.mixup is None else
                                     data.batch_seed(self.seed, epoch, acc.process_index, index))
                 bar.update()
                 if not updated:
