@@ -216,12 +216,24 @@ def paired(a: List[float], b: List[float]) -> dict:
     """Mean of the run-by-run differences a - b with a 95% t-interval."""
     from scipy import stats
     d = [x - y for x, y in zip(a, b)]
+    if any(math.isnan(x) for x in d):  # a head one of the two methods does not have
+        return {'mean': float('nan'), 'ci95': [float('nan'), float('nan')], 'n': len(d), 'wins': 0, 'sd': float('nan')}
     mean = statistics.fmean(d)
     if len(d) < 2:
         return {'mean': mean, 'ci95': [float('nan'), float('nan')], 'n': len(d), 'wins': int(d[0] > 0), 'sd': 0.0}
     half = stats.t.ppf(0.975, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
     return {'mean': mean, 'ci95': [mean - half, mean + half], 'n': len(d), 'wins': sum(x > 0 for x in d),
             'sd': statistics.stdev(d)}
+
+
+def _mean(values: List[float]) -> float:
+    """The mean, nan for a head a method does not have (statistics' functions fail on nan)."""
+    return statistics.fmean(values) if not any(math.isnan(v) for v in values) else float('nan')
+
+
+def _std(values: List[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 and not any(math.isnan(v) for v in values) else \
+        (0.0 if len(values) <= 1 else float('nan'))
 
 
 def summarise(records: Dict[str, dict], folds: int, seeds: int, sens_seeds: int) -> dict:
@@ -232,8 +244,7 @@ def summarise(records: Dict[str, dict], folds: int, seeds: int, sens_seeds: int)
 
     for m in METHODS:
         runs = [records[f'{m}_f{f}_s{s}'] for f, s in keys]
-        main[m] = {h: {'mean': statistics.fmean(top1(r, h) for r in runs),
-                       'std': statistics.stdev(top1(r, h) for r in runs) if len(runs) > 1 else 0.0,
+        main[m] = {h: {'mean': _mean([top1(r, h) for r in runs]), 'std': _std([top1(r, h) for r in runs]),
                        'runs': [top1(r, h) for r in runs]} for h in HEADS}
         main[m]['images_per_sec'] = statistics.median(r['train_images_per_sec'] for r in runs)
     for m in METHODS:
