@@ -434,7 +434,9 @@ def load_protocols(path: Path) -> Dict[str, dict]:
     if 'protocols' in data:
         return data['protocols']
     # the first study (2026-11-26): 4 folds x 3 seeds, 1 grid seed, 20 epochs, 66 min (its report's own figures)
-    return {'short': {'command': data['command'], 'date': data['date'], 'summary': data['summary'],
+    command = f"{data['command']} (the default protocol then; today: python benchmarks/ablation.py --protocol short " \
+              '--sens-seeds 1 --out runs/ablation)'
+    return {'short': {'command': command, 'date': data['date'], 'summary': data['summary'],
                       'runs': data['runs'], 'folds': 4, 'seeds': 3, 'sens_seeds': 1, 'epochs': 20,
                       'elapsed_s': 66 * 60}}
 
