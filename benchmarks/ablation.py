@@ -159,14 +159,16 @@ def _run(args) -> dict:
     return job(*args)
 
 
-def study_args(doc: str, seeds: int, out: str, teacher_cache: bool = False) -> argparse.Namespace:
+def study_args(doc: str, seeds: int, out: str, teacher_cache: bool = False, groups: str = '') -> argparse.Namespace:
     """The command line every seeded study takes: --seeds, --out, --docs, --smoke (and --teacher-cache, for a study
-    whose runs can read one)."""
+    whose runs can read one; --groups, for a study run in parts, all of `groups` by default)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--seeds', type=int, default=seeds)
     p.add_argument('--out', default=out)
     p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
     p.add_argument('--smoke', action='store_true', help='one seed, a few updates, no report; for the tests')
+    if groups:
+        p.add_argument('--groups', default=groups, help='the groups of rows to run, comma-separated (default: all)')
     if teacher_cache:
         p.add_argument('--teacher-cache', action='store_true', help='runs read shared teacher-output caches '
                        '(OUT/caches) where they can, so a rerun pays for its teachers once')

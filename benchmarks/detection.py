@@ -1,18 +1,24 @@
-"""Does SHAKE help a Faster R-CNN student? `none`, `kd` and `shake` on the embedded digit scenes, seed by seed.
+"""Does SHAKE help a Faster R-CNN student? `none`, `kd` and `shake`, their old forms and each new switch, on the
+embedded digit scenes, seed by seed.
 
-    python benchmarks/detection.py            # about 40 minutes on 2 CPU cores; writes docs/results/detection.md
-    python benchmarks/detection.py --smoke    # one seed, a few updates (tests/test_benchmarks.py runs it)
+    python benchmarks/detection.py                          # every group of rows; writes docs/results/detection.md
+    python benchmarks/detection.py --groups main,old        # some groups: records are kept, so later calls add rows
+    python benchmarks/detection.py --smoke                  # one seed, a few updates (tests/test_benchmarks.py)
 
-Protocol. Every run is configs/det_quickstart.yaml (640 digit scenes, a ResNet-18 FPN teacher 128/256 wide, a
-student 64/128 wide, SGD momentum) with the changes in STUDY: a teacher fitted once on the training scenes and shared
-by every run, then the student for STUDENT_EPOCHS epochs with each method on `--seeds` seeds. Methods are compared
-seed by seed (paired differences of the student's own AP, 95% t-interval). Two runs share the machine at a time (one
-thread each), so wall time per run, relative to `none`, is coarse; the training throughput (images/s) is each run's
-own.
+Protocol. Every run is configs/det_quickstart.yaml (640 digit scenes, a ResNet-18 FPN teacher 128/256 wide fitted
+once for TEACHER_EPOCHS epochs and shared by every run, a student 64/128 wide, SGD momentum, STUDENT_EPOCHS epochs)
+in one of two settings: `pretrained`, the quick start's (the student's ResNet-18 pretrained on the training scenes'
+digits, det.backbone_weights=digits, done once and shared), and `scratch` (a random backbone). The rows of ROWS,
+each on its group's seeds (GROUPS), are compared seed by seed (paired differences of the student's own AP, 95%
+t-interval). Two runs share the machine at a time (one thread each), so wall time per run, relative to `none`, is
+coarse; the training throughput (images/s) is each run's own.
 
-Writes OUT/runs.json (one record per run, reused when rerun) and, unless --smoke, the report docs/results/detection.md
-with its data beside it (detection.json).
+Writes OUT/runs.json (one record per run; OUT/records/ keeps them, so a rerun or another --groups call reuses every
+finished run) and, unless --smoke, docs/results/detection.md with its data beside it (detection.json).
 """
+import json
+import math
+import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -23,84 +29,155 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from ablation import (_cpu_name, add_elapsed, paired, study_args, teacher_then_methods,  # noqa: E402
-                      write_report)
+from ablation import _cpu_name, _run, add_elapsed, job, paired, study_args, write_report  # noqa: E402
 
 BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
 STUDENT_EPOCHS = 6
 TEACHER_EPOCHS = 5
 STUDY = ['det.scenes=[640,200]', f'train.epochs={STUDENT_EPOCHS}', f'eval.interval={STUDENT_EPOCHS}',
          'train.log_interval=10', 'ckpt.keep_last=1', 'train.cpu_threads=1']
-METHODS = {  # name: (label, overrides)
-    'none': ('none (the detector\'s own losses)', ['loss.method=none']),
-    'kd': ('kd (KL + box distance to the predictor)', ['loss.method=kd']),
-    'shake': ('SHAKE (shadow box predictor)', ['loss.method=shake']),
+GROUPS = {'main': 5, 'old': 3, 'scratch': 3, 'switches': 3}  # group: seeds
+SCRATCH = ['det.backbone_weights=null']
+OLD_SHAKE = ['loss.shadow_anchor=0', 'loss.mutual_shadow=1']  # the first detection SHAKE (before issue 22)
+ROWS = {  # name: (label, group, overrides)
+    'none': ("none (the detector's own losses)", 'main', ['loss.method=none']),
+    'kd': ('kd (KL and box distance added to the detector\'s losses)', 'main', ['loss.method=kd']),
+    'shake': ('SHAKE (anchored shadow, shadow <- student 0.1)', 'main', ['loss.method=shake']),
+    'shake_old': ('SHAKE, first defaults (no anchor, mutual 1 both ways)', 'old', ['loss.method=shake', *OLD_SHAKE]),
+    'scratch_none': ('none, from scratch', 'scratch', ['loss.method=none', *SCRATCH]),
+    'scratch_kd': ('kd, from scratch', 'scratch', ['loss.method=kd', *SCRATCH]),
+    'scratch_shake': ('SHAKE, from scratch', 'scratch', ['loss.method=shake', *SCRATCH]),
+    'shake_no_anchor': ('SHAKE without the anchor', 'switches', ['loss.method=shake', 'loss.shadow_anchor=0']),
+    'shake_ms0': ('SHAKE, shadow <- student 0', 'switches', ['loss.method=shake', 'loss.mutual_shadow=0']),
+    'shake_ms1': ('SHAKE, shadow <- student 1', 'switches', ['loss.method=shake', 'loss.mutual_shadow=1']),
+    'shake_chen': ('SHAKE, Chen balance (0.5 CE + 0.5 KL)', 'switches', ['loss.method=shake', 'loss.det_balance=chen']),
+    'kd_chen': ('kd, Chen balance (0.5 CE + 0.5 KL)', 'switches', ['loss.method=kd', 'loss.det_balance=chen']),
+    'shake_defeat': ('SHAKE, DeFeat balance', 'switches', ['loss.method=shake', 'loss.det_balance=defeat']),
+    'kd_defeat': ('kd, DeFeat balance', 'switches', ['loss.method=kd', 'loss.det_balance=defeat']),
+    'shake_bounded': ('SHAKE, teacher-bounded box term', 'switches', ['loss.method=shake', 'loss.det_box=bounded']),
 }
+# each row against: the setting's none, and its kd
+BASELINES = {'scratch': ('scratch_none', 'scratch_kd')}
 HEADS = ('ap', 'ap50', 'ap75')
 
 
-def report(records: dict, seeds: int, teacher: dict, command: str, elapsed: float) -> tuple:
-    runs = {m: [records[f'{m}_s{s}'] for s in range(seeds)] for m in METHODS}
-    ap = {m: [r['student_ap'] for r in rs] for m, rs in runs.items()}
-    wall = {m: statistics.median(r['wall_s'] for r in rs) for m, rs in runs.items()}
-    summary = {m: {**{k: {'mean': statistics.fmean(r[f'student_{k}'] for r in rs),
-                          'std': statistics.stdev(r[f'student_{k}'] for r in rs) if len(rs) > 1 else 0.0}
-                      for k in HEADS},
-                   'runs': ap[m], 'vs_none': paired(ap[m], ap['none']), 'vs_kd': paired(ap[m], ap['kd']),
-                   'time_vs_none': wall[m] / wall['none'],
-                   'images_per_sec': statistics.median(r['train_images_per_sec'] for r in rs)}
-               for m, rs in runs.items()}
-    shadow = [r['shadow_ap'] for r in runs['shake']]
-    summary['shake']['shadow_ap'] = statistics.fmean(shadow)
-    summary['shake']['student_vs_shadow'] = paired(ap['shake'], shadow)
+def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, seeds: dict) -> tuple:
+    """The shared backbone and teacher (a 1-epoch kd run of the quick start pretrains the backbone on the digits,
+    fits the teacher and saves both), then every row of `groups` on its seeds, two runs at a time."""
+    os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
+    with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
+        teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
+                                               f'teacher.fit.epochs={teacher_epochs}'], out, study, base))
+        shared = out / 'runs' / 'teacher'
+        common = [f"teacher.checkpoint={shared / 'teacher.safetensors'}",
+                  f"det.backbone_weights={shared / 'backbone' / 'student.safetensors'}"]
+        jobs = [(f'{name}_s{s}', [*common, *overrides, f'train.seed={s}'], out, study, base)
+                for group in groups for s in range(seeds[group])
+                for name, (_, g, overrides) in ROWS.items() if g == group]
+        records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
+    backbone = json.loads((shared / 'backbone' / 'backbone.json').read_text())
+    teacher = {**teacher, 'backbone_top1': backbone['top1']}
+    return teacher, records
 
-    def ci(d):
-        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], {d['wins']} of {d['n']}"
+
+def summarise(records: dict, seeds: dict) -> dict:
+    summary = {}
+    for name, (label, group, _) in ROWS.items():
+        runs = [records.get(f'{name}_s{s}') for s in range(seeds[group])]
+        if not all(runs):
+            continue
+        none, kd = BASELINES.get(group, ('none', 'kd'))
+        summary[name] = {'label': label, 'group': group,
+                         **{k: {'mean': statistics.fmean(r[f'student_{k}'] for r in runs),
+                                'std': statistics.stdev(r[f'student_{k}'] for r in runs) if len(runs) > 1 else 0.0}
+                            for k in HEADS},
+                         'runs': [r['student_ap'] for r in runs],
+                         'wall_s': statistics.median(r['wall_s'] for r in runs),
+                         'images_per_sec': statistics.median(r['train_images_per_sec'] for r in runs)}
+        if 'shadow_ap' in runs[0]:
+            summary[name]['shadow_ap'] = statistics.fmean(r['shadow_ap'] for r in runs)
+            summary[name]['shadow_ap_runs'] = [r['shadow_ap'] for r in runs]
+        summary[name]['baselines'] = (none, kd)
+    for name, row in summary.items():
+        for key, base in zip(('vs_none', 'vs_kd'), row['baselines']):
+            if base in summary and base != name:
+                n = min(len(row['runs']), len(summary[base]['runs']))  # paired by seed, on the seeds both have
+                diff = paired(row['runs'][:n], summary[base]['runs'][:n])
+                row[key] = {'mean': diff['mean'], 'lo': diff['ci95'][0], 'hi': diff['ci95'][1], 'n': n,
+                            'wins': diff['wins']}
+        if base_wall := summary.get(row['baselines'][0], {}).get('wall_s'):
+            row['time_vs_none'] = row['wall_s'] / base_wall
+    return summary
+
+
+def _ci(d: dict) -> str:
+    if not d or math.isnan(d['lo']):
+        return f"{d['mean']:+.2f}" if d else ''
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}], {d['wins']} of {d['n']}"
+
+
+def report(summary: dict, teacher: dict, command: str, elapsed: float, seeds: dict) -> str:
     lines = ['# Does SHAKE help a Faster R-CNN student? (digit scenes)', '', f'Command: `{command}`  ',
              f'Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), two runs in parallel, one thread each; '
-             f'{date.today().isoformat()}; {elapsed / 60:.0f} min in all.', '',
-             'Protocol: configs/det_quickstart.yaml with ' + ' '.join(f'`{o}`' for o in STUDY[:1]) +
-             ': 640 training scenes, 200 test scenes (128 px, 1-4 digits each, from disjoint digit images); a '
-             f'ResNet-18 FPN teacher (FPN 128, box head 256) fitted once for {TEACHER_EPOCHS} epochs (test AP '
-             f'{teacher["teacher_ap"]:.2f}, AP50 {teacher["teacher_ap50"]:.2f}), a narrower student (FPN 64, box '
-             'head 128) trained from scratch for '
-             f'{STUDENT_EPOCHS} epochs (SGD momentum, lr 0.02, batch 8), {seeds} seeds per method. COCO AP of the '
-             "student's own box predictor (%), mean +- std; differences are paired by seed (mean, 95% t-interval, "
-             'seeds ahead).', '',
-             '| method | AP | AP50 | AP75 | AP per seed | vs none | vs kd | wall time vs none | train images/s |',
-             '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-    for m, (label, _) in METHODS.items():
-        r = summary[m]
-        lines.append(f"| {label} | {r['ap']['mean']:.2f} +- {r['ap']['std']:.2f} | {r['ap50']['mean']:.2f} | "
-                     f"{r['ap75']['mean']:.2f} | {', '.join(f'{v:.2f}' for v in r['runs'])} | "
-                     f"{ci(r['vs_none']) if m != 'none' else ''} | {ci(r['vs_kd']) if m != 'kd' else ''} | "
-                     f"x{r['time_vs_none']:.2f} | {r['images_per_sec']:.1f} |")
-    lines += ['', f"SHAKE's shadow predictor: AP {summary['shake']['shadow_ap']:.2f}; the student's predictor minus "
-              f"the shadow's: {ci(summary['shake']['student_vs_shadow'])}.", '']
-    return '\n'.join(lines) + '\n', summary
+             f'{date.today().isoformat()}; {elapsed / 60:.0f} min of study time in all.', '',
+             'Protocol: configs/det_quickstart.yaml with `det.scenes=[640,200]`: 640 training scenes, 200 test '
+             'scenes (128 px, 1-4 digits each, from disjoint digit images). One ResNet-18 FPN teacher (FPN 128, box '
+             f'head 256) fitted for {TEACHER_EPOCHS} epochs from the digits-pretrained backbone (test AP '
+             f"{teacher['teacher_ap']:.2f}, AP50 {teacher['teacher_ap50']:.2f}), shared by every run; the backbone "
+             f"pretraining (ResNet-18 on the training scenes' digits, 32 px): top-1 {teacher['backbone_top1']:.2f}% "
+             f'on the held-out digits. A narrower student (FPN 64, box head 128), {STUDENT_EPOCHS} epochs (480 '
+             'updates, SGD momentum, lr 0.02, batch 8), from the digits-pretrained backbone (the quick start\'s '
+             'setting) or from scratch. COCO AP of the student\'s own box predictor (%), mean +- std over seeds; '
+             'differences are paired by seed (mean, 95% t-interval, seeds ahead) against the same setting\'s none '
+             'and kd.', '']
+    groups = {'main': f"Main rows (the quick start's setting, {seeds['main']} seeds)",
+              'old': f"The first detection forms, for comparison ({seeds['old']} seeds)",
+              'switches': f"Each new switch against the new defaults ({seeds['switches']} seeds)",
+              'scratch': f"The other setting: students from a random backbone ({seeds['scratch']} seeds)"}
+    for group, title in groups.items():
+        rows = [(n, r) for n, r in summary.items() if r['group'] == group]
+        if not rows:
+            lines += [f'## {title}', '', 'Not run yet (`--groups ' + group + '`).', '']
+            continue
+        lines += [f'## {title}', '', '| row | AP | AP50 | AP75 | AP per seed | vs none | vs kd | shadow AP | '
+                  'wall time vs none | train images/s |', '|' + ' --- |' * 10]
+        for name, r in rows:
+            shadow = f"{r['shadow_ap']:.2f}" if 'shadow_ap' in r else ''
+            lines.append(f"| {r['label']} | {r['ap']['mean']:.2f} +- {r['ap']['std']:.2f} | {r['ap50']['mean']:.2f} | "
+                         f"{r['ap75']['mean']:.2f} | {', '.join(f'{v:.2f}' for v in r['runs'])} | "
+                         f"{_ci(r.get('vs_none'))} | {_ci(r.get('vs_kd'))} | {shadow} | "
+                         f"x{r.get('time_vs_none', float('nan')):.2f} | {r['images_per_sec']:.1f} |")
+        lines.append('')
+    return '\n'.join(lines) + '\n'
 
 
 def main() -> None:
-    args = study_args(__doc__, seeds=3, out='runs/detection_study')
-    seeds = 1 if args.smoke else args.seeds
-    study = [*STUDY, 'train.epochs=2', 'eval.interval=1', 'train.max_updates_per_epoch=2'] if args.smoke else STUDY
-    teacher_epochs = 1 if args.smoke else TEACHER_EPOCHS
-    # the smoke overlay: tiny scenes and detectors, nothing downloaded
-    base = [BASE, str(ROOT / 'configs' / 'smoke_det.yaml')] if args.smoke else BASE
+    args = study_args(__doc__, seeds=0, out='runs/detection_study', groups=','.join(GROUPS))
+    seeds = {g: (1 if args.smoke else (args.seeds or n)) for g, n in GROUPS.items()}
+    groups = ['main'] if args.smoke else [g for g in args.groups.split(',') if g]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise SystemExit(f'--groups: {unknown} are not groups of rows; choose from {", ".join(GROUPS)}')
+    study = [*STUDY, 'train.epochs=2', 'eval.interval=1', 'train.max_updates_per_epoch=2',
+             'det.backbone_fit.epochs=1'] if args.smoke else STUDY
+    base = [BASE, str(ROOT / 'configs' / 'smoke_det.yaml')] if args.smoke else BASE  # tiny scenes and detectors
     if args.smoke:
-        study = [s for s in study if not s.startswith('det.scenes')]
+        study = [s for s in study if not s.startswith('det.scenes')] + ['det.backbone_weights=digits']
     out = Path(args.out).resolve()
     begin = time.perf_counter()
-    teacher, records = teacher_then_methods(out, study, base, teacher_epochs, METHODS, seeds)
+    teacher, records = run_rows(out, study, base, groups, 1 if args.smoke else TEACHER_EPOCHS, seeds)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
-    print(f'[detection] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json; '
-          f"teacher AP {teacher['teacher_ap']:.2f}")
+    everything = {json.loads(p.read_text())['name']: json.loads(p.read_text())
+                  for p in (out / 'records').glob('*.json')}  # earlier calls' rows too
+    (out / 'runs.json').write_text(json.dumps(everything, indent=2))
+    print(f'[detection] {len(records)} runs this call, {elapsed / 60:.1f} min of study time; records in '
+          f"{out}/runs.json; teacher AP {teacher['teacher_ap']:.2f}")
     if args.smoke:
         return
+    summary = summarise(everything, seeds)
     command = 'python benchmarks/detection.py' + ''.join(f' {a}' for a in sys.argv[1:])
-    text, summary = report(records, seeds, teacher, command, elapsed)
-    write_report(args.docs, 'detection', text,
-                 {'command': command, 'teacher': teacher, 'summary': summary, 'runs': records})
+    write_report(args.docs, 'detection', report(summary, teacher, command, elapsed, seeds),
+                 {'command': command, 'teacher': teacher, 'summary': summary, 'runs': everything})
 
 
 if __name__ == '__main__':

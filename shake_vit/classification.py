@@ -44,6 +44,9 @@ class ClassificationFamily(Family):
             return []
         return get_teachers(cfg, acc, pipe, fit)
 
+    def check_teachers(self, health, task, teachers: List[nn.Module], pipe) -> None:
+        health.check_teachers(task, teachers, pipe.val_loader, getattr(task, 'cache', None))
+
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DistillationTask:
         cache = teacher_cache.open_reader(cfg, pipe, log=lambda m: print(f'[shake-vit] {m}') if
                                           PartialState().is_main_process else None) \

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from . import methods
+from .detection_losses import BALANCES, BOX_TERMS
 from .losses import KL_REDUCTIONS
 
 
@@ -131,6 +132,11 @@ class HealthConfig:
     stall_after: float = 0.2  # ... after this share of the run's updates ...
     stall_fraction: float = 0.9  # ... i.e. above stall_fraction x ln(classes)
     dominance: bool = True  # warn when, at the first log point, a distillation term is ...
+    det_min_ap50: float = 1.0  # detection: a teacher with no recorded AP fails below this AP50
+    shadow_drift: float = 0.5  # detection: warn when the shadow predictor's KL from the teacher exceeds this (0: off)
+    stall_fg_acc: float = 0.05  # detection: the stall check's floor on the student's foreground-RoI accuracy ...
+    stall_after_det: float = 0.4  # ... once this share of the updates is done (a healthy digit-scenes run from a
+    # pretrained backbone still calls every RoI background for its first ~100 of 480 updates: 0.3% at update 90)
     dominance_factor: float = 4.5  # ... more than this many times the student's cross-entropy (the quick start: 3.9x;
     # the 20-epoch digits protocol at T = 4, where one run in twelve stalled: 4.9x)
 
@@ -150,6 +156,9 @@ class LossConfig:
     method: str = 'shake'  # shake | deit_hard | deit_soft | kd | none | none_both_heads (shake_vit/methods.py)
     temperature: Optional[float] = None  # null: the method's published default (shake 4, kd 4, deit_soft 1)
     mutual: float = 1.0  # shake: lambda, the weight of both mutual terms
+    mutual_student: Optional[float] = None  # shake: the student <- shadow weight; null: loss.mutual
+    mutual_shadow: Optional[float] = None  # shake: the shadow <- student weight; null: loss.mutual (classification),
+    # 0.1 (detection: a shadow pulled toward an untrained detector at weight 1 loses the teacher; docs/detection.md)
     teacher_weight: float = 1.0  # shake: weight of the shadow head's teacher term
     teacher_loss: str = 'kl'  # shake: kl (paper) | mse (authors' code)
     standardize: bool = False  # shake: standardise logits first (authors' code)
@@ -159,6 +168,17 @@ class LossConfig:
     deit_soft_reduction: str = 'batchmean'  # deit_soft's KL: batchmean (timm) | numel (DeiT's sum / numel: / classes)
     kd_alpha: float = 0.9  # kd: weight of the KL term (CRD protocol)
     box_beta: float = 0.1111111111111111  # detection: smooth-L1 beta of the box distance, torchvision's (1/9)
+    ramp_student: bool = False  # detection shake: ramp the student <- shadow weight in over the lr warm-up
+    ramp_shadow: bool = False  # detection shake: ramp the shadow <- student weight in likewise
+    shadow_anchor: float = 1.0  # detection shake: torchvision's RoI losses on the labels on the shadow's outputs
+    det_balance: str = 'none'  # detection kd / shake: the student's class KL beside its CE: none (added at full
+    # weight) | chen (label_weight x CE + (1 - label_weight) x KL) | defeat (foreground and background RoIs averaged
+    # separately); chen slowed the student on the digit scenes (docs/results/detection.md)
+    label_weight: float = 0.5  # detection, det_balance=chen: mu, the cross-entropy's share
+    det_agree: bool = False  # detection kd / shake: distil classes only on RoIs whose target's top class is the label
+    det_box: str = 'distance'  # detection kd / shake: the student's box term: distance (smooth-L1 to the target's
+    # deltas) | bounded (Chen et al.: only where the student's error exceeds the target's) | none
+    bound_margin: float = 0.0  # detection, det_box=bounded: the margin m
 
 
 @dataclass
@@ -217,6 +237,16 @@ class EvalConfig:
 
 
 @dataclass
+class BackboneFitConfig:
+    """det.backbone_weights=digits: the backbone's classification pretraining on the digits of the training scenes."""
+
+    epochs: int = 15
+    img_size: int = 32
+    lr: float = 2.0e-3  # AdamW
+    batch_size: int = 64
+
+
+@dataclass
 class DetectionConfig:
     """`task: detection` only: the detectors' geometry and sampling, the shadow predictor, the data's files and the
     embedded digit scenes. Defaults are torchvision's Faster R-CNN (and its COCO layout)."""
@@ -228,7 +258,10 @@ class DetectionConfig:
     box_head_dim: int = 1024  # the small detectors' box head width (TwoMLPHead)
     trainable_backbone_layers: int = 5  # backbone stages trained (torchvision's 3 for ImageNet-initialised ones)
     backbone_weights: Optional[str] = None  # the student's backbone: a torchvision weights name (IMAGENET1K_V1,
-    # read from $TORCH_HOME/hub/checkpoints when there, downloaded once otherwise); null: random
+    # read from $TORCH_HOME/hub/checkpoints when there, downloaded once otherwise); digits (pretrained here on the
+    # training scenes' digits, det.backbone_fit); a ResNet state dict file; null: random. A teacher fitted here
+    # starts from its own teacher.kwargs.backbone_weights (shake_vit/detection/backbone.py)
+    backbone_fit: BackboneFitConfig = field(default_factory=BackboneFitConfig)
     rpn_proposals_train: int = 2000  # RPN proposals kept after NMS per image (torchvision's defaults)
     rpn_proposals_test: int = 1000
     rois_per_image: int = 512  # RoIs sampled per image for the box head in training
@@ -273,6 +306,8 @@ CHOICES = {
     'task': tuple(DATA),
     'loss.teacher_loss': ('kl', 'mse'),
     'det.shadow_on': ('teacher', 'student'),
+    'loss.det_balance': BALANCES,
+    'loss.det_box': BOX_TERMS,
     'loss.deit_soft_reduction': KL_REDUCTIONS,
     'model.shadow_head': ('linear', 'mlp'),
     'model.predict': (None, 'avg', 'cls'),
@@ -439,6 +474,9 @@ def validate(cfg: DictConfig) -> None:
     _check(o.clip_grad is None or o.clip_grad > 0, 'optim.clip_grad', o.clip_grad, 'positive or null')
     _check(cfg.loss.temperature is None or cfg.loss.temperature > 0, 'loss.temperature', cfg.loss.temperature,
            'positive (or null for the method default)')
+    for key in ('mutual', 'mutual_student', 'mutual_shadow', 'teacher_weight'):
+        value = cfg.loss[key]
+        _check(value is None or value >= 0, f'loss.{key}', value, 'zero or positive')
     _check(d.img_size >= 8, 'data.img_size', d.img_size, 'at least 8 pixels')
     _check(0 < d.val_fraction < 1, 'data.val_fraction', d.val_fraction, 'between 0 and 1')
     _check(d.num_folds == 0 or d.num_folds >= 2, 'data.num_folds', d.num_folds, '0 (a holdout split) or >= 2')
@@ -507,6 +545,14 @@ def _check_det(g: DictConfig, loss: DictConfig) -> None:
     _check(g.anchor_sizes is None or (len(g.anchor_sizes) == 4 and min(g.anchor_sizes) > 0), 'det.anchor_sizes',
            None if g.anchor_sizes is None else list(g.anchor_sizes), 'null or four positive sizes, one per FPN level')
     _check(loss.box_beta > 0, 'loss.box_beta', loss.box_beta, 'positive')
+    f = g.backbone_fit
+    for key in ('epochs', 'batch_size'):
+        _check(f[key] >= 1, f'det.backbone_fit.{key}', f[key], 'at least 1')
+    _check(f.img_size >= 16, 'det.backbone_fit.img_size', f.img_size, 'at least 16 pixels')
+    _check(f.lr > 0, 'det.backbone_fit.lr', f.lr, 'positive')
+    _check(0 <= loss.label_weight <= 1, 'loss.label_weight', loss.label_weight, 'a share in [0, 1]')
+    for key in ('shadow_anchor', 'bound_margin'):
+        _check(loss[key] >= 0, f'loss.{key}', loss[key], 'zero or positive')
 
 
 # Settings one task family reads and the other does not: set away from their defaults under the other task, they
@@ -519,7 +565,8 @@ CLASSIFICATION_ONLY = ('aug', 'data.img_size', 'data.mean', 'data.std', 'data.nu
                        'teacher.class_names', 'loss.teacher_loss',
                        'loss.standardize', 'loss.shadow_ce',
                        'loss.direct_kd', 'loss.deit_alpha', 'loss.deit_soft_reduction', 'loss.kd_alpha')
-DETECTION_ONLY = ('det', 'loss.box_beta')
+DETECTION_ONLY = ('det', 'loss.box_beta', 'loss.ramp_student', 'loss.ramp_shadow', 'loss.shadow_anchor',
+                  'loss.det_balance', 'loss.label_weight', 'loss.det_agree', 'loss.det_box', 'loss.bound_margin')
 INSTEAD = {'aug.hflip': 'det.hflip', 'data.img_size': 'det.min_size / det.max_size',
            'data.mean': "the detector's own normalisation", 'data.std': "the detector's own normalisation",
            'teacher.mean': "the teacher detector's own normalisation", 'teacher.std': "the teacher detector's own "

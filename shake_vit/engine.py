@@ -119,6 +119,7 @@ class Trainer:
         if self.mixup is not None:
             with data.seeded_mixup(mix_seed):
                 x, y = self.mixup(x, y)
+        task.update = self.update  # for terms whose weight follows the schedule (detection's ramps)
         with acc.accumulate(task.trainable_module):
             with acc.autocast():
                 out = task(x, y)

@@ -4,7 +4,7 @@ The runner (shake_vit/runner.py), `--eval`, `--export`, `--print-config` and `--
 student, the teachers, the training step, the evaluation and the outputs through a `Family`; nothing else branches on
 the task. Classification is shake_vit/classification.py, detection shake_vit/detection/family.py.
 """
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch.nn as nn
 from accelerate import Accelerator
@@ -18,6 +18,11 @@ class Family:
     """The interface; each method says what the runner expects of it."""
 
     name = ''
+
+    def before_run(self, cfg: DictConfig, train: Callable[[DictConfig], Dict[str, Any]]) -> bool:
+        """Runs a training run needs done first, trained with `train` (the runner's own; it returns {} when stopped
+        by a signal), e.g. a detector's backbone pretrained on classification. Returns False when one was stopped."""
+        return True
 
     def build_splits(self, cfg: DictConfig):
         """The train and val data sets and the class names (`data.Splits`)."""
@@ -44,6 +49,9 @@ class Family:
     def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe, fit: bool = True) -> List[nn.Module]:
         """The frozen teachers the method needs: loaded, downloaded or (with `fit`) fitted first."""
         raise NotImplementedError
+
+    def check_teachers(self, health, task: TrainingTask, teachers: List[nn.Module], pipe) -> None:
+        """The teacher health checks before the first update (`health.Health`); a failure raises HealthError."""
 
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> TrainingTask:
         """The training step: `task(inputs, targets) -> {'loss', named terms...}`; `student` may be DDP-wrapped."""

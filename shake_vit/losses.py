@@ -13,7 +13,6 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Terms = Dict[str, torch.Tensor]
@@ -53,6 +52,8 @@ class ShakeWeights:
     Attributes:
         temperature: T of every KL term.
         mutual: lambda, the weight of both mutual terms (shadow <- cls and cls <- shadow).
+        mutual_student: the cls <- shadow term's own weight (None: `mutual`).
+        mutual_shadow: the shadow <- cls term's own weight (None: `mutual`).
         teacher: weight of the shadow head's pull toward the teacher.
         teacher_loss: 'kl' (paper) or 'mse' (authors' code) toward the teacher.
         standardize: standardise all logits before any term (authors' code).
@@ -62,6 +63,8 @@ class ShakeWeights:
 
     temperature: float = 4.0
     mutual: float = 1.0
+    mutual_student: Optional[float] = None
+    mutual_shadow: Optional[float] = None
     teacher: float = 1.0
     teacher_loss: str = 'kl'
     standardize: bool = False
@@ -83,6 +86,8 @@ def shake_loss(s: torch.Tensor, h, t, y: torch.Tensor, ce: Criterion, w: ShakeWe
     if w.standardize:
         s, hs, ts = standardize(s), [standardize(x) for x in hs], [standardize(x) for x in ts]
     T = w.temperature
+    to_shadow = w.mutual if w.mutual_shadow is None else w.mutual_shadow
+    to_student = w.mutual if w.mutual_student is None else w.mutual_student
     terms = {'ce_cls': ce(s, y)}
     for i, (hi, ti) in enumerate(zip(hs, ts)):
         k = '' if len(hs) == 1 else f'_{i}'
@@ -91,8 +96,8 @@ def shake_loss(s: torch.Tensor, h, t, y: torch.Tensor, ce: Criterion, w: ShakeWe
         else:
             terms[f'kl_shadow_teacher{k}'] = w.teacher * kl_t(hi, ti, T)
         # Reversed distillation: the shadow head (proxy teacher) learns from the student; sg(s) keeps it one-way.
-        terms[f'kl_shadow_cls{k}'] = w.mutual * kl_t(hi, s.detach(), T)
-        terms[f'kl_cls_shadow{k}'] = w.mutual * kl_t(s, hi.detach(), T)
+        terms[f'kl_shadow_cls{k}'] = to_shadow * kl_t(hi, s.detach(), T)
+        terms[f'kl_cls_shadow{k}'] = to_student * kl_t(s, hi.detach(), T)
         if w.shadow_ce:
             terms[f'ce_shadow{k}'] = w.shadow_ce * ce(hi, y)
         if w.direct_kd:
@@ -143,43 +148,3 @@ def both_heads_label_loss(s: torch.Tensor, h: torch.Tensor, t: Optional[torch.Te
     return {'ce_cls': ce(s, y), 'ce_shadow': ce(h, y)}
 
 
-# --- detection: per-RoI terms on the box predictor's outputs ----------------------------------------------------
-# Every detection term compares outputs for the same sampled RoIs [R] of a Faster R-CNN: class logits [R, K + 1]
-# (background included) and box deltas [R, 4 (K + 1)], `labels` [R] the RoIs' ground-truth classes (0: background).
-
-def box_distance(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor, beta: float = 1 / 9) -> torch.Tensor:
-    """`D(a -> b)`: smooth-L1 between the ground-truth class's deltas of the foreground RoIs, summed and divided by
-    the number of RoIs, as torchvision's `fastrcnn_loss` normalises its box loss; `a` is pulled toward `b`."""
-    fg = torch.where(labels > 0)[0]
-    a = rearrange(a, 'r (k four) -> r k four', four=4)[fg, labels[fg]]  # [F, 4]
-    b = rearrange(b, 'r (k four) -> r k four', four=4)[fg, labels[fg]]
-    return F.smooth_l1_loss(a, b, beta=beta, reduction='sum') / max(labels.numel(), 1)
-
-
-def det_shake_loss(s_cls: torch.Tensor, s_box: torch.Tensor, h_cls: torch.Tensor, h_box: torch.Tensor,
-                   t_cls: torch.Tensor, t_box: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                   mutual: float = 1.0, teacher: float = 1.0, beta: float = 1 / 9) -> Terms:
-    """SHAKE for Faster R-CNN: the shadow box predictor `h` follows the teacher `t` on the student's sampled RoIs,
-    while it and the student's predictor `s` distill each other, on classes (KL over K + 1, every RoI) and on boxes
-    (`box_distance`, foreground RoIs):
-        shadow:  KL_T(h -> t) + D(h, t) + lambda * [KL_T(h -> sg s) + D(h, sg s)]
-        student: lambda * [KL_T(s -> sg h) + D(s, sg h)]   (beside the detector's own four losses)
-    """
-    T = temperature
-    return {
-        'kl_shadow_teacher': teacher * kl_t(h_cls, t_cls, T),
-        'box_shadow_teacher': teacher * box_distance(h_box, t_box, labels, beta),
-        'kl_shadow_cls': mutual * kl_t(h_cls, s_cls.detach(), T),
-        'box_shadow_cls': mutual * box_distance(h_box, s_box.detach(), labels, beta),
-        'kl_cls_shadow': mutual * kl_t(s_cls, h_cls.detach(), T),
-        'box_cls_shadow': mutual * box_distance(s_box, h_box.detach(), labels, beta),
-    }
-
-
-def det_kd_loss(s_cls: torch.Tensor, s_box: torch.Tensor, h_cls: Optional[torch.Tensor],
-                h_box: Optional[torch.Tensor], t_cls: torch.Tensor, t_box: torch.Tensor, labels: torch.Tensor,
-                temperature: float = 1.0, teacher: float = 1.0, beta: float = 1 / 9) -> Terms:
-    """Logit and box distillation from the teacher straight to the student's predictor (no shadow head):
-    `KL_T(s -> t) + D(s, t)` on the same RoIs."""
-    return {'kl_cls_teacher': teacher * kl_t(s_cls, t_cls, temperature),
-            'box_cls_teacher': teacher * box_distance(s_box, t_box, labels, beta)}

@@ -54,9 +54,12 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     Args:
         resume: 'auto' (the newest checkpoint in the output directory, if any) or a checkpoint folder.
     """
+    family = family_of(cfg)
+    if not family.before_run(cfg, train):  # e.g. a detector's backbone pretrained on classification, by this function
+        return {}
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed, device_specific=True)
-    out, family = Path(cfg.train.output_dir), family_of(cfg)
+    out = Path(cfg.train.output_dir)
     splits = family.build_splits(cfg)
     student = family.build_student(cfg, len(splits.classes))
     identity = family.run_identity(cfg, student, acc.num_processes)
@@ -81,8 +84,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     trainer = Trainer(acc, task, optimizer, schedule, mixup=family.mixup(cfg, pipe), ema=ema, seed=cfg.train.seed,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
     health = Health(cfg, acc, splits.classes, d.updates_per_epoch * cfg.train.epochs, lambda m: log(acc, m))
-    if cfg.task == 'classification':  # before the first update: a broken teacher stops the run here
-        health.check_teachers(task, teachers, pipe.val_loader, getattr(task, 'cache', None))
+    family.check_teachers(health, task, teachers, pipe)  # before the first update: a broken teacher stops the run
     trainer.on_log = health.observe
     metric = cfg.ckpt.metric or family.best_metric(student)
     ckpt = Checkpointer(acc, out / 'checkpoints', ema, cfg.ckpt.keep_last, metric)

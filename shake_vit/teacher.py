@@ -67,7 +67,8 @@ def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
     if cfg.task != 'classification':  # (left out for classification: the records written before it existed)
         keep.update(task=cfg.task, det={k: v for k, v in cfg.det.items()  # the student-only keys left out
-                                        if k not in ('shadow_on', 'shadow_box_head', 'backbone_weights')})
+                                        if k not in ('shadow_on', 'shadow_box_head', 'backbone_weights',
+                                                     'backbone_fit')})
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 

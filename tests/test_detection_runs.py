@@ -146,3 +146,156 @@ def test_print_config_and_check_data_work_for_detection(coco, tmp_path):
     (corrupt / 'val2017/001.png').write_bytes(b'not a png')
     proc = main([*SMOKE, 'data.name=coco', f'data.root={corrupt}', '--check-data'], check=False)
     assert proc.returncode == 2 and '1 of 7 images cannot be read' in proc.stdout and 'val2017/001.png' in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------------ health checks
+
+def test_a_detection_teacher_far_below_its_record_stops_the_run(det_run, tmp_path):
+    out, _ = det_run
+    shutil.copy(out / 'teacher.safetensors', tmp_path / 'teacher.safetensors')
+    record = json.loads((out / 'teacher.json').read_text())
+    recorded = record['metrics']['teacher_ap'] + 50  # the file claims 50 points more than it scores
+    record['metrics']['teacher_ap'] = recorded
+    (tmp_path / 'teacher.json').write_text(json.dumps(record))
+    proc = main([*SMOKE, f'teacher.checkpoint={tmp_path / "teacher.safetensors"}',
+                 f'train.output_dir={tmp_path / "r"}'], check=False)
+    assert proc.returncode == 2, proc.stdout[-2000:]
+    assert 'The teacher check stopped the run before its first update' in proc.stderr
+    assert f'below the AP {recorded:.2f} its record holds' in proc.stderr
+    assert json.loads((tmp_path / 'r/health.json').read_text())['teacher']['status'] == 'failed'
+    # the same file with its true record passes, and the run reports the check
+    record['metrics']['teacher_ap'] = recorded - 50
+    (tmp_path / 'teacher.json').write_text(json.dumps(record))
+    main([*SMOKE, f'teacher.checkpoint={tmp_path / "teacher.safetensors"}', f'train.output_dir={tmp_path / "ok"}'])
+    assert results(tmp_path / 'ok')['health']['teacher']['status'] == 'ok'
+
+
+def test_a_detection_teacher_without_a_record_that_finds_nothing_stops_the_run(tmp_path):
+    """An untrained teacher file (no teacher.json beside it): AP50 near 0 is a broken teacher, not a weak one."""
+    from safetensors.torch import save_file
+
+    from shake_vit.detection.family import teacher_detector
+    cfg = load_config([str(ROOT / 'configs/det_quickstart.yaml'), str(ROOT / 'configs/smoke_det.yaml')])
+    torch.manual_seed(0)
+    save_file({k: v.contiguous() for k, v in teacher_detector(cfg, 11).state_dict().items()},
+              str(tmp_path / 'random.safetensors'))
+    proc = main([*SMOKE, f'teacher.checkpoint={tmp_path / "random.safetensors"}',
+                 f'train.output_dir={tmp_path / "r"}'], check=False)
+    assert proc.returncode == 2 and 'below 1 (health.det_min_ap50): it finds almost nothing' in proc.stderr
+
+
+def test_shadow_drift_and_a_stalled_detector_are_warned_with_what_to_try(tmp_path):
+    from accelerate import Accelerator
+
+    from shake_vit.health import Health
+    cfg = load_config([str(ROOT / 'configs/det_quickstart.yaml'), str(ROOT / 'configs/smoke_det.yaml')],
+                      [f'train.output_dir={tmp_path}'])
+    lines = []
+    health = Health(cfg, Accelerator(cpu=True), ['background', *'0123456789'], 100, lines.append)
+    healthy = {'monitor_shadow_kl': 0.004, 'monitor_fg_acc': 0.6, 'kl_shadow_teacher': 0.004, 'loss': 1.0}
+    health.observe(healthy, 10)
+    assert not lines and "stall" not in health.findings  # the stall check waits for 40% of the updates
+    health.observe({**healthy, "monitor_shadow_kl": 2.15, "monitor_fg_acc": 0.0}, 45)
+    drift, stall = health.findings['shadow_drift'], health.findings['stall']
+    assert drift['status'] == 'warning' and "KL from the teacher is 2.150, above 0.5" in drift['seen']
+    assert 'loss.shadow_anchor=1' in drift['try'] and 'loss.mutual_shadow' in drift['try']
+    assert stall['status'] == 'warning' and '0.0% of the foreground RoIs' in stall['seen']
+    assert 'det.backbone_weights' in stall['try']
+    assert len(lines) == 2 and all(line.startswith('health check ') for line in lines)
+    health.observe({**healthy, 'monitor_shadow_kl': 3.0}, 40)
+    assert len(lines) == 2  # each warned once
+    quiet = Health(cfg, Accelerator(cpu=True), ['background', *'0123456789'], 100, lines.append)
+    for update in (20, 60, 100):
+        quiet.observe(healthy, update)
+    assert quiet.findings['stall']['status'] == 'ok' and quiet.findings['shadow_drift']['status'] == 'ok'
+    assert 'largest 0.004' in quiet.findings['shadow_drift']['seen']
+
+
+def test_a_run_logs_each_sides_loss_sum_and_the_monitors(det_run):
+    out, proc = det_run
+    tags = scalar_tags(out)
+    for name in ('sum_student', 'sum_shadow', 'monitor_fg_acc', 'monitor_shadow_kl', 'anchor_classifier',
+                 'anchor_box_reg'):
+        assert any(tag == f'train/{name}' for tag in tags), name
+    health = results(out)['health']
+    assert health['teacher']['status'] == 'ok' and 'shadow_drift' in health and 'stall' in health
+
+
+# ------------------------------------------------------------------------------------------------- COCO holes
+
+def test_coco_says_what_it_clamps_drops_and_flags_and_refuses_missing_images_before_any_fit(coco, tmp_path):
+    cfg = load_config([str(ROOT / 'configs/det_quickstart.yaml'), str(ROOT / 'configs/smoke_det.yaml')],
+                      ['data.name=coco', f'data.root={coco}'])
+    import contextlib
+    import io
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        det_data.build_splits(cfg)
+    # train image 0: one crowd box, one running out of the image, one of zero width (helpers.write_coco)
+    assert ('COCO train: 6 boxes; 1 reach outside their image and are clamped to it, 1 are under a pixel wide or '
+            'high and dropped, 1 crowd boxes are left out of training') in printed.getvalue()
+    assert 'COCO val: 2 boxes; 0 reach outside' in printed.getvalue()
+    broken = write_coco(tmp_path / 'broken')
+    (broken / 'train2017/002.png').unlink()
+    proc = main([*SMOKE, 'data.name=coco', f'data.root={broken}', f'train.output_dir={tmp_path / "r"}'], check=False)
+    assert proc.returncode == 2 and '1 of the 4 images' in proc.stderr and '002.png' in proc.stderr
+    assert "remove those images' entries" in proc.stderr
+    assert not (tmp_path / 'r/teacher.safetensors').exists() and 'fitting the teacher' not in proc.stdout
+
+
+def test_coco_size_aps_read_the_annotations_area():
+    """COCO's small/medium/large split goes by the annotation's `area` (a mask's), not its box's."""
+    from torchmetrics.detection import MeanAveragePrecision
+    box = torch.tensor([[0.0, 0.0, 40.0, 40.0]])  # a 1600 px box: medium by its box
+    target = {'boxes': box, 'labels': torch.tensor([1]), 'iscrowd': torch.tensor([0])}
+    found = {'boxes': box, 'scores': torch.tensor([0.9]), 'labels': torch.tensor([1])}
+    for area, small in ((None, -1.0), (500.0, 100.0)):  # an area of 500 px (a thin object in its box): small
+        meter = MeanAveragePrecision(box_format='xyxy', iou_type='bbox', backend='pycocotools')
+        meter.update([found], [target if area is None else {**target, 'area': torch.tensor([area])}])
+        assert 100 * float(meter.compute()['map_small']) == pytest.approx(small)
+
+
+def test_the_coco_loader_hands_the_annotations_area_to_evaluation(coco):
+    cfg = load_config([str(ROOT / 'configs/det_quickstart.yaml'), str(ROOT / 'configs/smoke_det.yaml')],
+                      ['data.name=coco', f'data.root={coco}'])
+    splits = det_data.build_splits(cfg)
+    _, val_tf = det_data.build_transforms(cfg)
+    image, target = val_tf(*splits.val[0])
+    assert target['area'].tolist() == [32 * 20] and 'area' in det_data.collate([(image, target)])[1][0]
+    _, train_target = splits.train[0]
+    assert 'area' not in train_target and 'iscrowd' not in train_target
+
+
+# ------------------------------------------------------------------------------- the digits-pretrained backbone
+
+def test_the_digits_backbone_is_pretrained_once_and_a_wrong_backbone_file_is_refused(tmp_path):
+    """det.backbone_weights=digits: a classification run of this trainer on the training scenes' digits, reused by
+    the next run with the same settings; the detector's ResNet (frozen BatchNorm) starts from its weights."""
+    out = tmp_path / 'run'
+    args = [*SMOKE, 'loss.method=none', 'det.backbone_weights=digits', 'det.backbone_fit.epochs=1',
+            'det.backbone_fit.img_size=16', 'train.epochs=1', f'train.output_dir={out}']
+    first = main(args)
+    assert 'pretraining resnet18 on the digits of the training scenes' in first.stdout
+    assert "the student's backbone: digits" in first.stdout
+    record = json.loads((out / 'backbone/backbone.json').read_text())
+    assert record['record']['data']['val_fraction'] == 0.2 and record['record']['model']['name'] == 'resnet18'
+    pretrained = load_file(str(out / 'backbone/student.safetensors'))
+    student = load_file(str(out / 'student.safetensors'))
+    for key in ('bn1.running_mean', 'layer4.1.bn2.running_var'):  # frozen BatchNorm: what the pretraining left
+        assert torch.equal(student[f'detector.backbone.body.{key}'], pretrained[f'model.{key}']), key
+    again = main([*args, f'train.output_dir={out}', '--resume', 'auto'])
+    assert 'pretraining' not in again.stdout  # done and recorded: reused
+    shutil.rmtree(out / 'checkpoints')
+    changed = main([*args, 'det.backbone_fit.epochs=2'])
+    assert 'pretraining resnet18' in changed.stdout  # other settings: pretrained again
+    # a file of another ResNet, and a file for a torchvision detector, are refused with the fix
+    from safetensors.torch import save_file
+    from torchvision.models import resnet34
+    save_file(resnet34().state_dict(), str(tmp_path / 'r34.safetensors'))
+    wrong = main([*SMOKE, 'loss.method=none', f'det.backbone_weights={tmp_path / "r34.safetensors"}',
+                  f'train.output_dir={tmp_path / "wrong"}'], check=False)
+    assert wrong.returncode == 2 and "does not fit the detector's ResNet" in wrong.stderr
+    assert 'resnet18 for fasterrcnn_resnet18_fpn' in wrong.stderr
+    big = main([*SMOKE, 'loss.method=none', 'model.name=fasterrcnn_resnet50_fpn', 'det.backbone_weights=digits',
+                f'train.output_dir={tmp_path / "big"}'], check=False)
+    assert big.returncode == 2 and 'is for the small ResNet detectors' in big.stderr

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import Dataset
@@ -18,7 +19,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from ..config import ConfigError
-from ..data import Splits, read_image
+from ..data import BadImage, Splits, read_image
 
 Target = Dict[str, object]
 
@@ -97,11 +98,16 @@ class CocoImages(Dataset):
 
         class Reader(CocoDetection):
             def _load_image(self, id: int) -> Image.Image:
-                return read_image(str(Path(self.root) / self.coco.loadImgs(id)[0]['file_name']))
+                try:
+                    return read_image(str(Path(self.root) / self.coco.loadImgs(id)[0]['file_name']))
+                except BadImage as err:  # COCO data: the fix is in the json, not the folder
+                    raise BadImage(f"Cannot read the image {err.detail}. Replace the file, or remove its entry (and "
+                                   f"its annotations) from '{annotations}'; then continue with --resume auto.",
+                                   err.detail) from None
 
         self.keep_crowd = keep_crowd
         self.coco = wrap_dataset_for_transforms_v2(Reader(str(images), str(annotations)),
-                                                   target_keys=('boxes', 'labels', 'image_id', 'iscrowd'))
+                                                   target_keys=('boxes', 'labels', 'image_id', 'iscrowd', 'area'))
 
     def __len__(self) -> int:
         return len(self.coco)
@@ -114,14 +120,17 @@ class CocoImages(Dataset):
             target['boxes'] = tv_tensors.BoundingBoxes(torch.zeros(0, 4), format='XYXY', canvas_size=(h, w))
             target['labels'] = torch.zeros(0, dtype=torch.int64)
         crowd = torch.as_tensor(target.pop('iscrowd', torch.zeros(len(target['labels']))), dtype=torch.bool)
-        if self.keep_crowd:
-            return image, {**target, 'iscrowd': crowd.long()}
+        area = target.pop('area', None)
+        if self.keep_crowd:  # evaluation: COCO's size ranges read the annotation's own area (a mask's, not its box's)
+            extra = {} if area is None else {'area': torch.as_tensor(area, dtype=torch.float32)}
+            return image, {**target, 'iscrowd': crowd.long(), **extra}
         boxes = tv_tensors.wrap(target['boxes'][~crowd], like=target['boxes'])  # indexing drops the box type
         return image, {'boxes': boxes, 'labels': target['labels'][~crowd], 'image_id': target['image_id']}
 
 
-def _check_annotations(path: Path) -> Dict[int, str]:
-    """The categories of a COCO-format annotation file, after checking what would otherwise fail mid-run."""
+def _check_annotations(path: Path, images: Path, split: str) -> Tuple[Dict[int, str], str]:
+    """The categories of a COCO-format annotation file, after checking what would otherwise fail mid-run (every image
+    it names must exist, before any teacher is fitted), and one line on what the loader will change in its boxes."""
     if not path.is_file():
         raise ConfigError(f"The annotation file '{path}' does not exist: with data.name=coco, data.root holds "
                           'det.train_annotations / det.val_annotations (COCO\'s annotations/instances_train2017.json) '
@@ -129,10 +138,12 @@ def _check_annotations(path: Path) -> Dict[int, str]:
     try:
         coco = json.loads(path.read_text())
         categories = {int(c['id']): str(c['name']) for c in coco['categories']}
-        annotations, images = coco['annotations'], coco['images']
+        annotations, entries = coco['annotations'], coco['images']
+        sizes = {int(e['id']): (float(e['width']), float(e['height'])) for e in entries}
+        files = [e['file_name'] for e in entries]
     except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(f"'{path}' is not a COCO-format annotation file ({type(err).__name__}: {err}): it needs "
-                          "'images', 'annotations' and 'categories'.") from None
+                          "'images' (with id, file_name, width, height), 'annotations' and 'categories'.") from None
     if not categories or min(categories) < 1:
         raise ConfigError(f"'{path}': category ids must be 1 or more (0 is the detectors' background); found "
                           f'{sorted(categories)[:5]}.')
@@ -140,9 +151,32 @@ def _check_annotations(path: Path) -> Dict[int, str]:
     if unknown:
         raise ConfigError(f"'{path}': annotations use category ids {unknown[:10]} that its 'categories' list lacks: "
                           'add them there or remove those annotations.')
-    if not images:
+    if not entries:
         raise ConfigError(f"'{path}' lists no images.")
-    return categories
+    if images.is_dir():
+        missing = [f for f in files if not (images / f).is_file()]
+        if missing:
+            raise ConfigError(f"{len(missing)} of the {len(files)} images that '{path}' lists are not in '{images}' "
+                              f"(first: {', '.join(missing[:3])}): restore the files, or remove those images' entries "
+                              "(and their annotations) from the json's 'images' list.")
+    return categories, _box_report(annotations, sizes, split)
+
+
+def _box_report(annotations: List[Dict], sizes: Dict[int, Tuple[float, float]], split: str) -> str:
+    """What the loader does to a split's boxes, counted: boxes reaching outside their image are clamped to it, boxes
+    left under a pixel wide or high are dropped (torchvision's ClampBoundingBoxes, SanitizeBoundingBoxes), crowd
+    boxes are left out of training and kept, flagged, in evaluation (COCO's rule: detections on them are ignored)."""
+    clamped = dropped = crowd = 0
+    for a in annotations:
+        x, y, w, h = (float(v) for v in a['bbox'])
+        width, height = sizes.get(int(a['image_id']), (float('inf'), float('inf')))
+        x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, width), min(y + h, height)
+        clamped += (x0, y0, x1, y1) != (x, y, x + w, y + h)
+        dropped += x1 - x0 < 1 or y1 - y0 < 1
+        crowd += bool(a.get('iscrowd', 0))
+    use = 'left out of training' if split == 'train' else 'kept, flagged, for evaluation'
+    return (f'COCO {split}: {len(annotations)} boxes; {clamped} reach outside their image and are clamped to it, '
+            f'{dropped} are under a pixel wide or high and dropped, {crowd} crowd boxes are {use}')
 
 
 def coco_splits(cfg: DictConfig) -> Splits:
@@ -152,15 +186,17 @@ def coco_splits(cfg: DictConfig) -> Splits:
         raise ConfigError('data.name=coco needs data.root, the folder holding the annotation files and image folders '
                           '(data.root=/data/coco).')
     root, d = Path(cfg.data.root), cfg.det
-    train_cats = _check_annotations(root / d.train_annotations)
-    val_cats = _check_annotations(root / d.val_annotations)
-    if train_cats != val_cats:
-        raise ConfigError(f"The categories of '{root / d.train_annotations}' and '{root / d.val_annotations}' differ: "
-                          'both splits need the same category ids and names.')
     for folder in (d.train_images, d.val_images):
         if not (root / folder).is_dir():
             raise ConfigError(f"The image folder '{root / folder}' does not exist (det.train_images / det.val_images "
                               'are relative to data.root).')
+    train_cats, train_note = _check_annotations(root / d.train_annotations, root / d.train_images, 'train')
+    val_cats, val_note = _check_annotations(root / d.val_annotations, root / d.val_images, 'val')
+    if train_cats != val_cats:
+        raise ConfigError(f"The categories of '{root / d.train_annotations}' and '{root / d.val_annotations}' differ: "
+                          'both splits need the same category ids and names.')
+    if PartialState().is_main_process:
+        print(f'[shake-vit] {train_note}\n[shake-vit] {val_note}', flush=True)
     classes = ['background', *(train_cats.get(i, 'N/A') for i in range(1, max(train_cats) + 1))]
     return Splits(CocoImages(root / d.train_images, root / d.train_annotations),
                   CocoImages(root / d.val_images, root / d.val_annotations, keep_crowd=True), classes)
@@ -175,9 +211,11 @@ def build_splits(cfg: DictConfig) -> Splits:
 
 
 def _per_box(sample) -> Tuple[torch.Tensor, ...]:
-    """What SanitizeBoundingBoxes drops along with an empty box: its label, and its crowd flag where there is one."""
+    """What SanitizeBoundingBoxes drops along with an empty box: its label, and its crowd flag and area where there
+    are."""
     target = sample[1]
-    return (target['labels'], target['iscrowd']) if 'iscrowd' in target else target['labels']
+    extra = tuple(target[k] for k in ('iscrowd', 'area') if k in target)
+    return (target['labels'], *extra) if extra else target['labels']
 
 
 def build_transforms(cfg: DictConfig) -> Tuple[Callable, Callable]:
@@ -194,5 +232,5 @@ def collate(batch: List[Tuple[torch.Tensor, Target]]) -> Tuple[List[torch.Tensor
     """Images of any size and their targets, as lists (what torchvision's detectors take)."""
     images, targets = zip(*batch)
     plain = [{'boxes': t['boxes'].as_subclass(torch.Tensor), 'labels': t['labels'], 'image_id': t['image_id'],
-              **({'iscrowd': t['iscrowd']} if 'iscrowd' in t else {})} for t in targets]
+              **{k: t[k] for k in ('iscrowd', 'area') if k in t}} for t in targets]
     return [i.as_subclass(torch.Tensor) for i in images], plain

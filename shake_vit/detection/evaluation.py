@@ -37,7 +37,7 @@ def evaluate_detection(predict: Callable[[List[torch.Tensor]], Dict[str, Detecti
     with progress(loader, desc=desc, disable=not acc.is_local_main_process) as batches:
         for images, targets in batches:
             heads = predict(images)
-            batch = [{'target': {k: target[k].cpu() for k in ('boxes', 'labels', 'iscrowd') if k in target},
+            batch = [{'target': {k: target[k].cpu() for k in ('boxes', 'labels', 'iscrowd', 'area') if k in target},
                       'heads': {h: _cpu(dets[i]) for h, dets in heads.items()}} for i, target in enumerate(targets)]
             # per batch: on the last one Accelerate drops the samples its sampler repeated to even out the shards
             records += acc.gather_for_metrics(batch, use_gather_object=True)

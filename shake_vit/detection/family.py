@@ -6,7 +6,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
@@ -16,11 +16,11 @@ from .. import data as cls_data
 from .. import methods
 from ..build import Pipeline, finish, log, make_accelerator
 from ..checkpoint import STATE_FILE
-from ..config import ConfigError
+from ..config import ConfigError, derive
 from ..family import Family, Metrics
 from ..teacher import fitted_path, teacher_record, train_teacher
 from ..weights import WEIGHT_SUFFIXES, read_state_dict, read_weights
-from . import data
+from . import backbone, data
 from .evaluation import evaluate_detection, format_table
 from .models import DETECTORS, SMALL, DetectionStudent, build_detector, check_teacher
 from .task import DetectionTask, DetectorTask
@@ -55,8 +55,24 @@ def student_detector(cfg: DictConfig, num_classes: int) -> nn.Module:
 
 
 def teacher_detector(cfg: DictConfig, num_classes: int, weights: Optional[str] = None) -> nn.Module:
-    return build_detector(cfg.teacher.name, num_classes, det_settings(cfg, cfg.teacher.kwargs, 'teacher.kwargs'),
-                          weights=weights, key='teacher.pretrained' if weights else 'teacher.name')
+    """The teacher's architecture (`teacher.kwargs` over `det`). `det.backbone_weights` is the student's; a small
+    ResNet teacher fitted here starts from a pretrained backbone only when `teacher.kwargs.backbone_weights` names
+    a file or the digits pretraining (`fit_teacher` loads it): the same skeleton, frozen BatchNorm included, whether it
+    is fitted here or loaded."""
+    det = det_settings(cfg, cfg.teacher.kwargs, 'teacher.kwargs')
+    local = cfg.teacher.name in SMALL and backbone.is_file_source(cfg.teacher.kwargs.get('backbone_weights'))
+    return build_detector(cfg.teacher.name, num_classes, det, weights=weights,
+                          backbone_weights=det.backbone_weights if local else None,
+                          key='teacher.pretrained' if weights else 'teacher.name')
+
+
+def load_backbone(cfg: DictConfig, detector: nn.Module, det: DictConfig, log, who: str) -> None:
+    """A new detector's ResNet body from `det.backbone_weights` when that is a file or the digits pretraining."""
+    source = det.backbone_weights
+    if backbone.is_file_source(source):
+        backbone.load_body(detector.backbone.body, backbone.resnet_state(source, cfg), source)
+        where = f' ({backbone.digits_folder(cfg) / "student.safetensors"})' if source == backbone.DIGITS else ''
+        log(f"{who}'s backbone: {source}{where}, BatchNorm frozen")
 
 
 # the det keys a detector's weights depend on: a resumed run must match them
@@ -95,6 +111,27 @@ def load_weights(student: DetectionStudent, weights: Dict[str, torch.Tensor], pa
 class DetectionFamily(Family):
     name = 'detection'
 
+    def before_run(self, cfg: DictConfig, train) -> bool:
+        """`det.backbone_weights=digits`: the ResNet's classification pretraining on the training split's digits, a
+        classification run of this trainer in `<output_dir>/backbone/`, unless one with the same settings is done."""
+        arches = [SMALL[cfg.model.name]] if cfg.model.name in SMALL and cfg.det.backbone_weights == backbone.DIGITS \
+            else []
+        if (methods.of(cfg).needs_teacher and cfg.teacher.name in SMALL and not cfg.teacher.checkpoint
+                and cfg.teacher.kwargs.get('backbone_weights') == backbone.DIGITS):
+            arches.append(SMALL[cfg.teacher.name])
+        for run in backbone.prerequisites(cfg, arches):
+            main = PartialState().is_main_process
+            if main:
+                print(f'[shake-vit] det.backbone_weights=digits: pretraining {run.model.name} on the digits of the '
+                      f'training scenes ({run.train.epochs} epochs at {run.data.img_size} px) in '
+                      f'{run.train.output_dir}', flush=True)
+            results = train(run)
+            if not results:  # stopped by a signal: the detection run stops too (the same command resumes it)
+                return False
+            if main:
+                backbone.record_done(run, results)
+        return True
+
     def build_splits(self, cfg: DictConfig):
         return data.build_splits(cfg)
 
@@ -121,6 +158,7 @@ class DetectionFamily(Family):
         """`model.pretrained` as a local file: a torchvision detector's state dict, an export, or a run's weights of
         the same detector. A box predictor of another class count starts fresh (fine-tuning on new classes), as do
         shadow predictors the file lacks; every other tensor must fit."""
+        load_backbone(cfg, student.detector, cfg.det, log, 'the student')
         source = cfg.model.pretrained
         if not source:
             return
@@ -190,6 +228,10 @@ class DetectionFamily(Family):
             teacher.load_state_dict(load_file(str(fitted)))
         else:
             return []
+        # the AP its record holds (a teacher fitted here, or a file with its teacher.json beside it): the health check
+        record = Path(t.checkpoint or fitted).with_suffix('.json')
+        if not t.pretrained and record.is_file():
+            teacher.recorded_ap = json.loads(record.read_text()).get('metrics', {}).get('teacher_ap')
         return [frozen(teacher).to(acc.device)]
 
     def fit_teacher(self, cfg: DictConfig, acc: Accelerator, pipe: Pipeline) -> nn.Module:
@@ -205,25 +247,47 @@ class DetectionFamily(Family):
             teacher.load_state_dict(load_file(str(path)))
             return teacher
         log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs')
-        teacher = train_teacher(cfg, t, 0, acc, pipe, DetectorTask(teacher_detector(cfg, pipe.num_classes)))
+        skeleton = teacher_detector(cfg, pipe.num_classes)
+        if t.name in SMALL and backbone.is_file_source(t.kwargs.get('backbone_weights')):
+            load_backbone(cfg, skeleton, det_settings(cfg, t.kwargs, 'teacher.kwargs'), lambda m: log(acc, m),
+                          'the teacher')
+        teacher = train_teacher(cfg, t, 0, acc, pipe, DetectorTask(skeleton))
+        if acc.is_main_process:  # saved before its evaluation: an error there does not lose the fit
+            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
+            record_path.write_text(json.dumps({'record': record, 'metrics': {}}, indent=2))
         metrics = evaluate_detection(lambda images: {'teacher': teacher(images)}, pipe.val_loader, acc,
                                      desc='teacher eval')
         log(acc, f"fitted teacher: AP {metrics['teacher_ap']:.2f}, AP50 {metrics['teacher_ap50']:.2f} on "
                  f"{metrics['num_samples']} held-out images")
         if acc.is_main_process:
-            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
             record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
         acc.wait_for_everyone()
         acc.free_memory()
         return teacher
+
+    def check_teachers(self, health, task: DetectionTask, teachers: List[nn.Module], pipe: Pipeline) -> None:
+        """The teacher's AP on `health.teacher_images` validation images (evenly strided) against its record."""
+        if not teachers or not health.h.teacher:
+            return
+        dataset = pipe.val_loader.dataset
+        n = min(health.h.teacher_images, len(dataset))
+        index = [round(i * len(dataset) / n) for i in range(n)]
+        loader = health.acc.prepare(torch.utils.data.DataLoader(
+            torch.utils.data.Subset(dataset, index), batch_size=health.cfg.eval.batch_size, collate_fn=data.collate))
+        with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they would be without the check
+            metrics = evaluate_detection(lambda images: {'teacher': teachers[0](images)}, loader, health.acc,
+                                         desc='teacher check')
+        health.check_detection_teacher(metrics['teacher_ap'], metrics['teacher_ap50'],
+                                       getattr(teachers[0], 'recorded_ap', None), metrics['num_samples'])
 
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DetectionTask:
         inner = getattr(student, 'module', student)  # under DDP
         for teacher in teachers:
             check_teacher(teacher, inner, cfg.teacher.name)
         transform = inner.detector.transform
+        ramp = derive(cfg, 1, len(pipe.train_loader)).warmup_updates  # the batches of this process's share
         return DetectionTask(student, teachers[0] if teachers else None, methods.loss_fn(cfg), transform.image_mean,
-                             transform.image_std)
+                             transform.image_std, ramp_updates=ramp)
 
     def evaluate(self, student: DetectionStudent, ema, task: DetectionTask, loader, acc: Accelerator,
                  with_shadow: bool = True) -> Metrics:
@@ -351,4 +415,4 @@ def loading_code(name: str, num_classes: int, det: DictConfig, path: Path) -> st
     # num_batches_tracked: the same numbers in eval mode
     strict = '' if name in SMALL or not det.backbone_weights else ', strict=False'
     return (f'import torchvision\nfrom safetensors.torch import load_file\n{build}'
-            f"model.load_state_dict(load_file('{path}'){strict})\n")
+            f"model.load_state_dict(load_file('{path}'){strict})\nmodel.eval()\n")

@@ -21,6 +21,7 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from ..config import ConfigError
+from .backbone import is_file_source
 
 Detections = List[Dict[str, torch.Tensor]]  # per image: boxes [N, 4] XYXY, scores [N], labels [N]
 
@@ -40,10 +41,13 @@ def _common(det: DictConfig) -> Dict:
 def small_detector(arch: str, num_classes: int, det: DictConfig, backbone_weights: Optional[str] = None) -> FasterRCNN:
     """A torchvision ResNet-18/34 with an FPN of `det.fpn_channels` on its last three stages (plus a max-pooled
     level), anchors `det.anchor_sizes` (one per level), a `det.box_head_dim`-wide box head: torchvision's Faster
-    R-CNN at a size that trains on a CPU. ImageNet backbone weights freeze its BatchNorm, as torchvision does."""
+    R-CNN at a size that trains on a CPU. Pretrained backbone weights freeze its BatchNorm, as torchvision does;
+    torchvision's are read here, a file's or the digits pretraining's later (`backbone.load_body`)."""
+    local = is_file_source(backbone_weights)  # loaded later, into this skeleton (shake_vit/detection/backbone.py)
     weights = torchvision.models.get_weight(f'{arch.replace("resnet", "ResNet")}_Weights.{backbone_weights}') \
-        if backbone_weights else None
-    body = getattr(torchvision.models, arch)(weights=weights, norm_layer=FrozenBatchNorm2d if weights else None)
+        if backbone_weights and not local else None
+    body = getattr(torchvision.models, arch)(weights=weights,
+                                             norm_layer=FrozenBatchNorm2d if weights or local else None)
     n = det.trainable_backbone_layers  # as torchvision's _resnet_fpn_extractor: the last n stages train
     trainable = ['layer4', 'layer3', 'layer2', 'layer1', 'conv1'][:n] + (['bn1'] if n == 5 else [])
     for name, p in body.named_parameters():
@@ -76,6 +80,10 @@ def build_detector(name: str, num_classes: int, det: DictConfig, weights: Option
         return small_detector(SMALL[name], num_classes, det, backbone_weights)
     if name not in TORCHVISION:
         raise ConfigError(f"'{key}' is '{name}', not a detector here: choose one of {', '.join(DETECTORS)}.")
+    if is_file_source(backbone_weights):
+        raise ConfigError(f"det.backbone_weights='{backbone_weights}' (a file, or the digits pretraining) is for the "
+                          f"small ResNet detectors ({', '.join(SMALL)}); {name} takes torchvision's weights names "
+                          '(IMAGENET1K_V1), or a whole detector in model.pretrained.')
     try:
         model = getattr(torchvision.models.detection, name)(
             weights=weights, weights_backbone=backbone_weights, num_classes=None if weights else num_classes,
@@ -166,7 +174,8 @@ class DetectionStudent(nn.Module):
         s_cls, s_box = rh.box_predictor(box_features)  # [R, K + 1], [R, 4 (K + 1)]
         loss_classifier, loss_box_reg = fastrcnn_loss(s_cls, s_box, labels, regression_targets)
         out = {'losses': {**rpn_losses, 'loss_classifier': loss_classifier, 'loss_box_reg': loss_box_reg},
-               's_cls': s_cls, 's_box': s_box, 'labels': torch.cat(labels), 'teacher': None, 'shadows': []}
+               's_cls': s_cls, 's_box': s_box, 'labels': torch.cat(labels),
+               'regression_targets': torch.cat(regression_targets), 'teacher': None, 'shadows': []}
         if teacher is not None:
             t_cls, t_box, t_pooled, t_features = teacher(batch.tensors, proposals, batch.image_sizes)
             out['teacher'] = (t_cls, t_box)

@@ -6,6 +6,7 @@ import torch.nn as nn
 from einops import rearrange
 from timm.task import TrainingTask
 
+from ..detection_losses import RoIOutputs, monitors, side
 from ..methods import LossFn
 from .models import teacher_on_rois
 
@@ -23,11 +24,15 @@ class DetectionTask(TrainingTask):
         student_mean: the student's input normalisation (its GeneralizedRCNNTransform's), undone for a teacher
             that expects other statistics.
         student_std: likewise.
+        ramp_updates: the lr warm-up's updates, over which ramped weights (loss.ramp_*) grow from 0 to theirs.
     """
 
-    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], loss: LossFn, student_mean, student_std):
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module], loss: LossFn, student_mean, student_std,
+                 ramp_updates: int = 0):
         super().__init__(verbose=False)
         self.trainable_module, self.teacher, self.loss = student, teacher, loss
+        self.ramp_updates = ramp_updates
+        self.update = 0  # optimizer updates done: the trainer sets it before each step (shake_vit/engine.py)
         mean, std = (rearrange(torch.tensor(v, dtype=torch.float32), 'c -> c 1 1') for v in (student_mean,
                                                                                               student_std))
         self.register_buffer('student_mean', mean, persistent=False)
@@ -57,14 +62,25 @@ class DetectionTask(TrainingTask):
         return teacher_on_rois(self.teacher, x, proposals, image_sizes)
 
     def forward(self, images, targets) -> Dict[str, torch.Tensor]:
+        """The loss, its named terms (each trains either the student or the shadow: `detection_losses.side`), their
+        sums per side (`sum_student`, `sum_shadow`: what each set of parameters is trained on) and the monitors the
+        health checks read; only the terms add up to `loss`."""
         teacher = self.teacher_on_rois if self.teacher is not None else None
         out = self.trainable_module(images, targets, teacher)
         terms = dict(out['losses'])
+        o = RoIOutputs(out['s_cls'], out['s_box'], out['labels'], out['regression_targets'],
+                       out['losses']['loss_classifier'])
         if self.teacher is not None:
-            t_cls, t_box = out['teacher']
-            h_cls, h_box = out['shadows'][0] if out['shadows'] else (None, None)
-            terms.update(self.loss(out['s_cls'], out['s_box'], h_cls, h_box, t_cls, t_box, out['labels']))
-        return {'loss': sum(terms.values()), **terms}
+            o.t_cls, o.t_box = out['teacher']
+            o.h_cls, o.h_box = out['shadows'][0] if out['shadows'] else (None, None)
+            terms.update(self.loss(o, ramp=self.ramp()))
+        sums = {f'sum_{who}': sum((v for k, v in terms.items() if side(k) == who), o.s_cls.new_zeros(()))
+                for who in ('student', 'shadow')}
+        return {'loss': sum(terms.values()), **terms, **{k: v.detach() for k, v in sums.items()}, **monitors(o)}
+
+    def ramp(self) -> float:
+        """The share of the lr warm-up done (1 without a warm-up): ramped weights grow with it."""
+        return min(1.0, self.update / self.ramp_updates) if self.ramp_updates else 1.0
 
 
 class DetectorTask(TrainingTask):
