@@ -95,8 +95,10 @@ def summarise(records: dict, seeds: dict) -> dict:
                          'wall_s': statistics.median(r['wall_s'] for r in runs),
                          'images_per_sec': statistics.median(r['train_images_per_sec'] for r in runs)}
         if 'shadow_ap' in runs[0]:
-            summary[name]['shadow_ap'] = statistics.fmean(r['shadow_ap'] for r in runs)
-            summary[name]['shadow_ap_runs'] = [r['shadow_ap'] for r in runs]
+            shadow = [r['shadow_ap'] for r in runs]
+            d = paired(summary[name]['runs'], shadow)
+            summary[name].update(shadow_ap=statistics.fmean(shadow), shadow_ap_runs=shadow, student_vs_shadow={
+                'mean': d['mean'], 'lo': d['ci95'][0], 'hi': d['ci95'][1], 'n': d['n'], 'wins': d['wins']})
         summary[name]['baselines'] = (none, kd)
     for name, row in summary.items():
         for key, base in zip(('vs_none', 'vs_kd'), row['baselines']):
@@ -148,6 +150,9 @@ def report(summary: dict, teacher: dict, command: str, elapsed: float, seeds: di
                          f"{_ci(r.get('vs_none'))} | {_ci(r.get('vs_kd'))} | {shadow} | "
                          f"x{r.get('time_vs_none', float('nan')):.2f} | {r['images_per_sec']:.1f} |")
         lines.append('')
+    if 'shake' in summary:
+        lines += [f"SHAKE's shadow predictor (main rows): AP {summary['shake']['shadow_ap']:.2f}; the student's "
+                  f"predictor minus the shadow's: {_ci(summary['shake']['student_vs_shadow'])}.", '']
     return '\n'.join(lines) + '\n'
 
 

@@ -165,24 +165,39 @@ def test_cnn_shadow_report_pairs_by_seed():
 
 
 def test_detection_study_smoke_runs_every_method(tmp_path):
-    """One seed, two updates per epoch on tiny scenes: none, kd and shake train through the study's own jobs."""
+    """One seed, two updates per epoch on tiny scenes: the shared teacher and digits backbone, then none, kd and shake
+    through the study's own jobs."""
     run('benchmarks/detection.py', '--smoke', '--out', str(tmp_path))
     records = json.loads((tmp_path / 'runs.json').read_text())
-    assert set(records) == {'none_s0', 'kd_s0', 'shake_s0'}
+    assert set(records) == {'teacher', 'none_s0', 'kd_s0', 'shake_s0'}
     assert 'shadow_ap' in records['shake_s0'] and 'shadow_ap' not in records['kd_s0']
     assert 'teacher_ap' in records['kd_s0'] and 'teacher_ap' not in records['none_s0']
+    assert (tmp_path / 'runs/teacher/backbone/backbone.json').is_file()  # pretrained once, for every run
+    assert not (tmp_path / 'runs/none_s0/backbone').exists()
 
 
-def test_detection_report_pairs_by_seed():
+def test_detection_report_pairs_by_seed_within_a_setting():
     sys.path.insert(0, str(ROOT / 'benchmarks'))
     import detection
-    # method i scores AP 30 + i on seed 0 and 31 + i on seed 1; kd runs twice as long as none
-    records = {f'{m}_s{s}': {'student_ap': 30.0 + i + s, 'student_ap50': 60.0 + i, 'student_ap75': 20.0 + i,
-                             'shadow_ap': 29.0 + s, 'wall_s': 20.0 if m == 'kd' else 10.0,
-                             'train_images_per_sec': 5.0}
-               for i, m in enumerate(detection.METHODS) for s in range(2)}
-    text, summary = detection.report(records, seeds=2, teacher={'teacher_ap': 50.0, 'teacher_ap50': 80.0},
-                                     command='cmd', elapsed=60.0)
-    assert summary['shake']['vs_none']['mean'] == 2.0 and summary['shake']['vs_kd']['mean'] == 1.0
-    assert summary['kd']['time_vs_none'] == 2.0 and summary['shake']['student_vs_shadow']['mean'] == 3.0
-    assert '| SHAKE (shadow box predictor) | 32.50 +- 0.71 | 62.00 | 22.00 | 32.00, 33.00 |' in text
+    seeds = {'main': 2, 'old': 2, 'scratch': 2, 'switches': 2}
+    # row i scores AP 30 + i on seed 0 and 31 + i on seed 1; kd runs twice as long as none
+    records = {f'{name}_s{s}': {'student_ap': 30.0 + i + s, 'student_ap50': 60.0 + i, 'student_ap75': 20.0 + i,
+                                'wall_s': 20.0 if name == 'kd' else 10.0, 'train_images_per_sec': 5.0,
+                                **({'shadow_ap': 29.0 + s} if 'shake' in name else {})}
+               for i, name in enumerate(detection.ROWS) for s in range(2)}
+    order = list(detection.ROWS)
+    summary = detection.summarise(records, seeds)
+    assert summary['shake']['vs_none']['mean'] == order.index('shake') - order.index('none')
+    assert summary['shake']['vs_kd']['mean'] == order.index('shake') - order.index('kd')
+    assert summary['kd']['time_vs_none'] == 2.0
+    assert summary['shake']['student_vs_shadow']['mean'] == 1.0 + order.index('shake')
+    # a from-scratch row is paired with the from-scratch none and kd, not the main rows'
+    assert summary['scratch_shake']['vs_none']['mean'] == order.index('scratch_shake') - order.index('scratch_none')
+    text = detection.report(summary, {'teacher_ap': 50.0, 'teacher_ap50': 80.0, 'backbone_top1': 70.0}, 'cmd', 60.0,
+                            seeds)
+    label = detection.ROWS['shake'][0]
+    i = order.index('shake')
+    assert f'| {label} | {30.5 + i:.2f} +- 0.71 | {60.0 + i:.2f} | {20.0 + i:.2f} | {30.0 + i:.2f}, {31.0 + i:.2f} |' \
+        in text
+    partial = detection.summarise({k: v for k, v in records.items() if not k.startswith('kd_defeat')}, seeds)
+    assert 'kd_defeat' not in partial and 'shake' in partial  # a row missing a seed is left out, not half-reported

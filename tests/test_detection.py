@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers import ROOT, write_coco
 
-from shake_vit import losses
+from shake_vit import detection_losses as losses
 from shake_vit.config import ConfigError, load_config
 from shake_vit.detection import data as det_data
 from shake_vit.detection.family import DetectionFamily, student_detector
@@ -110,8 +110,9 @@ def test_coco_errors_name_the_file_and_the_fix(coco, tmp_path):
     corrupt = write_coco(tmp_path / 'corrupt')
     (corrupt / 'train2017/002.png').write_bytes(b'not a png')
     splits = det_data.build_splits(smoke_cfg('data.name=coco', f'data.root={corrupt}'))
-    with pytest.raises(Exception, match='002.png'):
+    with pytest.raises(Exception, match='002.png') as err:
         splits.train[2]
+    assert "remove its entry (and its annotations) from '" in str(err.value)  # COCO data: the fix is in the json
 
 
 # ----------------------------------------------------------------------------------------------- the evaluation
@@ -164,8 +165,7 @@ def test_the_teacher_scores_the_students_rois_row_for_row():
     t_cls, t_box = out['teacher']
     assert t_cls.shape == out['s_cls'].shape == (len(out['labels']), 11) and t_box.shape == (len(out['labels']), 44)
     assert torch.allclose(t_cls, out['s_cls'], atol=1e-5) and torch.allclose(t_box, out['s_box'], atol=1e-5)
-    task = DetectionTask(student, teacher, lambda *o: losses.det_kd_loss(*o), [0.485, 0.456, 0.406],
-                         [0.229, 0.224, 0.225]).eval()
+    task = DetectionTask(student, teacher, losses.det_kd_loss, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]).eval()
     torch.manual_seed(1)
     terms = task(images, targets)
     assert not task.renormalize

@@ -234,7 +234,8 @@ def test_coco_says_what_it_clamps_drops_and_flags_and_refuses_missing_images_bef
     # train image 0: one crowd box, one running out of the image, one of zero width (helpers.write_coco)
     assert ('COCO train: 6 boxes; 1 reach outside their image and are clamped to it, 1 are under a pixel wide or '
             'high and dropped, 1 crowd boxes are left out of training') in printed.getvalue()
-    assert 'COCO val: 2 boxes; 0 reach outside' in printed.getvalue()
+    assert ('COCO val: 5 boxes; 1 reach outside their image and are clamped to it, 1 are under a pixel wide or high '
+            'and dropped, 1 crowd boxes are kept, flagged, for evaluation') in printed.getvalue()
     broken = write_coco(tmp_path / 'broken')
     (broken / 'train2017/002.png').unlink()
     proc = main([*SMOKE, 'data.name=coco', f'data.root={broken}', f'train.output_dir={tmp_path / "r"}'], check=False)
@@ -249,7 +250,7 @@ def test_coco_size_aps_read_the_annotations_area():
     box = torch.tensor([[0.0, 0.0, 40.0, 40.0]])  # a 1600 px box: medium by its box
     target = {'boxes': box, 'labels': torch.tensor([1]), 'iscrowd': torch.tensor([0])}
     found = {'boxes': box, 'scores': torch.tensor([0.9]), 'labels': torch.tensor([1])}
-    for area, small in ((None, -1.0), (500.0, 100.0)):  # an area of 500 px (a thin object in its box): small
+    for area, small in ((None, -100.0), (500.0, 100.0)):  # -1 (x 100): no small object; an area of 500 px: small
         meter = MeanAveragePrecision(box_format='xyxy', iou_type='bbox', backend='pycocotools')
         meter.update([found], [target if area is None else {**target, 'area': torch.tensor([area])}])
         assert 100 * float(meter.compute()['map_small']) == pytest.approx(small)
@@ -261,7 +262,9 @@ def test_the_coco_loader_hands_the_annotations_area_to_evaluation(coco):
     splits = det_data.build_splits(cfg)
     _, val_tf = det_data.build_transforms(cfg)
     image, target = val_tf(*splits.val[0])
-    assert target['area'].tolist() == [32 * 20] and 'area' in det_data.collate([(image, target)])[1][0]
+    # image 0: its box, a crowd box, one running out of the image, one of zero width (dropped, with its area)
+    assert target['area'].tolist() == [32 * 20, 20 * 20, 30 * 30]
+    assert 'area' in det_data.collate([(image, target)])[1][0]
     _, train_target = splits.train[0]
     assert 'area' not in train_target and 'iscrowd' not in train_target
 

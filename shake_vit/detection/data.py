@@ -153,12 +153,14 @@ def _check_annotations(path: Path, images: Path, split: str) -> Tuple[Dict[int, 
                           'add them there or remove those annotations.')
     if not entries:
         raise ConfigError(f"'{path}' lists no images.")
-    if images.is_dir():
-        missing = [f for f in files if not (images / f).is_file()]
-        if missing:
-            raise ConfigError(f"{len(missing)} of the {len(files)} images that '{path}' lists are not in '{images}' "
-                              f"(first: {', '.join(missing[:3])}): restore the files, or remove those images' entries "
-                              "(and their annotations) from the json's 'images' list.")
+    if not images.is_dir():
+        raise ConfigError(f"The image folder '{images}' does not exist (det.train_images / det.val_images are "
+                          'relative to data.root).')
+    missing = [f for f in files if not (images / f).is_file()]
+    if missing:
+        raise ConfigError(f"{len(missing)} of the {len(files)} images that '{path}' lists are not in '{images}' "
+                          f"(first: {', '.join(missing[:3])}): restore the files, or remove those images' entries "
+                          "(and their annotations) from the json's 'images' list.")
     return categories, _box_report(annotations, sizes, split)
 
 
@@ -186,10 +188,6 @@ def coco_splits(cfg: DictConfig) -> Splits:
         raise ConfigError('data.name=coco needs data.root, the folder holding the annotation files and image folders '
                           '(data.root=/data/coco).')
     root, d = Path(cfg.data.root), cfg.det
-    for folder in (d.train_images, d.val_images):
-        if not (root / folder).is_dir():
-            raise ConfigError(f"The image folder '{root / folder}' does not exist (det.train_images / det.val_images "
-                              'are relative to data.root).')
     train_cats, train_note = _check_annotations(root / d.train_annotations, root / d.train_images, 'train')
     val_cats, val_note = _check_annotations(root / d.val_annotations, root / d.val_images, 'val')
     if train_cats != val_cats:
