@@ -302,3 +302,21 @@ def test_the_digits_backbone_is_pretrained_once_and_a_wrong_backbone_file_is_ref
     big = main([*SMOKE, 'loss.method=none', 'model.name=fasterrcnn_resnet50_fpn', 'det.backbone_weights=digits',
                 f'train.output_dir={tmp_path / "big"}'], check=False)
     assert big.returncode == 2 and 'is for the small ResNet detectors' in big.stderr
+
+
+def test_ramped_mutual_weights_start_at_zero_and_grow_over_the_warmup(tmp_path):
+    """The trainer tells the task its update count; loss.ramp_* scale their direction by the warm-up's share done."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / 'ramp'
+    main([*SMOKE, 'loss.ramp_student=true', 'loss.ramp_shadow=true', 'optim.warmup_epochs=1', 'train.epochs=2',
+          f'train.output_dir={out}'])  # 3 updates per epoch: a 3-update warm-up, a log point per update
+    values = {}
+    for events in out.rglob('events.out.tfevents.*'):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in ('train/kl_cls_shadow', 'train/kl_shadow_cls', 'train/kl_shadow_teacher'):
+            if tag in acc.Tags()['scalars']:
+                values[tag] = {e.step: e.value for e in acc.Scalars(tag)}
+    for tag in ('train/kl_cls_shadow', 'train/kl_shadow_cls'):
+        assert values[tag][1] == 0.0 and values[tag][4] > 0, values[tag]  # update 0: ramp 0; update 3 on: full
+    assert values['train/kl_shadow_teacher'][1] >= 0  # not ramped (0 only because the shadow starts as the teacher)
