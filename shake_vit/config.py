@@ -153,7 +153,8 @@ class TeacherCacheConfig:
 
 @dataclass
 class LossConfig:
-    method: str = 'shake'  # shake | deit_hard | deit_soft | kd | none | none_both_heads (shake_vit/methods.py)
+    method: str = 'shake'  # shake | deit_hard | deit_hard_cls | deit_soft | kd | none | none_both_heads
+    # (classification; detection: shake | kd | none; shake_vit/methods.py)
     temperature: Optional[float] = None  # null: the method's published default (shake 4, kd 4, deit_soft 1)
     mutual: float = 1.0  # shake: lambda, the weight of both mutual terms
     mutual_student: Optional[float] = None  # shake: the student <- shadow weight; null: loss.mutual
@@ -164,7 +165,7 @@ class LossConfig:
     standardize: bool = False  # shake: standardise logits first (authors' code)
     shadow_ce: float = 0.0  # shake: ground truth on the shadow head (authors' code: 1)
     direct_kd: float = 0.0  # shake: direct KL_T(s -> t)
-    deit_alpha: float = 0.5  # deit_hard / deit_soft: weight of the distillation term
+    deit_alpha: float = 0.5  # deit_hard / deit_hard_cls / deit_soft: weight of the distillation term
     deit_soft_reduction: str = 'batchmean'  # deit_soft's KL: batchmean (timm) | numel (DeiT's sum / numel: / classes)
     kd_alpha: float = 0.9  # kd: weight of the KL term (CRD protocol)
     box_beta: float = 0.1111111111111111  # detection: smooth-L1 beta of the box distance, torchvision's (1/9)

@@ -114,6 +114,16 @@ def deit_hard_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.T
     }
 
 
+def deit_hard_cls_loss(s: torch.Tensor, h: Optional[torch.Tensor], t: torch.Tensor, y: torch.Tensor, ce: Criterion,
+                       alpha: float = 0.5) -> Terms:
+    """Hard distillation on the class token alone, no distillation token (DeiT's ablation row, the SHAKE paper's
+    "hard 74.30"): `(1 - a) * CE(s, y) + a * CE(s, argmax t)`, no label smoothing on the teacher side."""
+    return {
+        'ce_cls': (1 - alpha) * ce(s, y),
+        'ce_cls_teacher': alpha * F.cross_entropy(s, t.argmax(dim=-1)),
+    }
+
+
 def deit_soft_loss(s: torch.Tensor, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor, ce: Criterion,
                    alpha: float = 0.5, temperature: float = 1.0, reduction: str = 'batchmean') -> Terms:
     """DeiT soft distillation: `(1 - a) * CE(s, y) + a * KL_T(h -> t)`; the KL's `reduction` as in `kl_t` (DeiT's

@@ -35,6 +35,7 @@ class Method:
         predict: the student's eval-mode output unless `model.predict` is set: 'cls' (the classification head, SHAKE's
             deliverable) or 'avg' (the average of all heads, DeiT's inference).
         family: the task family whose trainer runs it (the config's `task`).
+        argmax_only: whether the loss reads the teacher's top class alone.
     """
 
     name: str
@@ -46,6 +47,7 @@ class Method:
     several_teachers: bool = False
     predict: str = 'cls'
     family: str = 'classification'
+    argmax_only: bool = False  # reads only the teacher's top class (a teacher-output cache may hold just that)
 
 
 METHODS: Dict[str, Dict[str, Method]] = {}  # family -> name -> method
@@ -75,7 +77,11 @@ def _shake(c: DictConfig, T: float) -> LossFn:
 register(Method('shake', _shake, 'SHAKE (paper Eq. 5/6): shadow heads follow the teachers, mutual KL with the cls head',
                 temperature=4.0, several_teachers=True, predict='cls'))
 register(Method('deit_hard', lambda c, T: partial(losses.deit_hard_loss, alpha=c.deit_alpha),
-                "DeiT hard distillation: the distillation head learns the teacher's argmax", predict='avg'))
+                "DeiT hard distillation: the distillation head learns the teacher's argmax", predict='avg',
+                argmax_only=True))
+register(Method('deit_hard_cls', lambda c, T: partial(losses.deit_hard_cls_loss, alpha=c.deit_alpha),
+                "hard distillation on the class token alone, no distillation token (DeiT's ablation)",
+                trains_shadow=False, predict='cls', argmax_only=True))
 register(Method('deit_soft', lambda c, T: partial(losses.deit_soft_loss, alpha=c.deit_alpha, temperature=T,
                                                   reduction=c.deit_soft_reduction),
                 "DeiT soft distillation: the distillation head learns the teacher's softened output",

@@ -327,6 +327,10 @@ def build_student(cfg: DictConfig, num_classes: int) -> Student:
 
 def unknown_model_error(name: str, key: str) -> str:
     import difflib
+    crd_name = {k.lower(): v for k, v in crd.CRD_NAMES.items()}.get(name.lower())
+    if crd_name:  # CRD's own name for one of its CIFAR networks (resnet8x4, wrn_40_2, ShuffleV1, ...)
+        return (f"'{key}' is '{name}', CRD's name for a CIFAR network; registered here it is {crd_name}: "
+                f'{key}={crd_name}.')
     close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
     hint = f" Close matches: {', '.join(close)}." if close else ' `timm.list_models()` lists them.'
     return f"'{key}' is '{name}', which timm does not know.{hint}"

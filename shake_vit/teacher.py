@@ -42,6 +42,7 @@ class Normalisation:
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
     source: str
+    note: str = ''  # a warning for the log: statistics that may not be what the weights were trained with
 
     def describe(self) -> str:
         return (f"mean {[round(v, 4) for v in self.mean]}, std {[round(v, 4) for v in self.std]} ({self.source})")
@@ -166,15 +167,57 @@ def load_teacher(t: DictConfig, num_classes: int, data_norm: Sequence[Sequence[f
                           f'{num_classes}: give a teacher trained on these classes, map its classes to the data\'s '
                           'by name (teacher.class_map=auto), or drop teacher.checkpoint to let the trainer fit one '
                           'on the training split.')
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{t.name}' "
-                          f"({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs."
-                          f'{crd_hint(path)}') from None
-    fallback = Normalisation(tuple(data_norm[0]), tuple(data_norm[1]),
-                             "the data's, as the file records none; set teacher.mean/std if it was trained with others")
-    return freeze(model, _explicit(t) or recorded_normalisation(path) or fallback)
+    misfit = state_dict_misfit(model, state)
+    if misfit:
+        raise ConfigError(f"The teacher checkpoint '{path}' does not fit teacher.name='{t.name}' ({misfit}): check "
+                          f'teacher.name and teacher.kwargs.{fitting_network_hint(state, num_classes, path)}')
+    model.load_state_dict(state)
+    return freeze(model, _explicit(t) or recorded_normalisation(path) or file_normalisation(t, model, data_norm))
+
+
+def file_normalisation(t: DictConfig, model: nn.Module, data_norm: Sequence[Sequence[float]]) -> Normalisation:
+    """The statistics for a teacher file that records none, with `teacher.mean/std` unset. CRD's CIFAR networks were
+    all trained with CRD's CIFAR-100 statistics, which their `cifar_*` registration holds: those. Any other file gets
+    the data's; where its architecture's own `pretrained_cfg` says otherwise, the note says so (the caller warns)."""
+    data = Normalisation(tuple(data_norm[0]), tuple(data_norm[1]),
+                         "the data's, as the file records none; set teacher.mean/std if it was trained with others")
+    own = getattr(model, 'pretrained_cfg', None) or {}
+    if 'mean' not in own or 'std' not in own:
+        return data
+    own_mean, own_std = tuple(float(v) for v in own['mean']), tuple(float(v) for v in own['std'])
+    if t.name in CRD_NAMES.values():
+        return Normalisation(own_mean, own_std, f"CRD's CIFAR-100 statistics, which every CRD network was trained with "
+                             f"({t.name}'s pretrained_cfg; the file records none; teacher.mean/std override them)")
+    if (own_mean, own_std) != (data.mean, data.std):
+        return Normalisation(data.mean, data.std, data.source, note=(
+            f"the teacher file records no input statistics, so it gets the data's (mean {list(data.mean)}, std "
+            f"{list(data.std)}), while {t.name}'s pretrained_cfg has mean {list(own_mean)}, std {list(own_std)}; if it "
+            f'was trained with those, set teacher.mean={list(own_mean)} teacher.std={list(own_std)}'))
+    return data
+
+
+def state_dict_misfit(model: nn.Module, state: Dict[str, torch.Tensor]) -> str:
+    """'' when `state` fits `model` key for key and shape for shape, else the first missing, unexpected and
+    other-shaped keys (torch's own message lists them all and is cut off where it is read)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in state
+              if k in own and state[k].shape != own[k].shape]
+    parts = [f'{name} {keys[:4]}' + (f' and {len(keys) - 4} more' if len(keys) > 4 else '')
+             for name, keys in (('missing', missing), ('unexpected', unexpected), ('other shapes', shapes)) if keys]
+    return '; '.join(parts)
+
+
+def fitting_network_hint(state: Dict[str, torch.Tensor], num_classes: int, path: str) -> str:
+    """The registered CRD network whose keys and shapes the file has, wherever the file sits (built on the meta
+    device: no memory, no time), else CRD's folder name."""
+    for crd_name, name in CRD_NAMES.items():
+        with torch.device('meta'):
+            candidate = timm.create_model(name, num_classes=num_classes)
+        if not state_dict_misfit(candidate, state):
+            return f" The file holds CRD's {crd_name}: teacher.name={name}."
+    return crd_hint(path)
 
 
 def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pipe: Pipeline, task,
@@ -317,6 +360,8 @@ def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = 
         else:
             break
         describe_classes(teacher, t, source, pipe.splits.classes, acc)
+        if teacher.normalisation.note:
+            log(acc, f"warning: teacher{f' {index}' if index else ''} {t.name}: {teacher.normalisation.note}")
         same = tuple(teacher.normalisation.mean) == tuple(pipe.mean) and tuple(teacher.normalisation.std) == \
             tuple(pipe.std)
         log(acc, f"teacher{f' {index}' if index else ''} {t.name} receives inputs normalised with "

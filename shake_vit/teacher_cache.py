@@ -23,7 +23,7 @@ Formats (`teacher_cache.store`):
   1/T = 0): at T = 1, 2, 4 and 8 the softmax of the rebuilt logits gives the k classes their exact probabilities and
   the tail its exact total mass, spread evenly over its classes. What is lost is the shape of the tail; the error
   this leaves in the loss terms is pinned by tests/test_teacher_cache.py and measured in docs/benchmarks.md.
-- argmax: the teacher's class alone, which is all `deit_hard` reads.
+- argmax: the teacher's class alone, which is all `deit_hard` and `deit_hard_cls` read.
 """
 import hashlib
 import json
@@ -405,9 +405,9 @@ class Reader:
         if self.fmt.num_classes != num_classes:
             raise CacheError(f'teacher.cache={root} holds {self.fmt.num_classes} classes and the data has '
                              f'{num_classes}.')
-        if self.fmt.store == 'argmax' and cfg.loss.method != 'deit_hard':
-            raise CacheError(f"teacher.cache={root} holds the teacher's argmax alone, which serves deit_hard; "
-                             f'loss.method={cfg.loss.method} needs its logits: write a cache with '
+        if self.fmt.store == 'argmax' and not methods.of(cfg).argmax_only:
+            raise CacheError(f"teacher.cache={root} holds the teacher's argmax alone, which serves deit_hard and "
+                             f'deit_hard_cls; loss.method={cfg.loss.method} needs its logits: write a cache with '
                              'teacher_cache.store=full or topk.')
         if self.fmt.store == 'topk' and (cfg.loss.standardize or cfg.loss.teacher_loss == 'mse'):
             raise CacheError(f'teacher.cache={root} holds top-{self.fmt.k} logits with a shared tail, which keeps the '

@@ -143,7 +143,7 @@ def test_crds_vgg_skips_its_fourth_pool_at_32px_only():
 def test_a_crd_teacher_file_loads_by_name(tmp_path):
     """CRD's teachers: save/models/<name>_vanilla/ckpt_epoch_240.pth holding {'model': state_dict, 'optimizer': ...,
     'epoch': ..., 'accuracy': ...}. It loads into the registered network without renaming a key, read with
-    weights_only (no unpickling of code), and a wrong teacher.name is told which name the file looks like."""
+    weights_only (no unpickling of code), and a wrong teacher.name is told which network the file holds."""
     folder = tmp_path / 'save' / 'models' / 'wrn_40_2_vanilla'
     folder.mkdir(parents=True)
     crd = timm.create_model('cifar_wrn_40_2', num_classes=100)
@@ -159,7 +159,7 @@ def test_a_crd_teacher_file_loads_by_name(tmp_path):
     teacher = load_teacher(t, 100, (CIFAR100_MEAN, CIFAR100_STD))
     assert all(torch.equal(v, crd.state_dict()[k]) for k, v in teacher.model.state_dict().items())
     wrong = load_config(None, ['teacher.name=cifar_wrn_16_2', f'teacher.checkpoint={path}']).teacher
-    with pytest.raises(ConfigError, match="looks like CRD's wrn_40_2: teacher.name=cifar_wrn_40_2"):
+    with pytest.raises(ConfigError, match="holds CRD's wrn_40_2: teacher.name=cifar_wrn_40_2"):
         load_teacher(wrong, 100, (CIFAR100_MEAN, CIFAR100_STD))
 
 

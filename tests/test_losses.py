@@ -131,6 +131,25 @@ def test_deit_hard_uses_teacher_argmax_without_label_smoothing():
     assert terms['ce_shadow_teacher'].item() == pytest.approx(0.5 * F.cross_entropy(h, t.argmax(1)).item())
 
 
+def test_deit_hard_cls_distils_the_teacher_argmax_into_the_class_token_by_hand():
+    """DeiT's ablation row: 0.5 CE(s, y) + 0.5 CE(s, argmax t), both on the class token; teacher argmax [0, 1] here."""
+    s = f64(S).requires_grad_()
+    terms = losses.deit_hard_cls_loss(s, None, f64(TT), Y, ce, alpha=0.5)
+
+    def ce_by_hand(rows, labels):
+        return sum(math.log(sum(math.exp(v) for v in row)) - row[label] for row, label in zip(rows, labels)) / len(rows)
+    assert terms['ce_cls'].item() == pytest.approx(0.5 * ce_by_hand(S, [0, 1]), abs=1e-12)
+    assert terms['ce_cls_teacher'].item() == pytest.approx(0.5 * ce_by_hand(S, [0, 1]), abs=1e-12)
+    other = losses.deit_hard_cls_loss(f64(S), None, f64([[0.0, 0.0, 5.0], [5.0, 0.0, 0.0]]), Y, ce, alpha=0.25)
+    assert other['ce_cls_teacher'].item() == pytest.approx(0.25 * ce_by_hand(S, [2, 0]), abs=1e-12)
+    assert other['ce_cls'].item() == pytest.approx(0.75 * ce_by_hand(S, [0, 1]), abs=1e-12)
+    assert set(terms) == {'ce_cls', 'ce_cls_teacher'}  # no shadow head, no distillation token
+    torch.autograd.grad(sum(terms.values()), s)  # the class token's logits carry both terms
+    from shake_vit import methods
+    m = methods.get('deit_hard_cls')
+    assert m.needs_teacher and not m.trains_shadow and m.predict == 'cls' and m.argmax_only
+
+
 def test_deit_soft_and_kd_weights():
     s, h, t = f64(S), f64(H), f64(TT)
     soft = losses.deit_soft_loss(s, h, t, Y, ce, alpha=0.3, temperature=1.0)

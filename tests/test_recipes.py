@@ -44,6 +44,27 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
         assert recipe in first or recipe == 'quickstart.yaml', recipe
 
 
+def test_every_recipe_header_is_complete_names_its_reference_and_its_command_parses():
+    """A header ends on a whole sentence (a cut-off one lost its end in a refactor), says what number the recipe
+    should reach or that none is published, and its command is one train.py accepts."""
+    import re
+    import shlex
+
+    import train
+    for recipe in RECIPES:
+        lines = []
+        for line in (ROOT / 'configs' / recipe).read_text().splitlines():
+            if not line.startswith('#'):
+                break
+            lines.append(line.lstrip('#').strip())
+        text = ' '.join(lines[1:])
+        assert text.endswith(('.', ')')), (recipe, text[-80:])
+        assert re.search(r'(?i)paper|expected|publish|logs|reports', text), recipe
+        command = shlex.split(lines[0])
+        args = train.parse_args(command[command.index('train.py') + 1:])
+        assert args.config == [f'configs/{recipe}'] or recipe == 'quickstart.yaml', (recipe, args.config)
+
+
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_smoke_variant_of_every_recipe_runs(recipe, imagefolder, tmp_path):
     out = tmp_path / 'run'

@@ -88,3 +88,42 @@ def test_hub_weights_bring_their_pretrained_cfg_statistics_and_a_fit_from_them_t
     proc = main([*TINY, *STATS, 'teacher.pretrained=true', overlay, f'train.output_dir={tmp_path / "fit"}'])
     assert "(from timm's pretrained weights, new head)" in proc.stdout
     assert 'mean [0.2, 0.3, 0.4], std [0.5, 0.4, 0.3] (what it was fitted with)' in proc.stdout
+
+
+def test_a_crd_teacher_file_gets_crds_statistics_and_a_misnamed_one_names_its_network(tmp_path):
+    """A teacher file as CRD's train_teacher.py saves it ({'epoch', 'model', 'accuracy', 'optimizer'}), outside any
+    CRD folder: with no teacher.mean/std it is fed CRD's CIFAR-100 statistics (the cifar_* registration's), a wrong
+    teacher.name gets an error naming the registered network the file fits, and CRD's own names point to ours."""
+    from shake_vit.config import ConfigError
+    net = timm.create_model('cifar_resnet8x4', num_classes=10)
+    path = tmp_path / 'somewhere' / 'best.pth'
+    path.parent.mkdir()
+    torch.save({'epoch': 240, 'model': net.state_dict(), 'accuracy': 71.5,
+                'optimizer': torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9).state_dict()}, path)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    cfg = load_config(None, ['data.name=digits', 'teacher.name=cifar_resnet8x4'])
+    norm = load_teacher(cfg.teacher, 10, imagenet, str(path)).normalisation
+    assert norm.mean == (0.5071, 0.4867, 0.4408) and norm.std == (0.2675, 0.2565, 0.2761)
+    assert "CRD's CIFAR-100 statistics" in norm.source and not norm.note
+    explicit = load_config(None, ['data.name=digits', 'teacher.name=cifar_resnet8x4', 'teacher.mean=[0.5,0.5,0.5]',
+                                  'teacher.std=[0.25,0.25,0.25]'])
+    assert load_teacher(explicit.teacher, 10, imagenet, str(path)).normalisation.mean == (0.5, 0.5, 0.5)
+    wrong = load_config(None, ['data.name=digits', 'teacher.name=cifar_resnet8'])
+    with pytest.raises(ConfigError) as err:
+        load_teacher(wrong.teacher, 10, imagenet, str(path))
+    message = str(err.value)
+    assert "The file holds CRD's resnet8x4: teacher.name=cifar_resnet8x4." in message
+    assert "unexpected ['layer1.0.downsample.0.weight'" in message and "other shapes ['conv1.weight" in message
+    for name, key in (('resnet8x4', 'teacher.name'), ('ShuffleV1', 'model.name'), ('wrn_40_2', 'teacher.name')):
+        proc = main([*TINY, f'{key}={name}', f'train.output_dir={tmp_path / name}'], check=False)
+        assert proc.returncode == 2 and "CRD's name for a CIFAR network; registered here it is cifar_" in proc.stderr
+
+
+def test_a_file_without_a_record_whose_architecture_says_other_statistics_is_warned(tmp_path):
+    from shake_vit.teacher import file_normalisation
+    cfg = load_config(None, ['data.name=digits', 'teacher.name=resnet18'])
+    model = timm.create_model('resnet18', num_classes=10)
+    norm = file_normalisation(cfg.teacher, model, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))
+    assert norm.mean == (0.5, 0.5, 0.5) and 'teacher.mean=[0.485, 0.456, 0.406]' in norm.note
+    same = file_normalisation(cfg.teacher, model, ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    assert not same.note
