@@ -71,21 +71,41 @@ def print_config(cfg) -> None:
         print(f'# method: {method.name}, {method.summary}; '
               f"{f'temperature {methods.temperature(cfg):g}' if uses_t else 'no temperature'}; the student predicts "
               f'with {output}')
+    family = family_of(cfg)
+    check_architectures(family, cfg)
     try:
         offline = cfg.copy()
         offline.data.download = False  # printing a config never downloads a data set
-        splits = family_of(offline).build_splits(offline)
+        splits = family.build_splits(offline)
     except ConfigError as err:
         if state.is_main_process:
             print(f'# derived: {derive(cfg, state.num_processes, None).describe()}')
-            print(f'# data: not readable here ({err})')
+            why = ('not downloaded yet: data.download=true downloads it when the run starts (--print-config never '
+                   'downloads)') if cfg.data.download else f'not readable here ({err})'
+            print(f'# data: {why}')
         return
-    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index)
+    # the sampler the run's train loader has: the batches per epoch, hence the update counts, are the run's
+    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index, family.train_repeats)
     derived = derive(cfg, state.num_processes, len(sampler) // cfg.train.batch_size)
     if state.is_main_process:
         print(f'# derived: {derived.describe()}')
         print(f'# data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val images, '
               f'{len(splits.classes)} classes')
+
+
+def check_architectures(family, cfg) -> None:
+    """What the run checks from the config and the model registries alone, before any data or weights: every model
+    name, the patch grid, the method's heads. Built on the meta device (no memory, no initialisation) where the
+    architecture allows, else on the CPU with random weights. Raises the run's own ConfigError."""
+    import torch
+    num_classes = cfg.data.num_classes or (91 if cfg.task == 'detection' else 1000)  # the head's size does not matter
+    try:
+        with torch.device('meta'):
+            family.check_architectures(cfg, num_classes)
+    except ConfigError:
+        raise
+    except Exception:  # an architecture whose construction computes on its tensors
+        family.check_architectures(cfg, num_classes)
 
 
 def check_data(cfg) -> int:

@@ -159,14 +159,18 @@ def _run(args) -> dict:
     return job(*args)
 
 
-def study_args(doc: str, seeds: int, out: str, teacher_cache: bool = False, groups: str = '') -> argparse.Namespace:
+def study_args(doc: str, seeds: int, out: str, teacher_cache: bool = False, groups: str = '',
+               report_only: bool = False) -> argparse.Namespace:
     """The command line every seeded study takes: --seeds, --out, --docs, --smoke (and --teacher-cache, for a study
-    whose runs can read one; --groups, for a study run in parts, all of `groups` by default)."""
+    whose runs can read one; --groups, for a study run in parts, all of `groups` by default; --report-only, for one
+    whose records can be reported without running more)."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--seeds', type=int, default=seeds)
     p.add_argument('--out', default=out)
     p.add_argument('--docs', default=str(ROOT / 'docs' / 'results'))
     p.add_argument('--smoke', action='store_true', help='one seed, a few updates, no report; for the tests')
+    if report_only:
+        p.add_argument('--report-only', action='store_true', help='report the finished runs in OUT; run nothing')
     if groups:
         p.add_argument('--groups', default=groups, help='the groups of rows to run, comma-separated (default: all)')
     if teacher_cache:

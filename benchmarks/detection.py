@@ -66,7 +66,7 @@ def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, se
     fits the teacher and saves both), then every row of `groups` on its seeds, two runs at a time."""
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
     with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
-        teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
+        pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
                                                f'teacher.fit.epochs={teacher_epochs}'], out, study, base))
         shared = out / 'runs' / 'teacher'
         common = [f"teacher.checkpoint={shared / 'teacher.safetensors'}",
@@ -75,9 +75,14 @@ def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, se
                 for group in groups for s in range(seeds[group])
                 for name, (_, g, overrides) in ROWS.items() if g == group]
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
-    backbone = json.loads((shared / 'backbone' / 'backbone.json').read_text())
-    teacher = {**teacher, 'backbone_top1': backbone['top1']}
-    return teacher, records
+    return shared_records(out), records
+
+
+def shared_records(out: Path) -> dict:
+    """The shared teacher's record, with its backbone pretraining's top-1."""
+    teacher = json.loads((out / 'records' / 'teacher.json').read_text())
+    backbone = json.loads((out / 'runs' / 'teacher' / 'backbone' / 'backbone.json').read_text())
+    return {**teacher, 'backbone_top1': backbone['top1']}
 
 
 def summarise(records: dict, seeds: dict) -> dict:
@@ -157,7 +162,7 @@ def report(summary: dict, teacher: dict, command: str, elapsed: float, seeds: di
 
 
 def main() -> None:
-    args = study_args(__doc__, seeds=0, out='runs/detection_study', groups=','.join(GROUPS))
+    args = study_args(__doc__, seeds=0, out='runs/detection_study', groups=','.join(GROUPS), report_only=True)
     seeds = {g: (1 if args.smoke else (args.seeds or n)) for g, n in GROUPS.items()}
     groups = ['main'] if args.smoke else [g for g in args.groups.split(',') if g]
     unknown = [g for g in groups if g not in GROUPS]
@@ -170,7 +175,10 @@ def main() -> None:
         study = [s for s in study if not s.startswith('det.scenes')] + ['det.backbone_weights=digits']
     out = Path(args.out).resolve()
     begin = time.perf_counter()
-    teacher, records = run_rows(out, study, base, groups, 1 if args.smoke else TEACHER_EPOCHS, seeds)
+    if args.report_only:  # the report of the finished runs, e.g. after a study stopped part-way
+        teacher, records = shared_records(out), {}
+    else:
+        teacher, records = run_rows(out, study, base, groups, 1 if args.smoke else TEACHER_EPOCHS, seeds)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     everything = {json.loads(p.read_text())['name']: json.loads(p.read_text())
                   for p in (out / 'records').glob('*.json')}  # earlier calls' rows too

@@ -11,6 +11,13 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
+if ! command -v nvidia-smi >/dev/null 2>&1 || \
+   ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "benchmarks/gpu.sh needs an NVIDIA GPU: nvidia-smi and a CUDA build of PyTorch that sees the device" \
+       "(torch.cuda.is_available()). This machine has none; its CPU figures come from" \
+       "python benchmarks/step_throughput.py and python benchmarks/data_throughput.py (docs/benchmarks.md)." >&2
+  exit 2
+fi
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"

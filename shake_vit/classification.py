@@ -26,6 +26,13 @@ class ClassificationFamily(Family):
     def build_student(self, cfg: DictConfig, num_classes: int) -> Student:
         return build_student(cfg, num_classes)
 
+    def check_architectures(self, cfg: DictConfig, num_classes: int) -> None:
+        from .models import build_teacher_architecture
+        from .teacher import teacher_configs
+        build_student(cfg, num_classes)
+        for t in teacher_configs(cfg):
+            build_teacher_architecture(t, num_classes)
+
     def init_student(self, cfg: DictConfig, student: Student, log) -> None:
         if cfg.model.pretrained:
             notes = load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files)

@@ -52,7 +52,7 @@ def evaluate_student(student: Student, ema: Optional[ModelEmaV3], task: Distilla
 
 def format_table(metrics: Dict[str, float], predict: Optional[str] = None) -> str:
     """The evaluation as a table; `predict` ('cls' or 'avg') marks the head the student predicts with."""
-    rows = [('student cls head', 'cls'), ('shadow head', 'shadow'), ('average (DeiT)', 'avg')]
+    rows = [('student cls head', 'cls'), ('shadow head', 'shadow'), ('average of heads', 'avg')]  # DeiT's inference
     lines = [f"{'head':<20}{'top-1':>8}{'top-5':>8}", '-' * 36]
     for label, head in rows:
         for prefix, tag in (('', ''), ('ema_', '  EMA ')):

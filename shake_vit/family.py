@@ -18,6 +18,7 @@ class Family:
     """The interface; each method says what the runner expects of it."""
 
     name = ''
+    train_repeats = None  # repeated augmentation's copies per image in the train sampler; None: aug.repeated_aug
 
     def before_run(self, cfg: DictConfig, train: Callable[[DictConfig], Dict[str, Any]]) -> bool:
         """Runs a training run needs done first, trained with `train` (the runner's own; it returns {} when stopped
@@ -30,6 +31,11 @@ class Family:
 
     def build_student(self, cfg: DictConfig, num_classes: int) -> nn.Module:
         """The trainable module (the student and its shadow heads), fresh."""
+        raise NotImplementedError
+
+    def check_architectures(self, cfg: DictConfig, num_classes: int) -> None:
+        """Build what a run builds from the config alone (the student, the teachers' architectures), with random
+        weights and nothing downloaded, so that `--print-config` refuses what the run would (ConfigError)."""
         raise NotImplementedError
 
     def init_student(self, cfg: DictConfig, student: nn.Module, log) -> None:

@@ -85,10 +85,10 @@ class Health:
                        'the whole validation set, as the cache writer measured it')]
         else:
             scores = self._measure(task, teachers, val_loader)
-        for name, (top1, recorded, where) in zip(names, scores):
+        for name, (top1, recorded, where, *size) in zip(names, scores):
             if top1 is None:
                 continue
-            self._teacher(name, top1, recorded, chance, where)
+            self._teacher(name, top1, recorded, chance, where, *size)
 
     def _name(self, i: int) -> str:
         return 'teacher' if i == 0 else f'teacher_{i}'
@@ -109,10 +109,11 @@ class Health:
         with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they would be without the check
             metrics = evaluate(predict, loader, self.acc, desc='teacher check')
         where = f'{metrics["num_samples"]} validation images spread over the split'
-        return [(metrics['teacher_top1' if i == 0 else f'top1_teacher_{i}'], getattr(t, 'recorded_top1', None), where)
-                for i, t in enumerate(teachers)]
+        return [(metrics['teacher_top1' if i == 0 else f'top1_teacher_{i}'], getattr(t, 'recorded_top1', None), where,
+                 getattr(t, 'recorded_img_size', None)) for i, t in enumerate(teachers)]
 
-    def _teacher(self, name: str, top1: float, recorded: Optional[float], chance: float, where: str) -> None:
+    def _teacher(self, name: str, top1: float, recorded: Optional[float], chance: float, where: str,
+                 fitted_size: Optional[int] = None) -> None:
         floor = self.h.near_chance * chance
         values = {f'{name}_top1': top1}
         causes = ("its inputs are normalised otherwise than it was trained with (the log line 'teacher ... receives "
@@ -121,6 +122,11 @@ class Health:
                   '(teacher.checkpoint)')
         remedy = ('check those three; a teacher for other classes can be refitted on yours by dropping '
                   'teacher.checkpoint; health.teacher=false trains anyway')
+        size = self.cfg.data.img_size
+        if fitted_size is not None and fitted_size != size:  # the likeliest cause, named first
+            causes = (f'it was fitted at {fitted_size} px and this run feeds it {size} px (data.img_size); or ' + causes)
+            remedy = (f'run at data.img_size={fitted_size}, or refit the teacher at {size} px (a new train.output_dir, '
+                      'or drop teacher.checkpoint); ' + remedy.replace('check those three', 'else check the others'))
         if recorded is not None and top1 < recorded - self.h.max_drop:
             raise self._fail(name, f'{name} scores {top1:.2f}% top-1 on {where}, {recorded - top1:.1f} points below '
                              f'the {recorded:.2f}% its file records (chance: {chance:.2f}%)', causes, remedy, values)

@@ -275,7 +275,7 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
                   metadata={'mean': json.dumps(list(norm.mean)), 'std': json.dumps(list(norm.std)),
                             'classes': json.dumps(list(pipe.splits.classes)),
-                            'top1': json.dumps(metrics['teacher_top1'])})
+                            'top1': json.dumps(metrics['teacher_top1']), 'img_size': json.dumps(cfg.data.img_size)})
         record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
     acc.wait_for_everyone()
     acc.free_memory()  # drop Accelerate's references so the student's checkpoints hold the student alone
@@ -289,6 +289,7 @@ def describe_classes(teacher: DistillationTeacher, t: DictConfig, path: Optional
     from . import classmap
     teacher.class_names = classmap.teacher_names(t, teacher.model, path)
     teacher.recorded_top1 = recorded_top1(path)
+    teacher.recorded_img_size = recorded_img_size(path)
     if t.class_map:
         if teacher.class_names is None:
             raise ConfigError('teacher.class_map needs the teacher\'s class names: set teacher.class_names to a file '
@@ -311,6 +312,20 @@ def recorded_top1(path: Optional[str]) -> Optional[float]:
     record = Path(path).with_suffix('.json')
     if record.is_file():
         return json.loads(record.read_text()).get('metrics', {}).get('teacher_top1')
+    return None
+
+
+def recorded_img_size(path: Optional[str]) -> Optional[int]:
+    """The image size a teacher fitted here was fitted at: its metadata, or the record beside it."""
+    if not path or not str(path).endswith('.safetensors') or not Path(path).is_file():
+        return None
+    with safe_open(str(path), framework='pt') as f:
+        meta = f.metadata() or {}
+    if 'img_size' in meta:
+        return int(json.loads(meta['img_size']))
+    record = Path(path).with_suffix('.json')
+    if record.is_file():
+        return json.loads(record.read_text()).get('record', {}).get('data', {}).get('img_size')
     return None
 
 

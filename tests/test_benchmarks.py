@@ -1,5 +1,6 @@
 """The benchmark scripts run (one step, tiny models), so they cannot rot; their figures live in docs/benchmarks.md."""
 import json
+import os
 import subprocess
 import sys
 
@@ -201,3 +202,13 @@ def test_detection_report_pairs_by_seed_within_a_setting():
         in text
     partial = detection.summarise({k: v for k, v in records.items() if not k.startswith('kd_defeat')}, seeds)
     assert 'kd_defeat' not in partial and 'shake' in partial  # a row missing a seed is left out, not half-reported
+
+
+def test_gpu_script_refuses_without_a_gpu_naming_what_it_needs(tmp_path):
+    import shutil
+    if shutil.which('nvidia-smi'):
+        pytest.skip('this machine has nvidia-smi')
+    proc = subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, 'OUT': str(tmp_path / 'out')})
+    assert proc.returncode == 2 and 'needs an NVIDIA GPU' in proc.stderr and 'step_throughput.py' in proc.stderr
+    assert not (tmp_path / 'out').exists() and not proc.stdout  # no stage ran on the CPU

@@ -236,7 +236,7 @@ def test_what_the_student_predicts_with_picks_the_best_checkpoint_the_table_mark
     top1_avg, the table marks that row, and --export writes the two-head DeiT unless told otherwise."""
     out = tmp_path / 'deit_hard'
     proc = main([*TINY, 'loss.method=deit_hard', f'teacher.checkpoint={teacher_file}', f'train.output_dir={out}'])
-    assert [line for line in proc.stdout.splitlines() if '<- the model' in line][0].startswith('average (DeiT)')
+    assert [line for line in proc.stdout.splitlines() if '<- the model' in line][0].startswith('average of heads')
     state = json.loads(next((out / 'checkpoints').glob('update_*/trainer_state.json')).read_text())
     assert state['best_of'] == 'top1_avg' and state['best'] == state['metrics']['top1_avg']
     exported = main(['--export', str(out), '--export-dir', str(tmp_path / 'exported')])

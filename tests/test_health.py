@@ -73,6 +73,17 @@ def test_a_teacher_fed_the_wrong_statistics_stops_the_run(good_teacher, tmp_path
     assert 'teacher.mean/std override it' in proc.stderr
 
 
+def test_a_teacher_fitted_at_another_image_size_is_stopped_with_that_cause_first(good_teacher, tmp_path):
+    """The good teacher was fitted at 32 px; at 48 px it scores far below its record, and the message says why."""
+    with safe_open(str(good_teacher), framework='pt') as f:
+        assert json.loads(f.metadata()['img_size']) == 32
+    proc = run(tmp_path, f'teacher.checkpoint={good_teacher}', 'data.img_size=48', check=False)
+    assert proc.returncode == 2 and 'The teacher check stopped the run' in proc.stderr, proc.stderr[-2000:]
+    causes = proc.stderr[proc.stderr.index('Likely causes:'):]
+    assert causes.startswith('Likely causes: it was fitted at 32 px and this run feeds it 48 px (data.img_size)')
+    assert 'Try: run at data.img_size=32, or refit the teacher at 48 px' in proc.stderr
+
+
 def test_a_teacher_without_a_record_near_chance_stops_the_run(good_teacher, tmp_path):
     state = load_file(str(good_teacher))
     state['head.fc.weight'] = torch.zeros_like(state['head.fc.weight'])  # a constant output: 10% top-1

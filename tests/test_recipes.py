@@ -44,6 +44,18 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
         assert recipe in first or recipe == 'quickstart.yaml', recipe
 
 
+@pytest.mark.parametrize('override, message', [
+    ('model.name=deit_tiny_distiled_patch16_224', "which timm does not know. Close matches: deit_tiny_distilled"),
+    ('data.img_size=30', 'is not a multiple of the patch size 16x16'),
+    ('model.predict=avg loss.method=kd', "model.predict=avg averages the shadow heads with the cls head, but "
+     "loss.method='kd' trains no shadow head"),
+    ('teacher.name=resnet8x4', "CRD's name for a CIFAR network; registered here it is cifar_resnet8x4"),
+])
+def test_print_config_refuses_what_the_run_would_before_any_data(override, message):
+    proc = main(['--config', IMAGENET_SHAKE, '--print-config', *override.split()], check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-1000:]
+
+
 def test_every_recipe_header_is_complete_names_its_reference_and_its_command_parses():
     """A header ends on a whole sentence (a cut-off one lost its end in a refactor), says what number the recipe
     should reach or that none is published, and its command is one train.py accepts."""
@@ -67,8 +79,13 @@ def test_every_recipe_header_is_complete_names_its_reference_and_its_command_par
 
 @pytest.mark.parametrize('recipe', RECIPES)
 def test_smoke_variant_of_every_recipe_runs(recipe, imagefolder, tmp_path):
+    """... and --print-config of the same command derives the update counts and lr the run then uses."""
     out = tmp_path / 'run'
-    main(['--config', f'configs/{recipe}', *smoke_args(recipe, imagefolder), f'train.output_dir={out}'])
+    args = ['--config', f'configs/{recipe}', *smoke_args(recipe, imagefolder), f'train.output_dir={out}']
+    printed = main([*args, '--print-config']).stdout
+    derived = printed[printed.index('# derived: ') + len('# derived: '):].splitlines()[0]
+    proc = main(args)
+    assert f'; {derived}' in proc.stdout, (derived, [line for line in proc.stdout.splitlines() if 'processes' in line])
     r = results(out)
     assert r['epochs'] == 2 and r['num_samples'] > 0
     cfg = load_config([str(out / 'config.yaml')])

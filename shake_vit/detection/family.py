@@ -110,6 +110,7 @@ def load_weights(student: DetectionStudent, weights: Dict[str, torch.Tensor], pa
 
 class DetectionFamily(Family):
     name = 'detection'
+    train_repeats = 1  # no repeated augmentation for detectors
 
     def before_run(self, cfg: DictConfig, train) -> bool:
         """`det.backbone_weights=digits`: the ResNet's classification pretraining on the training split's digits, a
@@ -148,6 +149,13 @@ class DetectionFamily(Family):
         return DetectionStudent(student_detector(cfg, num_classes), num_shadow=int(method.trains_shadow),
                                 own_box_head=cfg.det.shadow_box_head, shadow_on=on, shadow_width=width,
                                 shadow_box_head=head)
+
+    def check_architectures(self, cfg: DictConfig, num_classes: int) -> None:
+        offline = cfg.copy()  # the architectures alone: no torchvision weights are read or downloaded
+        offline.det.backbone_weights, offline.model.pretrained = None, None
+        self.build_student(offline, num_classes)
+        if methods.of(cfg).needs_teacher:
+            teacher_detector(offline, num_classes)
 
     def start_from_teachers(self, cfg: DictConfig, student: DetectionStudent, teachers: List[nn.Module]) -> None:
         if student.shadow_on == 'teacher' and teachers:
@@ -200,7 +208,7 @@ class DetectionFamily(Family):
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
         train_tf, val_tf = data.build_transforms(cfg)
         train = cls_data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, joint=True,
-                                      collate_fn=data.collate, repeats=1)
+                                      collate_fn=data.collate, repeats=self.train_repeats)
         val = acc.prepare(cls_data.eval_loader(cfg, splits.val, val_tf, joint=True, collate_fn=data.collate))
         return Pipeline(splits, train, val, None, None)
 
