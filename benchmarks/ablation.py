@@ -79,7 +79,7 @@ def job(name: str, overrides: List[str], out: Path, study: List[str], base: Unio
     from shake_vit.runner import train
     cfg = _config(overrides, out, study, base, name)
     start = time.perf_counter()
-    results = train(cfg)
+    results = train(cfg, resume='auto')  # a job an earlier call left unfinished continues where it stopped
     record = {'name': name, 'overrides': overrides, 'wall_s': time.perf_counter() - start,
               **{k: v for k, v in results.items() if isinstance(v, (int, float))}}  # every head's metrics
     record_path.parent.mkdir(parents=True, exist_ok=True)

@@ -216,6 +216,7 @@ class TrainConfig:
     ema: bool = False
     ema_decay: float = 0.99996
     compile: bool = False  # torch.compile the student (Accelerate's dynamo backend 'inductor')
+    overwrite: bool = False  # a new run into a folder holding another run's checkpoints / results removes them first
     trust_pickled_files: bool = False  # allow checkpoints that need arbitrary unpickling (only for trusted files)
     cpu_threads: int = 0  # CPU-only runs: 0 = the machine's cores shared by its processes, -1 = leave as launched
     log_with: List[str] = field(default_factory=lambda: ['tensorboard'])  # Accelerate's trackers: tensorboard, wandb,

@@ -124,7 +124,7 @@ class Health:
                   'teacher.checkpoint; health.teacher=false trains anyway')
         size = self.cfg.data.img_size
         if fitted_size is not None and fitted_size != size:  # the likeliest cause, named first
-            causes = (f'it was fitted at {fitted_size} px and this run feeds it {size} px (data.img_size); or ' + causes)
+            causes = f'it was fitted at {fitted_size} px and this run feeds it {size} px (data.img_size); or {causes}'
             remedy = (f'run at data.img_size={fitted_size}, or refit the teacher at {size} px (a new train.output_dir, '
                       'or drop teacher.checkpoint); ' + remedy.replace('check those three', 'else check the others'))
         if recorded is not None and top1 < recorded - self.h.max_drop:

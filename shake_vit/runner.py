@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
+from . import run_folder
 from .build import build_optimization, finish, log, make_accelerator
 from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fault_hook, latest_checkpoint, \
     read_progress
@@ -19,7 +20,8 @@ from .preemption import StopRequest
 
 
 def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
-    """Refuse, before anything expensive (a teacher fit) starts, a checkpoint of another student or process count."""
+    """Refuse, before anything expensive (a teacher fit) starts, a checkpoint of another run: another student,
+    process count or config identity (run_folder.identity)."""
     if saved.get('num_processes', current['num_processes']) != current['num_processes']:
         raise CheckpointError(
             f"Checkpoint {path} was written by {saved['num_processes']} processes and this run has "
@@ -27,11 +29,13 @@ def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) 
             'streams and the global batch depend on it), or start a new run from its weights with '
             f'model.pretrained={path / "model.safetensors"}.')
     diffs = [f'{k}: checkpoint {saved.get(k)!r}, config {v!r}' for k, v in current.items()
-             if k != 'num_processes' and saved.get(k) != v]
+             if k not in ('num_processes', 'config') and saved.get(k) != v]
     if diffs:
         raise CheckpointError(f'Checkpoint {path} does not match the configuration ({"; ".join(diffs)}). Resume with '
                               'the config the run was started with, or start a new run with model.pretrained='
                               f'{path / "model.safetensors"}.')
+    if 'config' in saved:  # checkpoints written before the identity was recorded: their architecture alone
+        run_folder.check_same_run(saved['config'], current['config'], path)
 
 
 def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
@@ -54,16 +58,22 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     Args:
         resume: 'auto' (the newest checkpoint in the output directory, if any) or a checkpoint folder.
     """
-    family = family_of(cfg)
+    family, out = family_of(cfg), Path(cfg.train.output_dir)
+    start = resolve_resume(resume, out / 'checkpoints')
+    if start is None:
+        run_folder.claim(cfg)  # one run per folder: refuses another run's folder, or clears it with train.overwrite
+    else:
+        at = read_progress(start).epoch
+        if at > cfg.train.epochs:
+            raise CheckpointError(f'Checkpoint {start} is at epoch {at}, past train.epochs={cfg.train.epochs}: resume '
+                                  f'with the epoch count the run was started with (its config.yaml), or more.')
     if not family.before_run(cfg, train):  # e.g. a detector's backbone pretrained on classification, by this function
         return {}
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed, device_specific=True)
-    out = Path(cfg.train.output_dir)
     splits = family.build_splits(cfg)
     student = family.build_student(cfg, len(splits.classes))
-    identity = family.run_identity(cfg, student, acc.num_processes)
-    start = resolve_resume(resume, out / 'checkpoints')
+    identity = {**family.run_identity(cfg, student, acc.num_processes), 'config': run_folder.identity(cfg)}
     if start is not None:
         check_resumable(read_progress(start).run, identity, start)
     else:  # a resumed run has its weights in the checkpoint

@@ -2,6 +2,7 @@
 
 Configuration errors are checked in this process (`helpers.main`, what `python train.py` runs); the kill tests need
 a process to kill and run train.py as one."""
+import json
 import os
 import shutil
 import subprocess
@@ -186,3 +187,37 @@ def test_a_corrupt_image_names_the_file_and_the_last_checkpoint_stays_usable(ima
     assert 'all 68 images of imagefolder are readable' in main([*run, '--check-data']).stdout
     main([*run, 'train.epochs=2', '--resume', 'auto'])
     assert results(out)['epochs'] == 2
+
+
+def test_one_run_per_folder_a_second_run_refuses_or_overwrites_cleanly(teacher_file, tmp_path):
+    """A new run aimed at a folder that holds another run stops with the choices; train.overwrite=true removes the
+    other run's files first, so the folder's checkpoints, --eval and results.json all speak of the new run."""
+    out = tmp_path / 'run'
+    first = [*TINY, f'teacher.checkpoint={teacher_file}', f'train.output_dir={out}']
+    main(first)
+    proc = fails([*first, 'train.seed=1'], f"train.output_dir '{out}' holds another run (checkpoints up to "
+                 'update_00000003, results.json, student.safetensors)', 'Continue that run with --resume auto',
+                 f'train.output_dir={out}_2', 'train.overwrite=true')
+    assert 'resumed from' not in proc.stdout
+    main([*first, 'train.seed=1', 'train.overwrite=true'])
+    from shake_vit.checkpoint import complete_checkpoints
+    assert [p.name for p in complete_checkpoints(out / 'checkpoints')] == ['update_00000003']
+    second = results(out)
+    main(['--eval', str(out)])
+    evaluated = json.loads((out / 'checkpoints' / 'update_00000003' / 'eval.json').read_text())
+    assert evaluated['top1_cls'] == pytest.approx(second['top1_cls'])
+
+
+def test_resume_auto_refuses_a_checkpoint_of_another_run_naming_the_keys(teacher_file, tmp_path):
+    out = tmp_path / 'run'
+    first = [*TINY, f'teacher.checkpoint={teacher_file}', f'train.output_dir={out}', 'train.epochs=2',
+             'train.max_updates_per_epoch=2']
+    main([*first, 'train.epochs=1'])  # stopped after epoch 1, as if preempted
+    proc = main([*first, 'optim.lr=0.5', 'aug.smoothing=0.2', '--resume', 'auto'], check=False)
+    message = ' '.join(proc.stderr.split())  # the paragraph, unwrapped
+    assert proc.returncode == 2 and 'belongs to another run than this config describes' in message, message
+    assert 'aug.smoothing: checkpoint 0.0, config 0.2; optim.lr: checkpoint 0.001, config 0.5' in message
+    assert 'its config.yaml' in message and 'resumed from' not in proc.stdout
+    # what a resume may change: more epochs, another log interval, a moved data folder, other eval settings
+    proc = main([*first, 'train.log_interval=2', 'eval.batch_size=50', 'data.num_workers=0', '--resume', 'auto'])
+    assert 'resumed from' in proc.stdout and results(out)['epochs'] == 2

@@ -42,7 +42,7 @@ def digits_config(cfg: DictConfig, arch: str) -> DictConfig:
         f'model.name={arch}', 'loss.method=none', 'optim.opt=adamw', f'optim.lr={f.lr}', 'optim.weight_decay=0.05',
         'optim.warmup_epochs=1', f'train.epochs={f.epochs}', f'train.batch_size={f.batch_size}',
         f'train.seed={cfg.train.seed}', f'train.output_dir={digits_folder(cfg)}', 'train.log_interval=10',
-        f'train.cpu_threads={cfg.train.cpu_threads}', 'train.log_with=[]', 'ckpt.keep_last=1',
+        f'train.cpu_threads={cfg.train.cpu_threads}', 'train.log_with=[]', 'ckpt.keep_last=1', 'train.overwrite=true',
         f'eval.interval={f.epochs}',
         # the classification quick start's augmentation (configs/quickstart.yaml): DeiT's mixup, cutmix, RandAugment,
         # erasing and repeated augmentation left the ResNet-18 at 74% top-1 after 15 epochs
