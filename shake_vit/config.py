@@ -348,9 +348,10 @@ def _explain(err: OmegaConfBaseException, base: DictConfig, source: str) -> Conf
     return ConfigError(f'Could not read the configuration from {source}: {str(err).splitlines()[0]}')
 
 
-def _recipe_chain(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
+def _recipe_chain(path: Path, seen: Sequence[Path] = (), first: bool = False) -> List[tuple]:
     """A recipe and the recipes it builds on, base first: a top-level `_base_: other.yaml` (relative to the file)
-    lets a recipe hold only its deltas from another recipe."""
+    lets a recipe hold only its deltas from another recipe. A file marked `_add_on_: RECIPE` (the smoke overlays) is
+    refused as the `first` file: it completes a recipe."""
     if not path.is_file():
         raise ConfigError(f"Config file '{path}' does not exist. Recipes live in configs/, e.g. "
                           'configs/quickstart.yaml.')
@@ -361,6 +362,10 @@ def _recipe_chain(path: Path, seen: Sequence[Path] = ()) -> List[tuple]:
     except Exception as err:  # YAML syntax errors come from the yaml package
         raise ConfigError(f"Could not parse '{path}': {str(err).splitlines()[0]}") from None
     base = recipe.pop('_base_', None) if isinstance(recipe, DictConfig) else None
+    add_on = recipe.pop('_add_on_', None) if isinstance(recipe, DictConfig) else None
+    if add_on and not seen and first:  # an overlay given where a recipe belongs
+        raise ConfigError(f"'{path}' is an add-on to a recipe, not a recipe of its own: give a recipe before it, as "
+                          f'in --config {add_on} --config {path}.')
     chain = _recipe_chain(path.parent / base, [*seen, path.resolve()]) if base else []
     return [*chain, (path, recipe)]
 
@@ -403,8 +408,8 @@ def load_config(paths: Union[None, str, Sequence[str]] = None, overrides: Sequen
     cfg = OmegaConf.structured(Config)
     OmegaConf.set_struct(cfg, True)
     _open_free_form(cfg)
-    for path in [paths] if isinstance(paths, str) else (paths or []):
-        for source, layer in _recipe_chain(Path(path)):
+    for index, path in enumerate([paths] if isinstance(paths, str) else (paths or [])):
+        for source, layer in _recipe_chain(Path(path), first=index == 0):
             try:
                 cfg = OmegaConf.merge(cfg, layer)
                 _open_free_form(cfg)

@@ -44,6 +44,25 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
         assert recipe in first or recipe == 'quickstart.yaml', recipe
 
 
+def test_the_readmes_smoke_lines_run_as_documented_and_an_overlay_alone_says_what_it_is(tmp_path):
+    """The README's smoke commands paste and run: the ImageNet ones on random images as written (the CIFAR and
+    detection lines are what test_smoke_variant_of_every_recipe_runs runs, so here they only resolve)."""
+    import shlex
+    lines = [line for line in (ROOT / 'README.md').read_text().splitlines()
+             if line.startswith('python train.py --config configs/') and '--config configs/smoke' in line]
+    assert len(lines) == 4, lines
+    for i, line in enumerate(lines):
+        args = [*shlex.split(line)[2:], f'train.output_dir={tmp_path / str(i)}']
+        if 'in1k' in line:
+            main(args)
+            assert results(tmp_path / str(i))['num_samples'] > 0
+        else:
+            main([*args, '--print-config'])
+    for overlay in sorted((ROOT / 'configs').glob('smoke*.yaml')):
+        proc = main(['--config', f'configs/{overlay.name}', '--print-config'], check=False)
+        assert proc.returncode == 2 and 'is an add-on to a recipe, not a recipe of its own' in proc.stderr, overlay
+
+
 @pytest.mark.parametrize('override, message', [
     ('model.name=deit_tiny_distiled_patch16_224', "which timm does not know. Close matches: deit_tiny_distilled"),
     ('data.img_size=30', 'is not a multiple of the patch size 16x16'),
