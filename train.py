@@ -16,6 +16,7 @@
 """
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +129,9 @@ def main(argv=None) -> int:
     from shake_vit.checkpoint import CheckpointError
     from shake_vit.data import BadImage
     from shake_vit.engine import NonFiniteLoss
+    # An error in the config is the same in every process: one of them says it. Errors met while running (a bad
+    # image in one process's share) are said by the process that met them.
+    said_once = int(os.environ.get('RANK', '0')) != 0
     try:
         if args.eval or args.export:
             from shake_vit.family import family_of
@@ -140,6 +144,7 @@ def main(argv=None) -> int:
                                       args.export_format)
             return 0
         cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
+        said_once = False
         if args.print_config:
             print_config(cfg)
             return 0
@@ -154,7 +159,8 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError) as err:
         if args.debug:
             raise
-        print(f'error: {BadImage.reason(err) if isinstance(err, BadImage) else err}', file=sys.stderr)
+        if not said_once:
+            print(f'error: {BadImage.reason(err) if isinstance(err, BadImage) else err}', file=sys.stderr)
         return 2
     except NonFiniteLoss as err:
         if args.debug:

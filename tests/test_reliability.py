@@ -221,3 +221,17 @@ def test_resume_auto_refuses_a_checkpoint_of_another_run_naming_the_keys(teacher
     # what a resume may change: more epochs, another log interval, a moved data folder, other eval settings
     proc = main([*first, 'train.log_interval=2', 'eval.batch_size=50', 'data.num_workers=0', '--resume', 'auto'])
     assert 'resumed from' in proc.stdout and results(out)['epochs'] == 2
+
+
+def test_under_accelerate_launch_an_error_is_one_paragraph():
+    """The Quick start's launch settings: no launcher warnings, the trainer's paragraph alone; with two processes a
+    config error is said once."""
+    launch = ['accelerate', 'launch', '--config_file', 'configs/accelerate/one_process.yaml', '-q', 'train.py']
+    proc = subprocess.run([*launch, 'train.epoch=3'], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
+    assert proc.returncode == 1 and lines == ["error: Unknown config key 'train.epoch' (from override "
+                                              "'train.epoch=3'). Did you mean 'train.epochs'?"], lines
+    two = subprocess.run(['accelerate', 'launch', '--multi_gpu', '--num_processes', '2', '-q', 'train.py',
+                          'train.epoch=3'], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, 'CUDA_VISIBLE_DEVICES': ''})
+    assert two.returncode == 1 and two.stderr.count('error: Unknown config key') == 1, two.stderr[-2000:]
