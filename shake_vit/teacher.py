@@ -30,7 +30,7 @@ from .config import ConfigError, derive
 from .engine import Trainer, evaluate
 from .models import build_teacher_architecture, cifar_stem, unknown_model_error
 from .optim import build_optimizer, build_schedule
-from .weights import read_state_dict
+from .weights import offline_unless_reachable, read_state_dict
 
 RECORD_KEYS = ('mean', 'std')  # what a fitted teacher's .safetensors records in its metadata
 
@@ -88,6 +88,7 @@ def build_teacher_model(t: DictConfig, num_classes: int, pretrained: bool = Fals
     if not timm.is_model(t.name):
         raise ConfigError(unknown_model_error(t.name, 'teacher.name'))
     kwargs = OmegaConf.to_container(t.kwargs, resolve=True)
+    offline_unless_reachable()
     try:
         model = timm.create_model(t.name, pretrained=True, **(dict(num_classes=num_classes) if new_head else {}),
                                   **kwargs)

@@ -5,7 +5,10 @@ or export folder, for `--eval` and `--export`), `config_for` (the config a check
 `load_pretrained` fits ViT/DeiT weights of another image size, patch size, class count or token layout into the
 student, and refuses weights of another width or depth with an error that names both architectures.
 """
+import functools
 import re
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -22,6 +25,27 @@ from .config import ConfigError, load_config
 
 StateDict = Dict[str, torch.Tensor]
 WEIGHT_SUFFIXES = ('.safetensors', '.pth', '.pt', '.bin', '.ckpt', '.tar')  # what names a weights file
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a connection (asked once per process); HF_HUB_OFFLINE=1 means no."""
+    import huggingface_hub.constants as hub
+    if hub.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urllib.parse.urlparse(hub.ENDPOINT).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def offline_unless_reachable() -> None:
+    """Before timm fetches hub weights: without a network, the hub's offline mode, so that timm reads weights already
+    in the local cache, or fails at once (about 50 s of retries, and as many warning lines, otherwise)."""
+    if not hub_reachable():
+        import huggingface_hub.constants as hub
+        hub.HF_HUB_OFFLINE = True
 
 
 def read_state_dict(path: str, trusted: bool = False) -> StateDict:
@@ -57,6 +81,7 @@ def pretrained_state_dict(source: str, trusted: bool = False) -> StateDict:
             state = {k[len('model.'):]: v for k, v in state.items() if k.startswith('model.')}
         return state
     if timm.is_model(source) and '.' in source:
+        offline_unless_reachable()
         try:
             return timm.create_model(source, pretrained=True).state_dict()
         except Exception as err:  # offline, unknown tag, HTTP errors
