@@ -1,7 +1,7 @@
 """Does SHAKE beat the baselines? A k-fold, multi-seed ablation on digits, with the paper's sensitivity grid.
 
     python benchmarks/ablation.py                 # the quick start's protocol, 4 folds x 3 seeds x 6 methods
-    python benchmarks/ablation.py --protocol short --out runs/ablation   # the 20-epoch protocol (66 min, with grid)
+    python benchmarks/ablation.py --protocol short --sens-seeds 1 --out runs/ablation   # 20 epochs, lambda x T (66 min)
     python benchmarks/ablation.py --smoke         # one fold, one seed, 4 updates (tests/test_benchmarks.py runs it)
     python benchmarks/ablation.py --teacher-cache # the same runs, each fold and seed's teacher outputs written once
 

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from timm.data import resolve_model_data_config
 from timm.loss import create_classification_loss
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from . import data
 from .config import ConfigError, derive, flat_hparams, mixup_active, save_config
@@ -72,7 +73,10 @@ def tracker_list(names, out: Path) -> list:
 
 
 def log(acc: Accelerator, message: str) -> None:
-    acc.print(f'[shake-vit] {message}')
+    """A line on the main process, written past any progress bar (tqdm clears the bar, writes, and redraws it): a
+    health warning raised mid-epoch gets its own line."""
+    if acc.is_main_process:
+        tqdm.write(f'[shake-vit] {message}')
 
 
 def finish(acc: Accelerator) -> None:
