@@ -288,8 +288,7 @@ def test_the_digits_backbone_is_pretrained_once_and_a_wrong_backbone_file_is_ref
         assert torch.equal(student[f'detector.backbone.body.{key}'], pretrained[f'model.{key}']), key
     again = main([*args, f'train.output_dir={out}', '--resume', 'auto'])
     assert 'pretraining' not in again.stdout  # done and recorded: reused
-    shutil.rmtree(out / 'checkpoints')
-    changed = main([*args, 'det.backbone_fit.epochs=2'])
+    changed = main([*args, 'det.backbone_fit.epochs=2', 'train.overwrite=true'])
     assert 'pretraining resnet18' in changed.stdout  # other settings: pretrained again
     # a file of another ResNet, and a file for a torchvision detector, are refused with the fix
     from safetensors.torch import save_file

@@ -45,7 +45,7 @@ def test_one_process_with_plain_python_reuses_the_fitted_teacher(tmp_path):
     out = tmp_path / 'one'
     first = python_train([*TINY, f'train.output_dir={out}'])  # a new interpreter, no launcher
     assert 'fitting the teacher test_byobnet' in first.stdout
-    second = main([*TINY, f'train.output_dir={out}', 'loss.method=deit_hard'])
+    second = main([*TINY, f'train.output_dir={out}', 'loss.method=deit_hard', 'train.overwrite=true'])
     assert 'reusing the teacher fitted earlier' in second.stdout
     r = results(out)
     assert r['num_samples'] == DIGITS_VAL
