@@ -137,6 +137,7 @@ def main(argv=None) -> int:
             from shake_vit.family import family_of
             from shake_vit.weights import config_for
             cfg = config_for(args.eval or args.export, args.config, args.overrides)
+            said_once = False
             if args.eval:
                 family_of(cfg).evaluate_checkpoint(args.eval, cfg)
             else:

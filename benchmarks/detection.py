@@ -129,7 +129,7 @@ def report(summary: dict, teacher: dict, command: str, elapsed: float, seeds: di
              f'{date.today().isoformat()}; {elapsed / 60:.0f} min of study time in all.', '',
              'Protocol: configs/det_quickstart.yaml with `det.scenes=[640,200]`: 640 training scenes, 200 test '
              'scenes (128 px, 1-4 digits each, from disjoint digit images). One ResNet-18 FPN teacher (FPN 128, box '
-             f'head 256) fitted for {TEACHER_EPOCHS} epochs from the digits-pretrained backbone (test AP '
+             f'head 256) fitted for {TEACHER_EPOCHS} epochs from scratch, as the quick start fits it (test AP '
              f"{teacher['teacher_ap']:.2f}, AP50 {teacher['teacher_ap50']:.2f}), shared by every run; the backbone "
              f"pretraining (ResNet-18 on the training scenes' digits, 32 px): top-1 {teacher['backbone_top1']:.2f}% "
              f'on the held-out digits. A narrower student (FPN 64, box head 128), {STUDENT_EPOCHS} epochs (480 '

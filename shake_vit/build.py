@@ -7,6 +7,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from omegaconf import DictConfig
 from timm.data import resolve_model_data_config
 from timm.loss import create_classification_loss
@@ -79,11 +80,23 @@ def log(acc: Accelerator, message: str) -> None:
         tqdm.write(f'[shake-vit] {message}')
 
 
-def finish(acc: Accelerator) -> None:
+def finish(acc: Accelerator, keep_process_group: bool = False) -> None:
     """Close the trackers and the process group on every process at once: a process that tears its group down
-    while a peer still writes the run's files can abort the peer's gloo connection."""
+    while a peer still writes the run's files can abort the peer's gloo connection.
+
+    With `keep_process_group` (a run that another run in the same processes follows: a detector's backbone
+    pretraining), the group stays and Accelerate's per-run state is cleared, so that the next run's Accelerator takes
+    its own mixed precision, compilation and accumulation. Accelerate keeps that state in process-wide singletons and
+    offers no public way to start over; its `_reset_state` is what its own tests use.
+    """
     acc.wait_for_everyone()
-    acc.end_training()
+    if not keep_process_group:
+        acc.end_training()
+        return
+    for tracker in acc.trackers:
+        tracker.finish()
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 @dataclass

@@ -81,7 +81,9 @@ class DetWeights:
 
 
 def side(name: str) -> str:
-    """'shadow' for a term that trains the shadow predictor only, else 'student'."""
+    """'shadow' for a shadow-side term, else 'student'. With `det.shadow_on=teacher` (the default) the stop-gradients
+    make the split exact: a shadow-side term trains the shadow alone. With `det.shadow_on=student` the shadow reads the
+    student's box features, so its terms also reach the student's box head and backbone."""
     return 'shadow' if name.startswith(('kl_shadow', 'box_shadow', 'anchor_')) else 'student'
 
 
@@ -126,10 +128,14 @@ def balanced_kl(s: torch.Tensor, target: torch.Tensor, labels: torch.Tensor, w: 
 
 
 def student_terms(o: RoIOutputs, cls: torch.Tensor, box: torch.Tensor, target: str, weight,
-                  w: DetWeights) -> Terms:
+                  w: DetWeights, ramp: float = 1.0) -> Terms:
     """What pulls the student's predictor toward `cls` / `box` (the teacher's in KD, the shadow's in SHAKE) with
-    `weight`; under 'chen' also the detector's own cross-entropy, rescaled to `label_weight`."""
-    terms = {'loss_classifier': w.label_weight * o.loss_classifier} if w.balance == 'chen' else {}
+    `weight`; under 'chen' also the detector's own cross-entropy, rescaled to `label_weight`. `ramp` (the share of
+    a ramped weight in force) moves the cross-entropy's share from 1 to `label_weight` with it, so the two weights
+    sum to one throughout the warm-up."""
+    terms = {}
+    if w.balance == 'chen':
+        terms['loss_classifier'] = (1 - (1 - w.label_weight) * ramp) * o.loss_classifier
     terms[f'kl_cls_{target}'] = weight * balanced_kl(o.s_cls, cls, o.labels, w)
     if w.box == 'distance':
         terms[f'box_cls_{target}'] = weight * box_distance(o.s_box, box, o.labels, w.beta)
@@ -167,7 +173,8 @@ def det_shake_loss(o: RoIOutputs, w: DetWeights = DetWeights(), ramp: float = 1.
         terms['kl_shadow_cls'] = to_shadow * kl_t(h_cls, o.s_cls.detach(), T)
         terms['box_shadow_cls'] = to_shadow * box_distance(h_box, o.s_box.detach(), o.labels, w.beta)
     if w.to_student:
-        terms.update(student_terms(o, h_cls.detach(), h_box.detach(), 'shadow', to_student, w))
+        terms.update(student_terms(o, h_cls.detach(), h_box.detach(), 'shadow', to_student, w,
+                                   ramp if w.ramp_student else 1.0))
     return terms
 
 

@@ -26,7 +26,8 @@ RUN_FILES = ('checkpoints', 'results.json', 'student.safetensors', 'health.json'
 RESUME_MAY_CHANGE = ('train.output_dir', 'train.epochs', 'train.log_interval', 'train.log_with', 'train.cpu_threads',
                      'train.trust_pickled_files', 'train.overwrite', 'data.root', 'data.num_workers',
                      'data.pin_memory', 'data.download', 'ckpt.', 'eval.', 'health.', 'teacher.checkpoint',
-                     'teacher.cache', 'teacher_cache.', 'model.pretrained', 'det.backbone_weights')
+                     'teacher.cache', 'teacher_cache.')  # (model.pretrained and det.backbone_weights decide the
+# detectors' BatchNorm and which layers train: they stay)
 
 
 def previous_run(out: Path) -> List[str]:
@@ -43,6 +44,8 @@ def claim(cfg: DictConfig) -> None:
     """Before a new (not resumed) run builds anything: refuse a folder holding another run, or with
     `train.overwrite=true` remove that run's files (the main process; the others wait)."""
     out = Path(cfg.train.output_dir)
+    state = PartialState()
+    state.wait_for_everyone()  # every process looks at the folder before the main one may clear it
     found = previous_run(out)
     if not found:
         return
@@ -55,7 +58,6 @@ def claim(cfg: DictConfig) -> None:
                           f'Continue that run with --resume auto, start this one in a new folder '
                           f'(train.output_dir={out}_2), or set train.overwrite=true to remove the other run\'s '
                           f'checkpoints, results, weights and TensorBoard events first.{reuse}')
-    state = PartialState()
     if state.is_main_process:
         for name in RUN_FILES:
             path = out / name

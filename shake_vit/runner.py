@@ -51,12 +51,13 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
     return path
 
 
-def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
+def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -> Dict[str, Any]:
     """Train the student as configured; returns the final evaluation written to `results.json`. What differs between
     tasks (data, student, teachers, step, evaluation) comes from the config's task family (shake_vit/family.py).
 
     Args:
         resume: 'auto' (the newest checkpoint in the output directory, if any) or a checkpoint folder.
+        before: a run that another run follows in the same processes (`Family.before_run`): the process group stays.
     """
     family, out = family_of(cfg), Path(cfg.train.output_dir)
     start = resolve_resume(resume, out / 'checkpoints')
@@ -67,7 +68,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         if at > cfg.train.epochs:
             raise CheckpointError(f'Checkpoint {start} is at epoch {at}, past train.epochs={cfg.train.epochs}: resume '
                                   f'with the epoch count the run was started with (its config.yaml), or more.')
-    if not family.before_run(cfg, train):  # e.g. a detector's backbone pretrained on classification, by this function
+    # e.g. a detector's backbone pretrained on classification, by this same function (resumed if it was stopped)
+    if not family.before_run(cfg, lambda run: train(run, resume='auto', before=True)):
         return {}
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed, device_specific=True)
@@ -160,7 +162,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
     if stopped:
         log(acc, f'stopped by {stop.signal or "a peer process"} at epoch {progress.epoch}, update {trainer.update}; '
                  f'checkpoint {ckpt.latest()}. Continue with the same command plus --resume auto.')
-        finish(acc)
+        finish(acc, keep_process_group=before)
         return {}
     if not progress.metrics:  # resumed from a finished run's last checkpoint: nothing left to train
         progress.metrics = family.evaluate(student, ema, task, pipe.val_loader, acc)
@@ -174,5 +176,5 @@ def train(cfg: DictConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}
         save_file(state, str(out / 'student.safetensors'))
     log(acc, f'final evaluation ({out}/results.json):\n' + family.format_table(results, student))
-    finish(acc)
+    finish(acc, keep_process_group=before)
     return results

@@ -67,9 +67,11 @@ def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
             'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
     if cfg.task != 'classification':  # (left out for classification: the records written before it existed)
-        keep.update(task=cfg.task, det={k: v for k, v in cfg.det.items()  # the student-only keys left out
-                                        if k not in ('shadow_on', 'shadow_box_head', 'backbone_weights',
-                                                     'backbone_fit')})
+        det = {k: v for k, v in cfg.det.items()  # the student-only keys left out
+               if k not in ('shadow_on', 'shadow_box_head', 'backbone_weights', 'backbone_fit')}
+        if t.get('kwargs', {}).get('backbone_weights'):  # a teacher pretrained here depends on how
+            det['backbone_fit'] = cfg.det.backbone_fit
+        keep.update(task=cfg.task, det=det)
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 

@@ -216,6 +216,12 @@ def test_ramps_scale_their_direction_by_the_share_of_the_warmup_done():
         assert part['kl_cls_shadow'].item() == pytest.approx(r * full['kl_cls_shadow'].item(), abs=1e-12)
         assert part['kl_shadow_cls'].item() == full['kl_shadow_cls'].item()  # not ramped
         assert part['kl_shadow_teacher'].item() == full['kl_shadow_teacher'].item()
+    # under Chen's balance the cross-entropy's share follows the ramp: the weights sum to one throughout
+    chen = DetWeights(balance='chen', label_weight=0.3, ramp_student=True, box='none', anchor=0.0)
+    for r in (0.0, 0.5, 1.0):
+        terms = losses.det_shake_loss(outputs(), chen, ramp=r)
+        assert terms['loss_classifier'].item() == pytest.approx((1 - 0.7 * r) * CE, abs=1e-12)
+        assert terms['kl_cls_shadow'].item() == pytest.approx(r * 0.7 * kl_by_hand(S_CLS, H_CLS, 1.0), abs=1e-12)
     w = DetWeights(to_shadow=0.4, ramp_shadow=True, **OLD)
     assert losses.det_shake_loss(outputs(), w, ramp=0.5)['kl_shadow_cls'].item() == pytest.approx(
         0.5 * losses.det_shake_loss(outputs(), w)['kl_shadow_cls'].item(), abs=1e-12)

@@ -281,7 +281,8 @@ def test_the_digits_backbone_is_pretrained_once_and_a_wrong_backbone_file_is_ref
     assert 'pretraining resnet18 on the digits of the training scenes' in first.stdout
     assert "the student's backbone: digits" in first.stdout
     record = json.loads((out / 'backbone/backbone.json').read_text())
-    assert record['record']['data']['val_fraction'] == 0.2 and record['record']['model']['name'] == 'resnet18'
+    assert record['record']['data.val_fraction'] == 0.2 and record['record']['model.name'] == 'resnet18'
+    assert 'train.output_dir' not in record['record'] and 'train.cpu_threads' not in record['record']
     pretrained = load_file(str(out / 'backbone/student.safetensors'))
     student = load_file(str(out / 'student.safetensors'))
     for key in ('bn1.running_mean', 'layer4.1.bn2.running_var'):  # frozen BatchNorm: what the pretraining left

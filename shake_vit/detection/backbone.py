@@ -10,11 +10,13 @@ pretrained on classification, then distillation while the detector is fine-tuned
                          `student.safetensors`), its `fc` dropped
 """
 import json
+import shutil
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from accelerate import PartialState
+from omegaconf import DictConfig
 
 from ..config import ConfigError, load_config
 from ..weights import read_state_dict
@@ -52,30 +54,38 @@ def digits_config(cfg: DictConfig, arch: str) -> DictConfig:
 
 
 def prerequisites(cfg: DictConfig, arches: List[str]) -> List[DictConfig]:
-    """The digits pretraining runs this detection run still needs (none when a matching one is done)."""
+    """The digits pretraining this detection run still needs (none when a matching one is done). A finished one with
+    other settings is cleared (main process), so that the new one starts afresh; an unfinished one is resumed."""
     if not arches:
         return []
-    folder = digits_folder(cfg)
-    pending = []
-    for arch in dict.fromkeys(arches):  # ResNet-18 student and teacher share one
-        run = digits_config(cfg, arch)
-        done = folder / 'backbone.json'
-        record = OmegaConf.to_container(run, resolve=True)
-        if not (done.is_file() and json.loads(done.read_text()).get('record') == record
-                and (folder / 'student.safetensors').is_file()):
-            pending.append(run)
-    if len(pending) > 1:
-        raise ConfigError('det.backbone_weights=digits pretrains one backbone; the student and teacher detectors '
-                          f'have different ones ({", ".join(dict.fromkeys(arches))}): give the teacher its own '
-                          'teacher.kwargs.backbone_weights.')
-    return pending
+    if len(set(arches)) > 1:
+        raise ConfigError('det.backbone_weights=digits pretrains one backbone per run folder, and the student and '
+                          f'teacher detectors have different ones ({", ".join(dict.fromkeys(arches))}): give the '
+                          'teacher a file in teacher.kwargs.backbone_weights, or drop it.')
+    folder, run = digits_folder(cfg), digits_config(cfg, arches[0])
+    done = folder / 'backbone.json'
+    if done.is_file() and json.loads(done.read_text()).get('record') == record_of(run) \
+            and (folder / 'student.safetensors').is_file():
+        return []
+    state = PartialState()
+    state.wait_for_everyone()
+    if done.is_file() and state.is_main_process:  # another pretraining's: its checkpoints must not be resumed
+        shutil.rmtree(folder / 'checkpoints', ignore_errors=True)
+        done.unlink()
+    state.wait_for_everyone()
+    return [run]
+
+
+def record_of(run: DictConfig) -> Dict:
+    """What a pretraining's weights depend on: its config but where it is written and how it runs."""
+    from ..run_folder import identity
+    return identity(run)
 
 
 def record_done(run: DictConfig, results: Dict) -> None:
     """Mark a finished pretraining run as reusable (written by the main process after `runner.train`)."""
     path = Path(run.train.output_dir) / 'backbone.json'
-    path.write_text(json.dumps({'record': OmegaConf.to_container(run, resolve=True),
-                                'top1': results.get('top1_cls')}, indent=2))
+    path.write_text(json.dumps({'record': record_of(run), 'top1': results.get('top1_cls')}, indent=2))
 
 
 def resnet_state(source: str, cfg: DictConfig) -> Dict[str, torch.Tensor]:

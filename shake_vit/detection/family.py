@@ -55,14 +55,13 @@ def student_detector(cfg: DictConfig, num_classes: int) -> nn.Module:
 
 
 def teacher_detector(cfg: DictConfig, num_classes: int, weights: Optional[str] = None) -> nn.Module:
-    """The teacher's architecture (`teacher.kwargs` over `det`). `det.backbone_weights` is the student's; a small
-    ResNet teacher fitted here starts from a pretrained backbone only when `teacher.kwargs.backbone_weights` names
-    a file or the digits pretraining (`fit_teacher` loads it): the same skeleton, frozen BatchNorm included, whether it
-    is fitted here or loaded."""
+    """The teacher's architecture (`teacher.kwargs` over `det`). `det.backbone_weights` is the student's; a teacher
+    starts from a pretrained backbone only when `teacher.kwargs.backbone_weights` names one: torchvision's weights
+    (read when it is built), or for a small ResNet a file or the digits pretraining (`fit_teacher` loads it): the same
+    skeleton, frozen BatchNorm included, whether it is fitted here or loaded."""
     det = det_settings(cfg, cfg.teacher.kwargs, 'teacher.kwargs')
-    local = cfg.teacher.name in SMALL and backbone.is_file_source(cfg.teacher.kwargs.get('backbone_weights'))
     return build_detector(cfg.teacher.name, num_classes, det, weights=weights,
-                          backbone_weights=det.backbone_weights if local else None,
+                          backbone_weights=cfg.teacher.kwargs.get('backbone_weights'),
                           key='teacher.pretrained' if weights else 'teacher.name')
 
 
@@ -114,7 +113,8 @@ class DetectionFamily(Family):
 
     def before_run(self, cfg: DictConfig, train) -> bool:
         """`det.backbone_weights=digits`: the ResNet's classification pretraining on the training split's digits, a
-        classification run of this trainer in `<output_dir>/backbone/`, unless one with the same settings is done."""
+        classification run of this trainer in `<output_dir>/backbone/`, unless one with the same settings is done (one
+        stopped part-way is resumed)."""
         arches = [SMALL[cfg.model.name]] if cfg.model.name in SMALL and cfg.det.backbone_weights == backbone.DIGITS \
             else []
         if (methods.of(cfg).needs_teacher and cfg.teacher.name in SMALL and not cfg.teacher.checkpoint
@@ -127,7 +127,7 @@ class DetectionFamily(Family):
                       f'training scenes ({run.train.epochs} epochs at {run.data.img_size} px) in '
                       f'{run.train.output_dir}', flush=True)
             results = train(run)
-            if not results:  # stopped by a signal: the detection run stops too (the same command resumes it)
+            if not results:  # stopped by a signal: the detection run stops too; the same command resumes both
                 return False
             if main:
                 backbone.record_done(run, results)
@@ -153,6 +153,7 @@ class DetectionFamily(Family):
     def check_architectures(self, cfg: DictConfig, num_classes: int) -> None:
         offline = cfg.copy()  # the architectures alone: no torchvision weights are read or downloaded
         offline.det.backbone_weights, offline.model.pretrained = None, None
+        offline.teacher.kwargs.pop('backbone_weights', None)
         self.build_student(offline, num_classes)
         if methods.of(cfg).needs_teacher:
             teacher_detector(offline, num_classes)

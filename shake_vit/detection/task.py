@@ -62,9 +62,9 @@ class DetectionTask(TrainingTask):
         return teacher_on_rois(self.teacher, x, proposals, image_sizes)
 
     def forward(self, images, targets) -> Dict[str, torch.Tensor]:
-        """The loss, its named terms (each trains either the student or the shadow: `detection_losses.side`), their
-        sums per side (`sum_student`, `sum_shadow`: what each set of parameters is trained on) and the monitors the
-        health checks read; only the terms add up to `loss`."""
+        """The loss, its named terms, their sums per side (`sum_student`, `sum_shadow`: what the student's and the
+        shadow's parameters are trained on, exactly so with the shadow on the teacher's features; see
+        `detection_losses.side`) and the monitors the health checks read; only the terms add up to `loss`."""
         teacher = self.teacher_on_rois if self.teacher is not None else None
         out = self.trainable_module(images, targets, teacher)
         terms = dict(out['losses'])
