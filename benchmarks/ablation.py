@@ -76,12 +76,18 @@ def job(name: str, overrides: List[str], out: Path, study: List[str], base: Unio
     record_path = out / 'records' / f'{name}.json'
     if record_path.is_file():
         return json.loads(record_path.read_text())
+    from shake_vit.engine import NonFiniteLoss
     from shake_vit.runner import train
     cfg = _config(overrides, out, study, base, name)
     start = time.perf_counter()
-    results = train(cfg, resume='auto')  # a job an earlier call left unfinished continues where it stopped
+    try:
+        results = train(cfg, resume='auto')  # a job an earlier call left unfinished continues where it stopped
+    except NonFiniteLoss as err:  # a diverged run is a result: recorded, and the study goes on
+        results = {'failed': str(err).split(';')[0]}
+    if not results:  # stopped by a signal (the pool ending): no record, so the next call finishes it
+        raise RuntimeError(f'study run {name} was stopped before it finished; rerun the study to continue it')
     record = {'name': name, 'overrides': overrides, 'wall_s': time.perf_counter() - start,
-              **{k: v for k, v in results.items() if isinstance(v, (int, float))}}  # every head's metrics
+              **{k: v for k, v in results.items() if isinstance(v, (int, float, str))}}  # every head's metrics
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
     return record

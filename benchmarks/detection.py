@@ -91,6 +91,11 @@ def summarise(records: dict, seeds: dict) -> dict:
         runs = [records.get(f'{name}_s{s}') for s in range(seeds[group])]
         if not all(runs):
             continue
+        failed = [(s, r['failed']) for s, r in enumerate(runs) if 'failed' in r]
+        if failed:  # diverged (a NaN loss): reported as such, with no statistics
+            summary[name] = {'label': label, 'group': group, 'failed': failed,
+                             'runs': [r.get('student_ap') for r in runs]}
+            continue
         none, kd = BASELINES.get(group, ('none', 'kd'))
         summary[name] = {'label': label, 'group': group,
                          **{k: {'mean': statistics.fmean(r[f'student_{k}'] for r in runs),
@@ -106,8 +111,10 @@ def summarise(records: dict, seeds: dict) -> dict:
                 'mean': d['mean'], 'lo': d['ci95'][0], 'hi': d['ci95'][1], 'n': d['n'], 'wins': d['wins']})
         summary[name]['baselines'] = (none, kd)
     for name, row in summary.items():
+        if 'failed' in row:
+            continue
         for key, base in zip(('vs_none', 'vs_kd'), row['baselines']):
-            if base in summary and base != name:
+            if base in summary and base != name and 'failed' not in summary[base]:
                 n = min(len(row['runs']), len(summary[base]['runs']))  # paired by seed, on the seeds both have
                 diff = paired(row['runs'][:n], summary[base]['runs'][:n])
                 row[key] = {'mean': diff['mean'], 'lo': diff['ci95'][0], 'hi': diff['ci95'][1], 'n': n,
@@ -149,6 +156,10 @@ def report(summary: dict, teacher: dict, command: str, elapsed: float, seeds: di
         lines += [f'## {title}', '', '| row | AP | AP50 | AP75 | AP per seed | vs none | vs kd | shadow AP | '
                   'wall time vs none | train images/s |', '|' + ' --- |' * 10]
         for name, r in rows:
+            if 'failed' in r:
+                seen = '; '.join(f'seed {s}: {message}' for s, message in r['failed'])
+                lines.append(f"| {r['label']} | diverged | | | {seen} | | | | | |")
+                continue
             shadow = f"{r['shadow_ap']:.2f}" if 'shadow_ap' in r else ''
             lines.append(f"| {r['label']} | {r['ap']['mean']:.2f} +- {r['ap']['std']:.2f} | {r['ap50']['mean']:.2f} | "
                          f"{r['ap75']['mean']:.2f} | {', '.join(f'{v:.2f}' for v in r['runs'])} | "
