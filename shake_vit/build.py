@@ -6,7 +6,7 @@ from typing import Tuple
 
 import torch
 import torch.nn as nn
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from omegaconf import DictConfig
 from timm.data import resolve_model_data_config
@@ -20,13 +20,23 @@ from .models import Student
 from .optim import build_optimizer, build_schedule
 
 
+def _cpu_group() -> bool:
+    """`accelerate launch --multi_gpu` on a machine without GPUs starts the processes, but Accelerate joins them into
+    one (gloo) group only when told to use the CPU; otherwise each process would silently train alone."""
+    return int(os.environ.get('WORLD_SIZE', '1')) > 1 and not torch.cuda.is_available()
+
+
+def process_state() -> PartialState:
+    """The launched processes joined as `make_accelerator` joins them, for what a run does before its Accelerator
+    (the output folder's check, a backbone pretraining)."""
+    return PartialState(cpu=_cpu_group())
+
+
 def make_accelerator(cfg: DictConfig, trackers: bool = True) -> Accelerator:
     """The run's Accelerator; with `trackers`, also the output directory, `config.yaml` and TensorBoard."""
     out = Path(cfg.train.output_dir)
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
-    # `accelerate launch --multi_gpu` on a machine without GPUs starts the processes, but Accelerate joins them into
-    # one (gloo) group only when told to use the CPU; otherwise each process would silently train alone.
-    cpu = world_size > 1 and not torch.cuda.is_available()
+    cpu = _cpu_group()
     log_with = tracker_list(cfg.train.log_with, out) if trackers else None
     acc = Accelerator(cpu=cpu, mixed_precision=cfg.train.mixed_precision,
                       gradient_accumulation_steps=cfg.train.grad_accum, dynamo_backend='inductor' if

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
 from . import run_folder
-from .build import build_optimization, finish, log, make_accelerator
+from .build import build_optimization, finish, log, make_accelerator, process_state
 from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fault_hook, latest_checkpoint, \
     read_progress
 from .engine import Trainer
@@ -60,6 +60,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
         before: a run that another run follows in the same processes (`Family.before_run`): the process group stays.
     """
     family, out = family_of(cfg), Path(cfg.train.output_dir)
+    process_state()  # joined before anything below synchronises the processes
     start = resolve_resume(resume, out / 'checkpoints')
     if start is None:
         run_folder.claim(cfg)  # one run per folder: refuses another run's folder, or clears it with train.overwrite

@@ -120,7 +120,8 @@ def test_class_map_file_renames_and_unmatched_classes_are_listed(good_teacher, t
     mapping.write_text(''.join(f"'{d}': {w}\n" for d, w in zip(DIGITS, words)))
     run(tmp_path, f'teacher.checkpoint={worded}', f'teacher.class_map={mapping}', 'train.epochs=1')
     mapping.write_text(''.join(f"'{d}': {w}\n" for d, w in zip(DIGITS[:8], words)))  # 8 and 9 left to match by name
-    proc = run(tmp_path, f'teacher.checkpoint={worded}', f'teacher.class_map={mapping}', check=False)
+    proc = run(tmp_path, f'teacher.checkpoint={worded}', f'teacher.class_map={mapping}', 'train.overwrite=true',
+               check=False)
     assert proc.returncode == 2 and "2 of the data's 10 classes match no teacher class" in proc.stderr
     assert ': 8, 9.' in proc.stderr
     # names listed in a file, for a teacher whose file records none; a renaming file without the names fails

@@ -79,7 +79,7 @@ def prerequisites(cfg: DictConfig, arches: List[str]) -> List[DictConfig]:
 def record_of(run: DictConfig) -> Dict:
     """What a pretraining's weights depend on: its config but where it is written and how it runs."""
     from ..run_folder import identity
-    return identity(run)
+    return {**identity(run), 'train.epochs': run.train.epochs}  # (a resume may extend a run; a record may not)
 
 
 def record_done(run: DictConfig, results: Dict) -> None:
