@@ -89,7 +89,8 @@ def summarise(records: dict, seeds: dict) -> dict:
     summary = {}
     for name, (label, group, _) in ROWS.items():
         runs = [records.get(f'{name}_s{s}') for s in range(seeds[group])]
-        if not all(runs):
+        runs = runs[:runs.index(None)] if None in runs else runs  # the seeds done, in order (a study cut short)
+        if len(runs) < 2:
             continue
         failed = [(s, r['failed']) for s, r in enumerate(runs) if 'failed' in r]
         if failed:  # diverged (a NaN loss): reported as such, with no statistics
@@ -144,10 +145,10 @@ def report(summary: dict, teacher: dict, command: str, elapsed: float, seeds: di
              'setting) or from scratch. COCO AP of the student\'s own box predictor (%), mean +- std over seeds; '
              'differences are paired by seed (mean, 95% t-interval, seeds ahead) against the same setting\'s none '
              'and kd.', '']
-    groups = {'main': f"Main rows (the quick start's setting, {seeds['main']} seeds)",
-              'old': f"The first detection forms, for comparison ({seeds['old']} seeds)",
-              'switches': f"Each new switch against the new defaults ({seeds['switches']} seeds)",
-              'scratch': f"The other setting: students from a random backbone ({seeds['scratch']} seeds)"}
+    groups = {'main': f"Main rows (the quick start's setting, {seeds['main']} seeds planned)",
+              'old': f"The first detection forms, for comparison ({seeds['old']} seeds planned)",
+              'switches': f"Each new switch against the new defaults ({seeds['switches']} seeds planned)",
+              'scratch': f"The other setting: students from a random backbone ({seeds['scratch']} seeds planned)"}
     for group, title in groups.items():
         rows = [(n, r) for n, r in summary.items() if r['group'] == group]
         if not rows:
@@ -157,8 +158,11 @@ def report(summary: dict, teacher: dict, command: str, elapsed: float, seeds: di
                   'wall time vs none | train images/s |', '|' + ' --- |' * 10]
         for name, r in rows:
             if 'failed' in r:
-                seen = '; '.join(f'seed {s}: {message}' for s, message in r['failed'])
-                lines.append(f"| {r['label']} | diverged | | | {seen} | | | | | |")
+                failed = dict(r['failed'])
+                seen = ', '.join(f"NaN loss at {failed[s].rsplit(' at ', 1)[-1].split(' (')[0]}" if s in failed
+                                 else f'{ap:.2f}' for s, ap in enumerate(r['runs']))
+                lines.append(f"| {r['label']} | diverged in {len(failed)} of {len(r['runs'])} seeds | | | {seen} | | | "
+                             '| | |')
                 continue
             shadow = f"{r['shadow_ap']:.2f}" if 'shadow_ap' in r else ''
             lines.append(f"| {r['label']} | {r['ap']['mean']:.2f} +- {r['ap']['std']:.2f} | {r['ap50']['mean']:.2f} | "
