@@ -76,8 +76,8 @@ def job(name: str, overrides: List[str], out: Path, study: List[str], base: Unio
     record_path = out / 'records' / f'{name}.json'
     if record_path.is_file():
         return json.loads(record_path.read_text())
-    from shake_vit.engine import NonFiniteLoss
-    from shake_vit.runner import train
+    from shake_vit.core.engine import NonFiniteLoss
+    from shake_vit.core.runner import train
     cfg = _config(overrides, out, study, base, name)
     start = time.perf_counter()
     try:
@@ -94,7 +94,7 @@ def job(name: str, overrides: List[str], out: Path, study: List[str], base: Unio
 
 
 def _config(overrides: List[str], out: Path, study: List[str], base: Union[str, List[str]], name: str):
-    from shake_vit.config import load_config
+    from shake_vit.core.config import load_config
     return load_config([base] if isinstance(base, str) else base,
                        [*study, *overrides, f'train.output_dir={out / "runs" / name}'])
 
@@ -107,9 +107,10 @@ def stream_key(overrides: List[str], study: List[str], base: Union[str, List[str
 
     from timm.data import resolve_model_data_config
 
-    from shake_vit import data, teacher_cache
-    from shake_vit.config import ConfigError
-    from shake_vit.models import build_student
+    from shake_vit.core import data
+    from shake_vit.distill import cache as teacher_cache
+    from shake_vit.core.config import ConfigError
+    from shake_vit.classification.models import build_student
     try:  # a run that cannot read a cache (a proxy-teacher head, detection) is refused here
         cfg = _config([*overrides, 'teacher.cache=/probe'], Path('/tmp'), study, base, 'probe')
     except ConfigError:
@@ -128,7 +129,7 @@ def stream_key(overrides: List[str], study: List[str], base: Union[str, List[str
 
 def cache_job(key: str, overrides: List[str], out: Path, study: List[str], base: Union[str, List[str]] = BASE) -> str:
     """Write (or finish) the teacher-output cache OUT/caches/KEY for a run configured by `overrides`; returns it."""
-    from shake_vit import teacher_cache
+    from shake_vit.distill import cache as teacher_cache
     root = out / 'caches' / key
     # any method with a teacher writes the same cache; shake takes one teacher or several
     cfg = _config([*overrides, 'loss.method=shake'], out, study, base, f'cache_{key}')

@@ -24,10 +24,10 @@ sys.path.insert(0, str(ROOT))
 
 from accelerate import Accelerator  # noqa: E402
 
-from shake_vit import data  # noqa: E402
-from shake_vit.build import build_pipeline  # noqa: E402
-from shake_vit.config import load_config  # noqa: E402
-from shake_vit.models import build_student  # noqa: E402
+from shake_vit.core import data  # noqa: E402
+from shake_vit.core.build import build_pipeline  # noqa: E402
+from shake_vit.core.config import load_config  # noqa: E402
+from shake_vit.classification.models import build_student  # noqa: E402
 
 
 def write_jpeg(path: Path) -> None:

@@ -32,13 +32,13 @@ from accelerate import Accelerator  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 from timm.task import TokenDistillationTask  # noqa: E402
 
-from shake_vit.config import load_config  # noqa: E402
-from shake_vit.engine import Trainer  # noqa: E402
-from shake_vit.methods import loss_fn  # noqa: E402
-from shake_vit.models import build_student  # noqa: E402
-from shake_vit.optim import build_optimizer  # noqa: E402
-from shake_vit.tasks import DistillationTask  # noqa: E402
-from shake_vit.teacher import Normalisation, build_teacher_model, freeze, speed_up, teacher_options  # noqa: E402
+from shake_vit.core.config import load_config  # noqa: E402
+from shake_vit.core.engine import Trainer  # noqa: E402
+from shake_vit.distill.methods import loss_fn  # noqa: E402
+from shake_vit.classification.models import build_student  # noqa: E402
+from shake_vit.core.optim import build_optimizer  # noqa: E402
+from shake_vit.classification.tasks import DistillationTask  # noqa: E402
+from shake_vit.classification.teacher import Normalisation, build_teacher_model, freeze, speed_up, teacher_options  # noqa: E402
 
 PRESETS = {
     # Small enough for 2 CPU cores; the teacher is a CNN as in DeiT.
@@ -111,7 +111,7 @@ def synthetic_cache(cfg: DictConfig, acc: Accelerator):
     import shutil
     import tempfile
 
-    from shake_vit import teacher_cache as tc
+    from shake_vit.distill import cache as tc
     root = Path(tempfile.mkdtemp(prefix='shake_cache_bench_'))
     atexit.register(shutil.rmtree, root, True)
     fmt = tc.choose_format(cfg, NUM_CLASSES, 1_281_167 * 300, 1)

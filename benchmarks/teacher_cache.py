@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'benchmarks'))
 
-from shake_vit import teacher_cache as tc  # noqa: E402
+from shake_vit.distill import cache as tc  # noqa: E402
 
 IMAGENET, CIFAR = 1_281_167, 50_000  # training images per epoch
 
@@ -92,8 +92,8 @@ def writer(updates: int) -> None:
     import timm
     from safetensors.torch import save_file
 
-    from shake_vit.config import load_config
-    from shake_vit.runner import train
+    from shake_vit.core.config import load_config
+    from shake_vit.core.runner import train
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         teacher = timm.create_model('regnety_160', num_classes=100)

@@ -10,10 +10,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from shake_vit import data
-from shake_vit.config import load_config
-from shake_vit.models import build_student
-from shake_vit.build import build_pipeline
+from shake_vit.core import data
+from shake_vit.core.config import load_config
+from shake_vit.classification.models import build_student
+from shake_vit.core.build import build_pipeline
 
 
 def main(out_path: str, *overrides: str) -> None:

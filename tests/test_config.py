@@ -3,7 +3,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
-from shake_vit.config import ConfigError, derive, flat_hparams, load_config
+from shake_vit.core.config import ConfigError, derive, flat_hparams, load_config
 
 
 def test_defaults_are_the_deit_recipe():
@@ -123,7 +123,7 @@ def test_overrides_stand_before_between_and_after_flags():
 def test_every_method_is_one_registry_entry_that_the_config_reads():
     """The config's choices, the default temperature, the teacher and the shadow heads all come from
     shake_vit/methods.py; a method registered there is a valid `loss.method` at once."""
-    from shake_vit import methods
+    from shake_vit.distill import methods
     assert set(methods.METHODS['classification']) == {'shake', 'deit_hard', 'deit_hard_cls', 'deit_soft', 'kd', 'none',
                                                       'none_both_heads'}
     for name, m in methods.METHODS['classification'].items():

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from helpers import ROOT, failure, launcher
-from shake_vit import data
-from shake_vit.config import ConfigError, load_config
+from shake_vit.core import data
+from shake_vit.core.config import ConfigError, load_config
 
 
 def test_repeated_augmentation_loader_in_two_processes(tmp_path):

@@ -142,13 +142,13 @@ def test_an_imagenet_teacher_knows_its_class_names():
     import timm
     from omegaconf import OmegaConf
 
-    from shake_vit.classmap import resolve, teacher_names
+    from shake_vit.classification.classmap import resolve, teacher_names
     model = timm.create_model('test_byobnet', num_classes=1000)
     t = OmegaConf.create({'class_names': None})
     known = teacher_names(t, model, None)
     assert known['names'][0] == 'n01440764'
     assert resolve('auto', known, ['n01443537', 'tench', 'Great_White_Shark']) == [1, 0, 2]
-    from shake_vit.config import ConfigError
+    from shake_vit.core.config import ConfigError
     with pytest.raises(ConfigError, match='crane .*name several teacher classes'):  # the bird and the machine
         resolve('auto', known, ['crane'])
 

@@ -9,7 +9,7 @@ import pytest
 from helpers import ROOT
 
 import train
-from shake_vit.config import load_config
+from shake_vit.core.config import load_config
 
 SNAPSHOTS = ROOT / 'tests' / 'snapshots' / 'print_config'
 RECIPES = sorted(p.stem for p in (ROOT / 'configs').glob('*.yaml') if not p.name.startswith('smoke'))

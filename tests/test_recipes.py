@@ -11,7 +11,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from shake_vit.config import load_config
+from shake_vit.core.config import load_config
 
 RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if not p.name.startswith('smoke'))
 IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
@@ -19,7 +19,7 @@ IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
 
 def smoke_args(recipe: str, imagefolder: Path):
     """The smoke overlay that fits the recipe's student, and the data and teachers a CPU test can have."""
-    from shake_vit.models import is_vit
+    from shake_vit.classification.models import is_vit
     cfg = load_config([str(ROOT / 'configs' / recipe)])
     if cfg.task == 'detection':  # digit scenes stand in for COCO; no torchvision weights to download
         return ['--config', 'configs/smoke_det.yaml']
@@ -124,10 +124,10 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     """The full recipe (only the data root changed): transforms, mixup, lr schedule, weight-decay groups."""
     from accelerate import Accelerator
 
-    from shake_vit import data
-    from shake_vit.build import build_optimization, build_pipeline
-    from shake_vit.config import load_config
-    from shake_vit.models import build_student
+    from shake_vit.core import data
+    from shake_vit.core.build import build_optimization, build_pipeline
+    from shake_vit.core.config import load_config
+    from shake_vit.classification.models import build_student
     cfg = load_config([str(ROOT / IMAGENET_SHAKE)], [f'data.root={imagefolder}'])
     acc = Accelerator(cpu=True)
     splits = data.build_splits(cfg)
@@ -228,8 +228,8 @@ def test_a_cifar_recipe_smoke_runs_in_two_processes(tmp_path):
 def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
     """facebookresearch/deit datasets.py, build_transform at 32 px: timm's DeiT pipeline with RandomCrop(32,
     padding=4) in place of the random-resized crop. The CRD recipes are the same path with everything else off."""
-    from shake_vit import data
-    from shake_vit.config import load_config
+    from shake_vit.core import data
+    from shake_vit.core.config import load_config
     cfg = load_config([str(ROOT / 'configs/deit_tiny_shake_cifar100.yaml')])
     train_tf = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)[0].transforms
     assert isinstance(train_tf[0], T.Resize) and train_tf[0].size == 32  # a no-op on CIFAR's 32-px images
@@ -249,9 +249,9 @@ def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
 
 def test_the_none_recipe_is_a_plain_deit_on_its_cls_head():
     """DeiT's 72.20 row: deit_tiny_patch16_224 (no distillation token), no teacher, no shadow head."""
-    from shake_vit import methods
-    from shake_vit.config import load_config
-    from shake_vit.models import build_student
+    from shake_vit.distill import methods
+    from shake_vit.core.config import load_config
+    from shake_vit.classification.models import build_student
     cfg = load_config([str(ROOT / 'configs/deit_tiny_none_in1k.yaml')], ['data.img_size=32', 'model.kwargs.depth=1'])
     assert cfg.model.name == 'deit_tiny_patch16_224' and not methods.of(cfg).needs_teacher
     student = build_student(cfg, 1000)

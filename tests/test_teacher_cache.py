@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import RUN, assert_same_weights, launch, main, results
-from shake_vit.teacher_cache import Format, decode, encode
+from shake_vit.distill.cache import Format, decode, encode
 
 
 @pytest.fixture(scope='module')
@@ -156,8 +156,8 @@ TOPK_BOUND = {(10, 1.0): 0.15, (20, 1.0): 0.05, (10, 4.0): 2.0, (20, 4.0): 1.2}
 
 @pytest.mark.parametrize('k,temperature', sorted(TOPK_BOUND))
 def test_topk_loss_terms_stay_within_the_pinned_bound(k, temperature):
-    from shake_vit.config import load_config
-    from shake_vit.methods import loss_fn
+    from shake_vit.core.config import load_config
+    from shake_vit.distill.methods import loss_fn
     torch.manual_seed(0)
     K, B = 100, 512
     t, s, h = torch.randn(B, K) * 3, torch.randn(B, K) * 2, torch.randn(B, K) * 2
@@ -178,7 +178,7 @@ def test_topk_loss_terms_stay_within_the_pinned_bound(k, temperature):
 
 
 def test_config_for_a_cache_is_classification_only(tmp_path):
-    from shake_vit.config import ConfigError, load_config
+    from shake_vit.core.config import ConfigError, load_config
     with pytest.raises(ConfigError, match='teacher.cache'):
         load_config(None, ['task=detection', 'data.name=digit_scenes', 'loss.method=shake',
                            f'teacher.cache={tmp_path}'])
@@ -189,7 +189,7 @@ def test_config_for_a_cache_is_classification_only(tmp_path):
 
 
 def test_mixup_seeds_take_any_run_seed():
-    from shake_vit.data import batch_seed
+    from shake_vit.core.data import batch_seed
     seeds = {batch_seed(s, e, r, b) for s in (0, 20240101, 2 ** 40) for e in (0, 7) for r in (0, 1) for b in (0, 1)}
     assert len(seeds) == 24 and all(0 <= s < 2 ** 62 for s in seeds)
 

@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..config import ConfigError
-from ..data import BadImage, Splits, read_image
+from ..core.config import ConfigError
+from ..core.data import BadImage, Splits, read_image
 
 Target = Dict[str, object]
 

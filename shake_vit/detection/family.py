@@ -12,15 +12,16 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from timm.utils import ModelEmaV3
 
-from .. import data as cls_data
-from .. import methods
-from ..build import Pipeline, finish, log, make_accelerator
-from ..checkpoint import STATE_FILE
-from ..config import ConfigError, derive
-from ..family import Family, Metrics
-from ..teacher import fitted_path, teacher_record, train_teacher
-from ..weights import WEIGHT_SUFFIXES, read_state_dict, read_weights
-from . import backbone, data
+from ..core import data as cls_data
+from ..distill import methods
+from ..core.build import Pipeline, finish, log, make_accelerator
+from ..core.checkpoint import STATE_FILE
+from ..core.config import ConfigError, derive
+from ..core.family import Family, Metrics
+from ..classification.teacher import fitted_path, teacher_record, train_teacher
+from ..core.weights import WEIGHT_SUFFIXES, read_state_dict, read_weights
+from . import backbone
+from . import data
 from .evaluation import evaluate_detection, format_table
 from .models import DETECTORS, SMALL, DetectionStudent, build_detector, check_teacher
 from .task import DetectionTask, DetectorTask

@@ -20,7 +20,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..config import ConfigError
+from ..core.config import ConfigError
 from .backbone import is_file_source
 
 Detections = List[Dict[str, torch.Tensor]]  # per image: boxes [N, 4] XYXY, scores [N], labels [N]

@@ -6,8 +6,8 @@ import torch.nn as nn
 from einops import rearrange
 from timm.task import TrainingTask
 
-from ..detection_losses import RoIOutputs, monitors, side
-from ..methods import LossFn
+from .losses import RoIOutputs, monitors, side
+from ..distill.methods import LossFn
 from .models import teacher_on_rois
 
 

@@ -15,7 +15,7 @@ from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fau
     read_progress
 from .engine import Trainer
 from .family import family_of
-from .health import Health
+from ..distill.health import Health
 from .preemption import StopRequest
 
 

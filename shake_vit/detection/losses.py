@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torchvision.models.detection.roi_heads import fastrcnn_loss
 
-from .losses import Terms, kl_t
+from ..distill.losses import Terms, kl_t
 
 BALANCES = ('none', 'chen', 'defeat')
 BOX_TERMS = ('distance', 'bounded', 'none')

@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Subset
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 STATUS = {'ok': 0, 'warning': 1, 'failed': 2}
 NOT_TERMS = ('loss', 'lr', 'images_per_sec', 'monitor_ce', 'monitor_fg_acc', 'monitor_shadow_kl', 'sum_student',
@@ -94,7 +94,7 @@ class Health:
         return 'teacher' if i == 0 else f'teacher_{i}'
 
     def _measure(self, task, teachers: List, val_loader: DataLoader):
-        from .engine import evaluate
+        from ..core.engine import evaluate
         dataset = val_loader.dataset
         n = min(self.h.teacher_images, len(dataset))
         # evenly strided: an image folder's validation split is sorted by class, so its first images are few classes
@@ -158,7 +158,7 @@ class Health:
             (out / 'health.json').write_text(json.dumps(self.findings, indent=2))
 
     def _class_order(self, name: str, teacher) -> None:
-        from .classmap import order_finding
+        from ..classification.classmap import order_finding
         if getattr(teacher, 'class_index', None) is not None:
             self._report(f'{name}_classes', 'ok', f"{name}'s outputs mapped to the data's classes by name")
             return

@@ -44,8 +44,9 @@ from accelerate import PartialState
 from accelerate.utils import send_to_device
 from omegaconf import DictConfig, OmegaConf
 
-from . import data, methods
-from .config import ConfigError, derive
+from ..core import data
+from . import methods
+from ..core.config import ConfigError, derive
 
 MANIFEST = 'manifest.json'
 VERSION = 1
@@ -285,12 +286,12 @@ def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
     finished shards are kept, a half-written one is written again. Returns the manifest."""
     from accelerate.utils import set_seed
 
-    from .build import log, make_accelerator
-    from .engine import evaluate, progress
-    from .family import family_of
+    from ..core.build import log, make_accelerator
+    from ..core.engine import evaluate, progress
+    from ..core.family import family_of
     from .health import Health
-    from .tasks import DistillationTask
-    from .teacher import teacher_options
+    from ..classification.tasks import DistillationTask
+    from ..classification.teacher import teacher_options
 
     if cfg.task != 'classification':
         raise ConfigError(f"--cache-teacher serves classification; task {cfg.task}'s teacher scores the student's "

@@ -6,7 +6,7 @@ import torch.nn as nn
 from einops import rearrange
 from timm.task import DistillationTeacher, TrainingTask
 
-from .methods import LossFn
+from ..distill.methods import LossFn
 from .models import ProxyInput, linear_classifier
 
 Teachers = Union[torch.Tensor, Tuple[torch.Tensor, ...]]  # one teacher's logits [B, K], or one per teacher

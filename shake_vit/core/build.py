@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from . import data
 from .config import ConfigError, derive, flat_hparams, mixup_active, save_config
-from .models import Student
+from ..classification.models import Student
 from .optim import build_optimizer, build_schedule
 
 

@@ -14,7 +14,8 @@ from typing import Callable, Dict, Optional
 import torch
 from omegaconf import DictConfig
 
-from . import detection_losses, losses
+from ..detection import losses as detection_losses
+from . import losses
 
 LossFn = Callable[..., Dict[str, torch.Tensor]]  # (s, h, t, y, ce) -> {term: weighted value}
 

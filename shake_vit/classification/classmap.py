@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig
 from safetensors import safe_open
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 
 def _norm(name: str) -> str:

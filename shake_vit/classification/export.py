@@ -17,9 +17,9 @@ import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 from timm.models import save_for_hf
 
-from .config import ConfigError
+from ..core.config import ConfigError
 from .models import Student, average_heads, build_classifier, build_student, student_kwargs
-from .weights import load_student, read_weights
+from ..core.weights import load_student, read_weights
 
 
 def registered_here(name: str) -> bool:

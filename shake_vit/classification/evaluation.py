@@ -10,14 +10,14 @@ from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from . import data
-from .build import build_pipeline, finish, log, make_accelerator
-from .checkpoint import STATE_FILE
-from .engine import evaluate
+from ..core import data
+from ..core.build import build_pipeline, finish, log, make_accelerator
+from ..core.checkpoint import STATE_FILE
+from ..core.engine import evaluate
 from .models import Student, average_heads, build_student
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
-from .weights import load_student, read_weights
+from ..core.weights import load_student, read_weights
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 

@@ -98,7 +98,7 @@ class Family:
 def family_of(cfg: DictConfig) -> Family:
     """The family of `cfg.task`."""
     if cfg.task == 'detection':
-        from .detection.family import DetectionFamily
+        from ..detection.family import DetectionFamily
         return DetectionFamily()
-    from .classification import ClassificationFamily
+    from ..classification.family import ClassificationFamily
     return ClassificationFamily()

@@ -28,7 +28,7 @@ from einops import rearrange
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 # CRD's CIFAR-100 normalisation (RepDistiller dataset/cifar100.py): what these networks' files were trained with.
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)

@@ -17,7 +17,7 @@ import torch.nn as nn
 from timm.layers import ClassifierHead
 from timm.models import build_model_with_cfg
 
-from .config import ConfigError
+from ..core.config import ConfigError
 
 
 def _build(cls, name: str, pretrained: bool, default_cfg: dict, kwargs: dict, **model_kwargs) -> nn.Module:

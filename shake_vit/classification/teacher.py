@@ -23,14 +23,15 @@ from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 from timm.task import ClassificationTask, DistillationTeacher
 
-from . import data, methods
-from .crd import CRD_NAMES
-from .build import Pipeline, criterion, log
-from .config import ConfigError, derive
-from .engine import Trainer, evaluate
+from ..core import data
+from ..distill import methods
+from ..zoo.crd import CRD_NAMES
+from ..core.build import Pipeline, criterion, log
+from ..core.config import ConfigError, derive
+from ..core.engine import Trainer, evaluate
 from .models import build_teacher_architecture, cifar_stem, unknown_model_error
-from .optim import build_optimizer, build_schedule
-from .weights import offline_unless_reachable, read_state_dict
+from ..core.optim import build_optimizer, build_schedule
+from ..core.weights import offline_unless_reachable, read_state_dict
 
 RECORD_KEYS = ('mean', 'std')  # what a fitted teacher's .safetensors records in its metadata
 

@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from . import methods
-from .detection_losses import BALANCES, BOX_TERMS
-from .losses import KL_REDUCTIONS
+from ..distill import methods
+from ..detection.losses import BALANCES, BOX_TERMS
+from ..distill.losses import KL_REDUCTIONS
 
 
 class ConfigError(ValueError):

@@ -13,8 +13,10 @@ from einops import reduce
 from omegaconf import DictConfig, OmegaConf
 from timm.models._features import feature_take_indices
 
-from . import crd, methods, zoo  # noqa: F401  (crd and zoo register architectures timm lacks in its registry)
-from .config import ConfigError
+from ..zoo import crd  # noqa: F401  (crd and zoo register architectures timm lacks in its registry)
+from ..distill import methods
+from ..zoo import adapters as zoo
+from ..core.config import ConfigError
 
 HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])
 ProxyInput = Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]  # a teacher's 3 maps, its classifier weight, bias

@@ -5,16 +5,17 @@ import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig
 
-from . import data, teacher_cache
-from .build import build_pipeline, criterion
+from ..core import data
+from ..distill import cache as teacher_cache
+from ..core.build import build_pipeline, criterion
 from .evaluation import evaluate_checkpoint, evaluate_student, format_table
 from .export import export
-from .family import Family, Metrics
-from .methods import loss_fn
+from ..core.family import Family, Metrics
+from ..distill.methods import loss_fn
 from .models import Student, build_student, student_kwargs
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
-from .weights import load_pretrained
+from ..core.weights import load_pretrained
 
 
 class ClassificationFamily(Family):
