@@ -87,7 +87,8 @@ def print_config(cfg) -> None:
             print(f'# data: {why}')
         return
     # the sampler the run's train loader has: the batches per epoch, hence the update counts, are the run's
-    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index, family.train_repeats)
+    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index,
+                                 family.train_repeats(cfg))
     derived = derive(cfg, state.num_processes, len(sampler) // cfg.train.batch_size)
     if state.is_main_process:
         print(f'# derived: {derived.describe()}')
@@ -100,7 +101,7 @@ def check_architectures(family, cfg) -> None:
     name, the patch grid, the method's heads. Built on the meta device (no memory, no initialisation) where the
     architecture allows, else on the CPU with random weights. Raises the run's own ConfigError."""
     import torch
-    num_classes = cfg.data.num_classes or (91 if cfg.task == 'detection' else 1000)  # the head's size does not matter
+    num_classes = cfg.data.num_classes or family.check_classes  # the head's size does not matter
     try:
         with torch.device('meta'):
             family.check_architectures(cfg, num_classes)
@@ -153,8 +154,7 @@ def main(argv=None) -> int:
         if args.check_data:
             return check_data(cfg)
         if args.cache_teacher:
-            from shake_vit.distill.cache import write
-            write(cfg, args.cache_teacher)
+            family_of(cfg).cache_teacher(cfg, args.cache_teacher)
             return 0
         from shake_vit.core.runner import train
         train(cfg, resume=args.resume)

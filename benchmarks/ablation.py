@@ -107,7 +107,7 @@ def stream_key(overrides: List[str], study: List[str], base: Union[str, List[str
 
     from timm.data import resolve_model_data_config
 
-    from shake_vit.core import data
+    from shake_vit.classification import data
     from shake_vit.distill import cache as teacher_cache
     from shake_vit.core.config import ConfigError
     from shake_vit.classification.models import build_student

@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from accelerate import Accelerator  # noqa: E402
 
-from shake_vit.core import data  # noqa: E402
-from shake_vit.core.build import build_pipeline  # noqa: E402
+from shake_vit.classification import data  # noqa: E402
 from shake_vit.core.config import load_config  # noqa: E402
 from shake_vit.classification.models import build_student  # noqa: E402
 
@@ -69,7 +68,7 @@ def main() -> None:
                            f'train.batch_size={args.batch_size}'])
         acc = Accelerator(cpu=True)
         splits = data.build_splits(cfg)
-        pipe = build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
+        pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
         loader = pipe.train_loader
         loader.sampler.set_epoch(0)
         seen, start, count = 0, None, 0

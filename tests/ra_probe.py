@@ -10,10 +10,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from shake_vit.core import data
+from shake_vit.classification import data
 from shake_vit.core.config import load_config
 from shake_vit.classification.models import build_student
-from shake_vit.core.build import build_pipeline
 
 
 def main(out_path: str, *overrides: str) -> None:
@@ -21,7 +20,7 @@ def main(out_path: str, *overrides: str) -> None:
     cfg = load_config(None, ['data.name=digits', 'data.img_size=32', 'data.num_workers=0', 'aug.repeated_aug=3',
                              'train.batch_size=16', 'model.kwargs.patch_size=8', 'model.kwargs.depth=1', *overrides])
     splits = data.build_splits(cfg)
-    pipe = build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
+    pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
     epochs = []
     for epoch in range(2):
         pipe.train_loader.sampler.set_epoch(epoch)

@@ -187,7 +187,7 @@ def test_a_detection_teacher_without_a_record_that_finds_nothing_stops_the_run(t
 def test_shadow_drift_and_a_stalled_detector_are_warned_with_what_to_try(tmp_path):
     from accelerate import Accelerator
 
-    from shake_vit.distill.health import Health
+    from shake_vit.detection.health import DetectionHealth as Health
     cfg = load_config([str(ROOT / 'configs/det_quickstart.yaml'), str(ROOT / 'configs/smoke_det.yaml')],
                       [f'train.output_dir={tmp_path}'])
     lines = []

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from helpers import TINY, main, results
 from shake_vit.core.config import ConfigError, load_config
 from shake_vit.classification.models import build_student
-from shake_vit.core.weights import load_pretrained
+from shake_vit.classification.pretrained import load_pretrained
 
 # Source weights: 64 px, 8-pixel patches (8x8 grid), 7 classes. The student: 32 px (4x4 grid), 10 digit classes.
 SOURCE = dict(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=7)

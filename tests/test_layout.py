@@ -3,7 +3,6 @@
 source file outgrows 400 lines."""
 import contextlib
 import io
-from pathlib import Path
 
 import pytest
 from helpers import ROOT

@@ -124,15 +124,15 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     """The full recipe (only the data root changed): transforms, mixup, lr schedule, weight-decay groups."""
     from accelerate import Accelerator
 
-    from shake_vit.core import data
-    from shake_vit.core.build import build_optimization, build_pipeline
+    from shake_vit.classification import data
+    from shake_vit.core.build import build_optimization
     from shake_vit.core.config import load_config
     from shake_vit.classification.models import build_student
     cfg = load_config([str(ROOT / IMAGENET_SHAKE)], [f'data.root={imagefolder}'])
     acc = Accelerator(cpu=True)
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
-    pipe = build_pipeline(cfg, acc, splits, student)
+    pipe = data.build_pipeline(cfg, acc, splits, student)
 
     train_tf = pipe.train_loader.dataset.transform.transforms
     crop = train_tf[0]
@@ -228,7 +228,7 @@ def test_a_cifar_recipe_smoke_runs_in_two_processes(tmp_path):
 def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
     """facebookresearch/deit datasets.py, build_transform at 32 px: timm's DeiT pipeline with RandomCrop(32,
     padding=4) in place of the random-resized crop. The CRD recipes are the same path with everything else off."""
-    from shake_vit.core import data
+    from shake_vit.classification import data
     from shake_vit.core.config import load_config
     cfg = load_config([str(ROOT / 'configs/deit_tiny_shake_cifar100.yaml')])
     train_tf = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)[0].transforms

@@ -10,14 +10,15 @@ from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from ..core import data
-from ..core.build import build_pipeline, finish, log, make_accelerator
+from . import data
+from ..core.build import finish, log, make_accelerator
 from ..core.checkpoint import STATE_FILE
 from ..core.engine import evaluate
 from .models import Student, average_heads, build_student
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
-from ..core.weights import load_student, read_weights
+from ..core.weights import read_weights
+from .pretrained import student_keys, load_student
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 
@@ -77,14 +78,14 @@ def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, float]:
     set_seed(cfg.train.seed)
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
-    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
+    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, student_keys)
     with_shadow = load_student(student, weights, path, cfg)
     ema = None
     if ema_weights is not None:
         ema = ModelEmaV3(student, device=acc.device)
         load_student(ema.module, ema_weights, path, cfg)
     student.to(acc.device)
-    pipe = build_pipeline(cfg, acc, splits, student)
+    pipe = data.build_pipeline(cfg, acc, splits, student)
     teachers = get_teachers(cfg, acc, pipe, fit=False)
     task = DistillationTask(student, teachers, None, None, pipe.mean, pipe.std, **teacher_options(cfg)).to(acc.device)
     metrics = evaluate_student(student, ema, task, pipe.val_loader, acc, with_shadow=with_shadow)

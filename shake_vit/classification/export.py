@@ -19,7 +19,8 @@ from timm.models import save_for_hf
 
 from ..core.config import ConfigError
 from .models import Student, average_heads, build_classifier, build_student, student_kwargs
-from ..core.weights import load_student, read_weights
+from ..core.weights import read_weights
+from .pretrained import student_keys, load_student
 
 
 def registered_here(name: str) -> bool:
@@ -87,7 +88,7 @@ def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Opti
             cls head for SHAKE, both heads for DeiT's methods), the cls head where plain timm cannot build the average;
             for ONNX, the cls head.
     """
-    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files)
+    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, student_keys)
     if use_ema:
         if ema_weights is None:
             raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")

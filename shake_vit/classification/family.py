@@ -5,21 +5,22 @@ import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig
 
-from ..core import data
+from . import cache_writer, data
 from ..distill import cache as teacher_cache
-from ..core.build import build_pipeline, criterion
 from .evaluation import evaluate_checkpoint, evaluate_student, format_table
 from .export import export
-from ..core.family import Family, Metrics
+from ..core.family import Family, Metrics, register
 from ..distill.methods import loss_fn
 from .models import Student, build_student, student_kwargs
+from .health import ClassificationHealth
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
-from ..core.weights import load_pretrained
+from .pretrained import load_pretrained
 
 
 class ClassificationFamily(Family):
     name = 'classification'
+    data_names = ('imagefolder', 'digits', 'cifar10', 'cifar100', 'fake')
 
     def build_splits(self, cfg: DictConfig):
         return data.build_splits(cfg)
@@ -45,12 +46,15 @@ class ClassificationFamily(Family):
                 'num_classes': student.num_classes, 'num_processes': num_processes}
 
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module):
-        return build_pipeline(cfg, acc, splits, student)
+        return data.build_pipeline(cfg, acc, splits, student)
 
     def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe, fit: bool = True) -> List[nn.Module]:
         if teacher_cache.in_use(cfg):  # the cache stands in for every teacher: none is built
             return []
         return get_teachers(cfg, acc, pipe, fit)
+
+    def health(self, cfg: DictConfig, acc: Accelerator, classes, total_updates: int, log) -> ClassificationHealth:
+        return ClassificationHealth(cfg, acc, classes, total_updates, log)
 
     def check_teachers(self, health, task, teachers: List[nn.Module], pipe) -> None:
         health.check_teachers(task, teachers, pipe.val_loader, getattr(task, 'cache', None))
@@ -59,7 +63,7 @@ class ClassificationFamily(Family):
         cache = teacher_cache.open_reader(cfg, pipe, log=lambda m: print(f'[shake-vit] {m}') if
                                           PartialState().is_main_process else None) \
             if teacher_cache.in_use(cfg) else None
-        return DistillationTask(student, teachers, loss_fn(cfg), criterion(cfg), pipe.mean, pipe.std,
+        return DistillationTask(student, teachers, loss_fn(cfg), data.criterion(cfg), pipe.mean, pipe.std,
                                 **teacher_options(cfg), cache=cache)
 
     def mixup(self, cfg: DictConfig, pipe):
@@ -84,5 +88,11 @@ class ClassificationFamily(Family):
     def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
         return evaluate_checkpoint(path, cfg)
 
+    def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
+        return cache_writer.write(cfg, root, self)
+
     def export(self, path: str, cfg: DictConfig, head, out_dir, use_ema: bool, fmt: str = 'timm'):
         return export(path, cfg, head, out_dir, use_ema, fmt)
+
+
+register(ClassificationFamily())

@@ -15,7 +15,6 @@ from timm.models._features import feature_take_indices
 
 from ..zoo import crd  # noqa: F401  (crd and zoo register architectures timm lacks in its registry)
 from ..distill import methods
-from ..zoo import adapters as zoo
 from ..core.config import ConfigError
 
 HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])

@@ -15,7 +15,6 @@ import timm
 import torch
 import torch.nn as nn
 from accelerate import Accelerator
-from accelerate.utils import broadcast
 from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
@@ -23,15 +22,15 @@ from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 from timm.task import ClassificationTask, DistillationTeacher
 
-from ..core import data
+from . import data
 from ..distill import methods
 from ..zoo.crd import CRD_NAMES
-from ..core.build import Pipeline, criterion, log
-from ..core.config import ConfigError, derive
-from ..core.engine import Trainer, evaluate
+from ..core.build import Pipeline, log
+from ..core.config import ConfigError
+from ..core.engine import evaluate
 from .models import build_teacher_architecture, cifar_stem, unknown_model_error
-from ..core.optim import build_optimizer, build_schedule
 from ..core.weights import offline_unless_reachable, read_state_dict
+from ..distill.teacher import fitted_path, teacher_record, train_teacher
 
 RECORD_KEYS = ('mean', 'std')  # what a fitted teacher's .safetensors records in its metadata
 
@@ -52,28 +51,6 @@ class Normalisation:
 def teacher_configs(cfg: DictConfig) -> List[DictConfig]:
     """`teacher` then every `extra_teachers` entry; none for methods without a teacher."""
     return [cfg.teacher, *cfg.extra_teachers] if methods.of(cfg).needs_teacher else []
-
-
-def fitted_path(cfg: DictConfig, index: int) -> Path:
-    """Where teacher `index` is saved when the trainer fits it: teacher.safetensors, teacher_1.safetensors, ..."""
-    return Path(cfg.train.output_dir) / (f'teacher_{index}' if index else 'teacher')
-
-
-def teacher_record(cfg: DictConfig, t: DictConfig) -> Dict[str, Any]:
-    """What a fitted teacher depends on; a saved teacher is reused only when this matches. `teacher.mean/std` are
-    left out: a fitted teacher cannot have them, and teachers fitted before they existed stay reusable."""
-    keep = {'teacher': {k: v for k, v in t.items()
-                        if k not in ('checkpoint', 'mean', 'std', 'cache', 'class_map', 'class_names')},
-            'aug': cfg.aug,
-            'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
-            'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
-    if cfg.task != 'classification':  # (left out for classification: the records written before it existed)
-        det = {k: v for k, v in cfg.det.items()  # the student-only keys left out
-               if k not in ('shadow_on', 'shadow_box_head', 'backbone_weights', 'backbone_fit')}
-        if t.get('kwargs', {}).get('backbone_weights'):  # a teacher pretrained here depends on how
-            det['backbone_fit'] = cfg.det.backbone_fit
-        keep.update(task=cfg.task, det=det)
-    return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
 
 def _hub_head_fits(t: DictConfig, num_classes: int) -> bool:
@@ -224,31 +201,6 @@ def fitting_network_hint(state: Dict[str, torch.Tensor], num_classes: int, path:
     return crd_hint(path)
 
 
-def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pipe: Pipeline, task,
-                  mixup=None) -> nn.Module:
-    """Train `task.trainable_module` (a teacher of either family) on the training split with teacher config `t`'s
-    schedule (`t.fit`) and `cfg.optim`'s optimizer; returns it unwrapped, in eval mode, with process 0's weights on
-    every process."""
-    f = t.fit
-    d = derive(cfg, acc.num_processes, len(pipe.train_loader))
-    optimizer = build_optimizer(cfg.optim, task.trainable_module, lr=f.lr, weight_decay=f.weight_decay)
-    schedule = build_schedule(cfg.optim, optimizer, f.epochs, d.updates_per_epoch, warmup_epochs=f.warmup_epochs,
-                              sched=f.sched)
-    model, optimizer = acc.prepare(task.trainable_module, optimizer)
-    task.trainable_module = model
-    task.to(acc.device)
-    trainer = Trainer(acc, task, optimizer, schedule, mixup=mixup, clip_grad=cfg.optim.clip_grad,
-                      log_interval=cfg.train.log_interval, tag=f'teacher_fit_{index}' if index else 'teacher_fit',
-                      seed=cfg.train.seed + 7_919)  # mixup draws of its own, not the student's
-    for epoch in range(f.epochs):
-        trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch)
-    model = acc.unwrap_model(model)
-    # DDP syncs BatchNorm statistics from process 0 at the start of each forward, so after the last step every
-    # process holds its own; all must distill from one teacher, the one saved: process 0's.
-    model.load_state_dict(broadcast({k: v.contiguous() for k, v in model.state_dict().items()}, from_process=0))
-    return model.eval()
-
-
 def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pipe: Pipeline) -> DistillationTeacher:
     """Train `t.name` on the training split (from timm's pretrained weights when `t.pretrained`), save it as
     `teacher[_index].safetensors` in the run directory, and return it frozen.
@@ -270,7 +222,7 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
     log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs (from {start})')
     with acc.main_process_first():
         model = build_teacher_model(t, pipe.num_classes, pretrained=t.pretrained, new_head=True)
-    model = train_teacher(cfg, t, index, acc, pipe, ClassificationTask(model, criterion=criterion(cfg), verbose=False),
+    model = train_teacher(cfg, t, index, acc, pipe, ClassificationTask(model, criterion=data.criterion(cfg), verbose=False),
                           mixup=data.build_mixup(cfg, pipe.num_classes))
     metrics = evaluate(lambda x: {'teacher': model(x)}, pipe.val_loader, acc, desc='teacher eval')
     log(acc, f"fitted teacher: top-1 {metrics['teacher_top1']:.2f}% on {metrics['num_samples']} held-out images")

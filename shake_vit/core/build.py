@@ -1,4 +1,5 @@
-"""Builders shared by training, evaluation and export: the Accelerator, the data pipeline, loss and optimiser."""
+"""Builders shared by training, evaluation and export: the Accelerator and its trackers, the log, the data pipeline's
+shape, the optimiser."""
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,14 +10,11 @@ import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState, GradientState
 from omegaconf import DictConfig
-from timm.data import resolve_model_data_config
-from timm.loss import create_classification_loss
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import data
-from .config import ConfigError, derive, flat_hparams, mixup_active, save_config
-from ..classification.models import Student
+from .config import ConfigError, derive, flat_hparams, save_config
 from .optim import build_optimizer, build_schedule
 
 
@@ -122,20 +120,6 @@ class Pipeline:
     @property
     def num_classes(self) -> int:
         return len(self.splits.classes)
-
-
-def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: data.Splits, student: nn.Module) -> Pipeline:
-    model_cfg = resolve_model_data_config(student.model if isinstance(student, Student) else student)
-    mean, std = tuple(cfg.data.mean or model_cfg['mean']), tuple(cfg.data.std or model_cfg['std'])
-    train_tf, val_tf = data.build_transforms(cfg, mean, std)
-    train = data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index)
-    val = acc.prepare(data.eval_loader(cfg, splits.val, val_tf))
-    return Pipeline(splits, train, val, mean, std)
-
-
-def criterion(cfg: DictConfig) -> nn.Module:
-    """Label loss: soft-target CE under mixup (which already smooths), else label-smoothing CE."""
-    return create_classification_loss(smoothing=cfg.aug.smoothing, soft_targets=mixup_active(cfg))
 
 
 def build_optimization(cfg: DictConfig, student: nn.Module, num_processes: int, batches_per_epoch: int):

@@ -1,8 +1,10 @@
-"""What a task family (`task: classification | detection`) gives the one training loop.
+"""What a task family (`task: classification | detection`) gives the one training loop, and the registry of families.
 
-The runner (shake_vit/runner.py), `--eval`, `--export`, `--print-config` and `--check-data` reach the data, the
-student, the teachers, the training step, the evaluation and the outputs through a `Family`; nothing else branches on
-the task. Classification is shake_vit/classification.py, detection shake_vit/detection/family.py.
+The runner (shake_vit/core/runner.py), `--eval`, `--export`, `--print-config`, `--check-data` and `--cache-teacher`
+reach the data, the student, the teachers, the training step, the evaluation and the outputs through a `Family`;
+nothing outside the family packages branches on the task. A family registers itself (`register`) when its package is
+imported (shake_vit/__init__.py imports them all): classification is shake_vit/classification/family.py, detection
+shake_vit/detection/family.py.
 """
 from typing import Any, Callable, Dict, List, Optional
 
@@ -11,6 +13,8 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from timm.task import TrainingTask
 
+from .config import ConfigError, check_choice, register_check
+
 Metrics = Dict[str, Any]
 
 
@@ -18,12 +22,17 @@ class Family:
     """The interface; each method says what the runner expects of it."""
 
     name = ''
-    train_repeats = None  # repeated augmentation's copies per image in the train sampler; None: aug.repeated_aug
+    data_names: tuple = ()  # the `data.name` values it reads
+    check_classes = 1000  # a class count for building its heads before the data is read (--print-config)
 
     def before_run(self, cfg: DictConfig, train: Callable[[DictConfig], Dict[str, Any]]) -> bool:
         """Runs a training run needs done first, trained with `train` (the runner's own; it returns {} when stopped
         by a signal), e.g. a detector's backbone pretrained on classification. Returns False when one was stopped."""
         return True
+
+    def train_repeats(self, cfg: DictConfig) -> int:
+        """Copies of each image per epoch in the train sampler (repeated augmentation; 1: none)."""
+        return 1
 
     def build_splits(self, cfg: DictConfig):
         """The train and val data sets and the class names (`data.Splits`)."""
@@ -56,8 +65,12 @@ class Family:
         """The frozen teachers the method needs: loaded, downloaded or (with `fit`) fitted first."""
         raise NotImplementedError
 
+    def health(self, cfg: DictConfig, acc: Accelerator, classes: List[str], total_updates: int, log):
+        """The run's health checks (a `distill.health.Health`, with the family's own checks)."""
+        raise NotImplementedError
+
     def check_teachers(self, health, task: TrainingTask, teachers: List[nn.Module], pipe) -> None:
-        """The teacher health checks before the first update (`health.Health`); a failure raises HealthError."""
+        """The teacher health checks before the first update (from `health`); a failure raises HealthError."""
 
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> TrainingTask:
         """The training step: `task(inputs, targets) -> {'loss', named terms...}`; `student` may be DDP-wrapped."""
@@ -88,6 +101,11 @@ class Family:
         """`train.py --eval PATH` with the run's config: a table and eval.json beside the checkpoint."""
         raise NotImplementedError
 
+    def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
+        """`train.py --cache-teacher DIR`: the teachers' outputs on the run's input stream, written once."""
+        raise ConfigError(f"--cache-teacher serves classification; task {cfg.task}'s teacher scores the student's "
+                          'own proposals, which no cache can hold.')
+
     def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool,
                fmt: str = 'timm'):
         """`train.py --export PATH`: the student alone, loadable without this package (`fmt`: timm's format, or
@@ -95,10 +113,21 @@ class Family:
         raise NotImplementedError
 
 
+FAMILIES: Dict[str, Family] = {}  # task -> family, filled as the family packages are imported
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.name] = family
+    return family
+
+
 def family_of(cfg: DictConfig) -> Family:
-    """The family of `cfg.task`."""
-    if cfg.task == 'detection':
-        from ..detection.family import DetectionFamily
-        return DetectionFamily()
-    from ..classification.family import ClassificationFamily
-    return ClassificationFamily()
+    """The family of `cfg.task` (the config refuses an unknown task before anyone asks)."""
+    return FAMILIES[cfg.task]
+
+
+@register_check
+def check_task(cfg: DictConfig) -> None:
+    """`task` names a registered family, and `data.name` one of its data sets (checked before any other)."""
+    check_choice(cfg, 'task', tuple(FAMILIES))
+    check_choice(cfg, 'data.name', FAMILIES[cfg.task].data_names, f' for task {cfg.task}')

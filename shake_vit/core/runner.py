@@ -15,7 +15,6 @@ from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fau
     read_progress
 from .engine import Trainer
 from .family import family_of
-from ..distill.health import Health
 from .preemption import StopRequest
 
 
@@ -96,7 +95,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
     task = family.make_task(cfg, prepared, teachers, pipe).to(acc.device)
     trainer = Trainer(acc, task, optimizer, schedule, mixup=family.mixup(cfg, pipe), ema=ema, seed=cfg.train.seed,
                       clip_grad=cfg.optim.clip_grad, log_interval=cfg.train.log_interval)
-    health = Health(cfg, acc, splits.classes, d.updates_per_epoch * cfg.train.epochs, lambda m: log(acc, m))
+    health = family.health(cfg, acc, splits.classes, d.updates_per_epoch * cfg.train.epochs, lambda m: log(acc, m))
     family.check_teachers(health, task, teachers, pipe)  # before the first update: a broken teacher stops the run
     trainer.on_log = health.observe
     metric = cfg.ckpt.metric or family.best_metric(student)

@@ -12,16 +12,17 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from timm.utils import ModelEmaV3
 
-from ..core import data as cls_data
+from ..core import data as shared_data
 from ..distill import methods
 from ..core.build import Pipeline, finish, log, make_accelerator
 from ..core.checkpoint import STATE_FILE
 from ..core.config import ConfigError, derive
-from ..core.family import Family, Metrics
-from ..classification.teacher import fitted_path, teacher_record, train_teacher
+from ..core.family import Family, Metrics, register
+from ..distill.teacher import fitted_path, teacher_record, train_teacher
 from ..core.weights import WEIGHT_SUFFIXES, read_state_dict, read_weights
 from . import backbone
 from . import data
+from .health import DetectionHealth
 from .evaluation import evaluate_detection, format_table
 from .models import DETECTORS, SMALL, DetectionStudent, build_detector, check_teacher
 from .task import DetectionTask, DetectorTask
@@ -110,7 +111,8 @@ def load_weights(student: DetectionStudent, weights: Dict[str, torch.Tensor], pa
 
 class DetectionFamily(Family):
     name = 'detection'
-    train_repeats = 1  # no repeated augmentation for detectors
+    data_names = ('digit_scenes', 'coco')
+    check_classes = 91  # COCO's category ids
 
     def before_run(self, cfg: DictConfig, train) -> bool:
         """`det.backbone_weights=digits`: the ResNet's classification pretraining on the training split's digits, a
@@ -209,9 +211,9 @@ class DetectionFamily(Family):
 
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
         train_tf, val_tf = data.build_transforms(cfg)
-        train = cls_data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, joint=True,
-                                      collate_fn=data.collate, repeats=self.train_repeats)
-        val = acc.prepare(cls_data.eval_loader(cfg, splits.val, val_tf, joint=True, collate_fn=data.collate))
+        train = shared_data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index,
+                                      self.train_repeats(cfg), joint=True, collate_fn=data.collate)
+        val = acc.prepare(shared_data.eval_loader(cfg, splits.val, val_tf, joint=True, collate_fn=data.collate))
         return Pipeline(splits, train, val, None, None)
 
     def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = True) -> List[nn.Module]:
@@ -250,7 +252,11 @@ class DetectionFamily(Family):
         t = cfg.teacher
         stem = fitted_path(cfg, 0)
         path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
-        record = teacher_record(cfg, t)
+        det = {k: v for k, v in cfg.det.items()  # the student-only keys left out
+               if k not in ('shadow_on', 'shadow_box_head', 'backbone_weights', 'backbone_fit')}
+        if t.get('kwargs', {}).get('backbone_weights'):  # a teacher pretrained here depends on how
+            det['backbone_fit'] = cfg.det.backbone_fit
+        record = teacher_record(cfg, t, task=cfg.task, det=det)
         if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
             log(acc, f'reusing the teacher fitted earlier: {path}')
             teacher = teacher_detector(cfg, pipe.num_classes)
@@ -275,6 +281,9 @@ class DetectionFamily(Family):
         acc.free_memory()
         return teacher
 
+    def health(self, cfg: DictConfig, acc: Accelerator, classes, total_updates: int, log) -> DetectionHealth:
+        return DetectionHealth(cfg, acc, classes, total_updates, log)
+
     def check_teachers(self, health, task: DetectionTask, teachers: List[nn.Module], pipe: Pipeline) -> None:
         """The teacher's AP on `health.teacher_images` validation images (evenly strided) against its record."""
         if not teachers or not health.h.teacher:
@@ -287,7 +296,7 @@ class DetectionFamily(Family):
         with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they would be without the check
             metrics = evaluate_detection(lambda images: {'teacher': teachers[0](images)}, loader, health.acc,
                                          desc='teacher check')
-        health.check_detection_teacher(metrics['teacher_ap'], metrics['teacher_ap50'],
+        health.check_teacher(metrics['teacher_ap'], metrics['teacher_ap50'],
                                        getattr(teachers[0], 'recorded_ap', None), metrics['num_samples'])
 
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DetectionTask:
@@ -426,3 +435,6 @@ def loading_code(name: str, num_classes: int, det: DictConfig, path: Path) -> st
     strict = '' if name in SMALL or not det.backbone_weights else ', strict=False'
     return (f'import torchvision\nfrom safetensors.torch import load_file\n{build}'
             f"model.load_state_dict(load_file('{path}'){strict})\nmodel.eval()\n")
+
+
+register(DetectionFamily())

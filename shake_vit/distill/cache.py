@@ -27,26 +27,21 @@ Formats (`teacher_cache.store`):
 """
 import hashlib
 import json
-import math
 import os
 import queue
 import shutil
 import threading
-import time
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from accelerate import PartialState
-from accelerate.utils import send_to_device
 from omegaconf import DictConfig, OmegaConf
 
-from ..core import data
 from . import methods
-from ..core.config import ConfigError, derive
+from ..core.config import derive
+from .cache_format import CacheError, Format, _output_precision, decode
 
 MANIFEST = 'manifest.json'
 VERSION = 1
@@ -54,10 +49,6 @@ VERSION = 1
 TEACHER_KEYS = ('name', 'pretrained', 'checkpoint', 'mean', 'std', 'kwargs', 'fit', 'channels_last', 'cifar_stem',
                 'class_map', 'class_names')
 AUG_TRAIN_ONLY = ('smoothing', 'crop_pct')  # aug settings that do not change a training input (targets, evaluation)
-
-
-class CacheError(ConfigError):
-    """A cache that cannot serve this run; the message names what differs and what to do."""
 
 
 def in_use(cfg: DictConfig) -> bool:
@@ -124,109 +115,6 @@ def _flat(node: Any, prefix: str = '') -> Dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def _output_precision(cfg: DictConfig, t: Optional[DictConfig] = None) -> str:
-    """The precision a live teacher's logits come out in: its own (`teacher.precision`), else the autocast's."""
-    t = cfg.teacher if t is None else t
-    if t.precision != 'auto':
-        return t.precision
-    return {'no': 'fp32'}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)
-
-
-@dataclass
-class Format:
-    store: str  # full | topk | argmax
-    k: int  # logits kept per sample (topk), else 0
-    precision: str  # how values are stored: fp32 | bf16 | fp16
-    num_classes: int
-    exact: bool = True  # the values are the teacher's own (checked on writing); False: rounded to fp16 on request
-
-    def bytes_per_sample(self, teachers: int) -> int:
-        width = 4 if self.precision == 'fp32' else 2
-        index = 2 if self.num_classes <= 2 ** 15 else 4
-        one = {'full': self.num_classes * width, 'topk': self.k * (width + index) + 4 * len(TAIL_TEMPERATURES),
-               'argmax': index}[self.store]
-        return 8 + teachers * one  # + the label
-
-    def describe(self) -> str:
-        kind = {'full': 'full logits', 'topk': f'top-{self.k} logits and a shared tail', 'argmax': 'the argmax'}
-        return f'{kind[self.store]} ({self.precision}, {self.num_classes} classes)'
-
-
-def choose_format(cfg: DictConfig, num_classes: int, samples: int, teachers: int) -> Format:
-    """The format of `teacher_cache` for a schedule of `samples` samples (all epochs, all processes)."""
-    c = cfg.teacher_cache
-    precision = _output_precision(cfg) if c.precision == 'auto' else c.precision
-    exact = c.precision != 'fp16' or _output_precision(cfg) == 'fp16'
-    full = Format('full', 0, precision, num_classes, exact)
-    store = c.store
-    if store == 'auto':
-        fits = samples * full.bytes_per_sample(teachers) <= c.max_gb * 2 ** 30
-        store = 'full' if fits or c.topk >= num_classes else 'topk'
-    if store == 'topk' and c.topk >= num_classes:
-        store = 'full'  # k >= K keeps every logit
-    return Format(store, c.topk if store == 'topk' else 0, precision, num_classes, exact)
-
-
-TAIL_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)  # where a top-k cache keeps the tail's exact softmax mass
-_NUMPY = {'fp32': np.float32, 'fp16': np.float16, 'bf16': np.uint16}  # bf16 kept as its raw 16 bits
-
-
-def _to_numpy(values: torch.Tensor, precision: str, exact: bool = True) -> np.ndarray:
-    """Values [B, n] float32 -> the stored dtype. Stored in 16 bits because the teacher computes in them (`exact`),
-    they must round-trip exactly; fp16 asked for (`exact` False) rounds."""
-    low = values.to({'bf16': torch.bfloat16, 'fp16': torch.float16}.get(precision, torch.float32))
-    if exact and precision != 'fp32' and not torch.equal(low.float(), values):
-        raise CacheError(f'The teacher produced logits that are not {precision} values although it runs in '
-                         f'{precision}: store them in full precision (teacher_cache.precision=fp32).')
-    if precision == 'bf16':
-        return low.view(torch.int16).numpy().view(np.uint16)
-    return low.numpy().astype(_NUMPY[precision])
-
-
-def _from_numpy(array: np.ndarray, precision: str) -> torch.Tensor:
-    if precision == 'bf16':
-        return torch.from_numpy(np.array(array).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.array(array, dtype=np.float32))  # a copy: the shard is a read-only memory map
-
-
-def encode(logits: torch.Tensor, fmt: Format) -> Dict[str, np.ndarray]:
-    """One teacher's logits [B, K] (float32, CPU) as the arrays `fmt` stores."""
-    index = np.int16 if fmt.num_classes <= 2 ** 15 else np.int32
-    if fmt.store == 'full':
-        return {'values': _to_numpy(logits, fmt.precision, fmt.exact)}
-    if fmt.store == 'argmax':
-        return {'indices': logits.argmax(dim=1).numpy().astype(index)}
-    top, idx = logits.topk(fmt.k, dim=1)
-    rest = logits.scatter(1, idx, float('-inf'))  # [B, K] with the top k masked out
-    tail = torch.stack([torch.logsumexp(rest / T, dim=1) for T in TAIL_TEMPERATURES], dim=1) \
-        - math.log(fmt.num_classes - fmt.k)  # [B, len(TAIL_TEMPERATURES)]: f(T), the tail's log-mean-exp at T
-    return {'values': _to_numpy(top, fmt.precision, fmt.exact), 'indices': idx.numpy().astype(index),
-            'tail': tail.numpy().astype(np.float32)}
-
-
-def tail_logit(tail: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The shared tail logit [B] for a run at `temperature`: T * f(T), f linear in 1/T between the stored points."""
-    betas = [0.0, *sorted(1 / T for T in TAIL_TEMPERATURES)]  # 1/T ascending, with f = 0 at 1/T = 0
-    values = torch.cat([torch.zeros(len(tail), 1), tail.flip(1)], dim=1)  # f at those points
-    beta = 1 / temperature
-    i = min(max(int(np.searchsorted(betas, beta)) - 1, 0), len(betas) - 2)  # the segment, extrapolating past 1/T=1
-    w = (beta - betas[i]) / (betas[i + 1] - betas[i])
-    return temperature * ((1 - w) * values[:, i] + w * values[:, i + 1])
-
-
-def decode(arrays: Dict[str, np.ndarray], fmt: Format, temperature: float = 1.0) -> torch.Tensor:
-    """The logits [B, K] float32 the stored arrays stand for: exact for `full` at the teacher's precision; for
-    `topk`, the tail rebuilt for a run at `temperature` (see the module's docstring)."""
-    if fmt.store == 'full':
-        return _from_numpy(arrays['values'], fmt.precision)
-    idx = torch.from_numpy(np.array(arrays['indices'], dtype=np.int64))
-    if fmt.store == 'argmax':  # a one-hot row: its argmax is the teacher's class, all deit_hard reads
-        return torch.zeros(len(idx), fmt.num_classes).scatter_(1, idx[:, None], 1.0)
-    tail = tail_logit(torch.from_numpy(np.array(arrays['tail'], dtype=np.float32)), temperature)
-    full = tail[:, None].expand(len(tail), fmt.num_classes).clone()
-    return full.scatter_(1, idx, _from_numpy(arrays['values'], fmt.precision))
-
-
 def shard_name(epoch: int, rank: int) -> str:
     return f'e{epoch:04d}_r{rank:02d}'
 
@@ -279,102 +167,6 @@ def _differences(cached: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     keys = sorted(set(cached) | set(current))
     return [f'{k}: cache {cached.get(k, "(absent)")!r}, this run {current.get(k, "(absent)")!r}' for k in keys
             if cached.get(k, '(absent)') != current.get(k, '(absent)')]
-
-
-def write(cfg: DictConfig, root: str) -> Dict[str, Any]:
-    """`train.py --cache-teacher DIR`: the teachers' outputs for every epoch of the run `cfg` describes. Resumable:
-    finished shards are kept, a half-written one is written again. Returns the manifest."""
-    from accelerate.utils import set_seed
-
-    from ..core.build import log, make_accelerator
-    from ..core.engine import evaluate, progress
-    from ..core.family import family_of
-    from .health import Health
-    from ..classification.tasks import DistillationTask
-    from ..classification.teacher import teacher_options
-
-    if cfg.task != 'classification':
-        raise ConfigError(f"--cache-teacher serves classification; task {cfg.task}'s teacher scores the student's "
-                          'own proposals, which no cache can hold.')
-    if not methods.of(cfg).needs_teacher:
-        raise ConfigError(f"loss.method={cfg.loss.method} uses no teacher, so there is nothing to cache: give the "
-                          'config of a distillation run (loss.method=shake, deit_hard, kd, ...).')
-    if cfg.teacher.cache:
-        raise ConfigError(f'--cache-teacher writes a cache, and teacher.cache={cfg.teacher.cache} reads one: drop '
-                          'teacher.cache.')
-    out = Path(root)
-    acc = make_accelerator(cfg, trackers=False)
-    if acc.is_main_process:  # a teacher fitted first is saved in the run's folder, as a training run would
-        Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
-    set_seed(cfg.train.seed, device_specific=True)
-    family = family_of(cfg)
-    splits = family.build_splits(cfg)
-    pipe = family.build_pipeline(cfg, acc, splits, family.build_student(cfg, len(splits.classes)))
-    teachers = family.get_teachers(cfg, acc, pipe)
-    task = DistillationTask(torch.nn.Identity(), teachers, None, None, pipe.mean, pipe.std,
-                            **teacher_options(cfg)).to(acc.device)
-    task.eval()
-    # the teacher checks of a training run, before hours of writing: a broken teacher stops here (HealthError)
-    Health(cfg, acc, splits.classes, 1, lambda m: log(acc, m)).check_teachers(task, teachers, pipe.val_loader)
-    d = derive(cfg, acc.num_processes, len(pipe.train_loader))
-    num_batches = d.updates_per_epoch * cfg.train.grad_accum
-    samples = cfg.train.epochs * num_batches * cfg.train.batch_size * acc.num_processes
-    fmt = choose_format(cfg, pipe.num_classes, samples, len(teachers))
-    manifest = {'version': VERSION, 'identity': identity(cfg, pipe.mean, pipe.std, acc.num_processes),
-                'teacher_weights': [weights_hash(t.model) for t in teachers], 'classes': list(splits.classes),
-                'format': fmt.__dict__, 'epochs': cfg.train.epochs, 'batches_per_epoch': num_batches,
-                'teacher_recorded_top1': [getattr(t, 'recorded_top1', None) for t in teachers]}
-    existing = _manifest(out)
-    if existing is not None:
-        same = {k: existing.get(k) for k in manifest if k != 'teacher_metrics'}
-        diffs = _differences(_flat(same), _flat({k: manifest[k] for k in same}))
-        if diffs:
-            raise CacheError(f'{out} holds a cache of another run ({"; ".join(diffs[:8])}): write this one into '
-                             'another folder, or delete that one.')
-        manifest['teacher_metrics'] = existing.get('teacher_metrics')
-    else:
-        metrics = {}
-
-        def heads(x):  # the teachers as the live run's evaluation sees them: through the task
-            t, _ = task.teacher_outputs(x)
-            return {('teacher' if i == 0 else f'teacher_{i}'): v
-                    for i, v in enumerate(t if isinstance(t, tuple) else (t,))}
-        m = evaluate(heads, pipe.val_loader, acc, desc='teacher eval')  # the teachers' own val metrics
-        metrics.update({k: v for k, v in m.items() if 'teacher' in k})
-        manifest['teacher_metrics'] = metrics
-        if acc.is_main_process:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    acc.wait_for_everyone()
-    log(acc, f'teacher cache {out}: {fmt.describe()}, {cfg.train.epochs} epochs x {num_batches} batches x '
-             f'{acc.num_processes} processes, about {samples * fmt.bytes_per_sample(len(teachers)) / 2 ** 30:.3f} GiB')
-    mixup = family.mixup(cfg, pipe)
-    rank, loader = acc.process_index, pipe.train_loader
-    written, begin = 0, time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        if (out / shard_name(epoch, rank)).is_dir():
-            continue  # written by an earlier, interrupted invocation
-        writer = ShardWriter(out, epoch, rank, num_batches, cfg.train.batch_size)
-        loader.sampler.set_epoch(epoch)
-        with progress(total=num_batches, desc=f'cache epoch {epoch}', disable=not acc.is_local_main_process) as bar:
-            for index, (x, y) in enumerate(islice(loader, num_batches)):
-                x = send_to_device(x, acc.device, non_blocking=True)
-                if mixup is not None:  # as Trainer.step mixes, with the same per-batch seed
-                    with data.seeded_mixup(data.batch_seed(cfg.train.seed, epoch, rank, index)):
-                        x, _ = mixup(x, send_to_device(y, acc.device))
-                with acc.autocast():
-                    logits, _ = task.teacher_outputs(x)
-                logits = logits if isinstance(logits, tuple) else (logits,)
-                writer.add(y.numpy(), [encode(t.float().cpu(), fmt) for t in logits])
-                written += len(y)
-                bar.update()
-        writer.finish()
-    seconds = time.perf_counter() - begin
-    acc.wait_for_everyone()
-    log(acc, f'teacher cache complete: {out} (read it with teacher.cache={out}); this process wrote {written} '
-             f'samples in {seconds:.1f} s ({written / max(seconds, 1e-9):.1f} images/s)')
-    acc.end_training()
-    return dict(manifest, written={'samples': written, 'seconds': seconds})
 
 
 class Reader:
@@ -514,9 +306,3 @@ def open_reader(cfg: DictConfig, pipe, log=print) -> Reader:
     d = derive(cfg, state.num_processes, len(pipe.train_loader))
     return Reader(cfg.teacher.cache, cfg, pipe.mean, pipe.std, pipe.num_classes,
                   d.updates_per_epoch * cfg.train.grad_accum, log)
-
-
-def epoch_size(samples_per_epoch: int, fmt: Format, teachers: int = 1) -> int:
-    """Bytes one epoch of `samples_per_epoch` samples takes in format `fmt` (the benchmarks' size table)."""
-    return samples_per_epoch * fmt.bytes_per_sample(teachers)
-
