@@ -137,11 +137,12 @@ def main(argv=None) -> int:
     try:
         if args.eval or args.export:
             from shake_vit.core.family import family_of
+            from shake_vit.core.runner import evaluate_checkpoint
             from shake_vit.core.weights import config_for
             cfg = config_for(args.eval or args.export, args.config, args.overrides)
             said_once = False
             if args.eval:
-                family_of(cfg).evaluate_checkpoint(args.eval, cfg)
+                evaluate_checkpoint(args.eval, cfg)
             else:
                 family_of(cfg).export(args.export, cfg, args.export_head, args.export_dir, args.export_ema,
                                       args.export_format)

@@ -5,28 +5,24 @@ train loader exactly as the trainer does (configs/deit_tiny_shake_in1k.yaml), an
 (worker start-up excluded). Compare the images/s with benchmarks/step_throughput.py on the same machine to see which
 one bounds training.
 
-    python benchmarks/data_throughput.py [--workers N] [--batches 20] [--root /data/imagenet]
+    python -m benchmarks.data_throughput [--workers N] [--batches 20] [--root /data/imagenet]
 """
 import argparse
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+from accelerate import Accelerator
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from accelerate import Accelerator  # noqa: E402
-
-from shake_vit.classification import data  # noqa: E402
-from shake_vit.core.config import load_config  # noqa: E402
-from shake_vit.classification.models import build_student  # noqa: E402
+from benchmarks.study import ROOT
+from shake_vit.classification import data
+from shake_vit.classification.models import build_student
+from shake_vit.core.config import load_config
 
 
 def write_jpeg(path: Path) -> None:

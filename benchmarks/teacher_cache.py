@@ -1,9 +1,9 @@
-"""What the teacher-output cache costs and saves (shake_vit/teacher_cache.py); prints tables for docs/benchmarks.md.
+"""What the teacher-output cache costs and saves (shake_vit/distill/cache.py); prints tables for docs/benchmarks.md.
 
-    python benchmarks/teacher_cache.py sizes        # disk per epoch and per schedule, computed from the format
-    python benchmarks/teacher_cache.py reader       # the reader's thread: batches/s it reads and decodes
-    python benchmarks/teacher_cache.py writer       # --cache-teacher's images/s against a live SHAKE run's, one process
-    python benchmarks/teacher_cache.py end-to-end   # the ablation's six methods: live teachers against one cache
+    python -m benchmarks.teacher_cache sizes        # disk per epoch and per schedule, computed from the format
+    python -m benchmarks.teacher_cache reader       # the reader's thread: batches/s it reads and decodes
+    python -m benchmarks.teacher_cache writer       # --cache-teacher's images/s against a live SHAKE run's, one process
+    python -m benchmarks.teacher_cache end-to-end   # the ablation's six methods: live teachers against one cache
 
 The step itself, live against cached, is `benchmarks/step_throughput.py --preset deit_ratio --methods shake
 shake_cached` (a CPU stand-in of DeiT-Ti + RegNetY-16GF with the real pair's teacher/student FLOP ratio), and on a GPU
@@ -14,18 +14,13 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-
-from shake_vit.distill import cache as tc  # noqa: E402
+from shake_vit.distill import cache as tc
 
 IMAGENET, CIFAR = 1_281_167, 50_000  # training images per epoch
 

@@ -1,6 +1,7 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: record what each process's train loader draws.
 
-Builds the loaders exactly as the trainer does (shake_vit.build.build_pipeline) and writes, for two epochs, the
+Builds the loaders exactly as the trainer does (shake_vit.classification.data.build_pipeline) and writes, for two
+epochs, the
 (index, augmentation seed) keys every process fetched to the JSON file named by the first argument.
 """
 import json

@@ -122,7 +122,7 @@ def test_overrides_stand_before_between_and_after_flags():
 
 def test_every_method_is_one_registry_entry_that_the_config_reads():
     """The config's choices, the default temperature, the teacher and the shadow heads all come from
-    shake_vit/methods.py; a method registered there is a valid `loss.method` at once."""
+    shake_vit/distill/methods.py; a method registered there is a valid `loss.method` at once."""
     from shake_vit.distill import methods
     assert set(methods.METHODS['classification']) == {'shake', 'deit_hard', 'deit_hard_cls', 'deit_soft', 'kd', 'none',
                                                       'none_both_heads'}

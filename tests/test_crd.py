@@ -1,4 +1,4 @@
-"""CRD's CIFAR networks (shake_vit/crd.py): CRD's parameter counts, feature maps and state-dict keys, timm's
+"""CRD's CIFAR networks (shake_vit/zoo/crd.py): CRD's parameter counts, feature maps and state-dict keys, timm's
 interface; CRD's teacher files load by name; the authors' proxy-teacher shadow head end to end."""
 import hashlib
 import json

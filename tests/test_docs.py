@@ -46,7 +46,8 @@ def test_every_repository_path_named_in_the_docs_exists():
 
 
 def test_every_file_and_name_reference_is_defined_there():
-    """References as docs/reliability.md writes them: `test_x.py::test_y`, `shake_vit/checkpoint.py::fault_hook`."""
+    """References as docs/reliability.md writes them: `test_x.py::test_y`, `shake_vit/core/checkpoint.py::fault_hook`.
+    """
     wrong = []
     for source, m in references(DEFINED_IN):
         file, name = m.group(1), m.group(2)

@@ -162,7 +162,7 @@ def test_a_cnn_exports_and_says_how_to_load_it(name, cifar, teacher_file, tmp_pa
     proc = main(['--export', str(out), '--export-dir', str(exported)])
     assert 'exported the timm classifier' in proc.stdout
     if cifar:
-        assert 'from shake_vit.models import cifar_stem' in proc.stdout
+        assert 'from shake_vit.classification.models import cifar_stem' in proc.stdout
         model = cifar_stem(timm.create_model(name, num_classes=10))
         model.load_state_dict(load_file(str(exported / 'model.safetensors')))
     else:

@@ -1,4 +1,4 @@
-"""The teacher-output cache (shake_vit/teacher_cache.py): written once with --cache-teacher, read with teacher.cache.
+"""The teacher-output cache (shake_vit/distill/cache.py): written once with --cache-teacher, read with teacher.cache.
 
 A cached run must end with exactly the live run's weights (one process and two, mid-epoch resume included), refuse a
 cache of another input stream by naming the keys, and a top-k cache must stay within the pinned error."""

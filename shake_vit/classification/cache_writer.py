@@ -1,5 +1,5 @@
-"""`train.py --cache-teacher DIR`: the teachers' outputs on the exact input stream of the run a config describes, written
-once for every epoch (the format and the reader: shake_vit/distill/cache.py).
+"""`train.py --cache-teacher DIR`: the teachers' outputs on the exact input stream of the run a config describes,
+written once for every epoch (the format and the reader: shake_vit/distill/cache.py).
 """
 import json
 import time
@@ -59,7 +59,8 @@ def write(cfg: DictConfig, root: str, family) -> Dict[str, Any]:
                             **teacher_options(cfg)).to(acc.device)
     task.eval()
     # the teacher checks of a training run, before hours of writing: a broken teacher stops here (HealthError)
-    ClassificationHealth(cfg, acc, splits.classes, 1, lambda m: log(acc, m)).check_teachers(task, teachers, pipe.val_loader)
+    health = ClassificationHealth(cfg, acc, splits.classes, 1, lambda m: log(acc, m))
+    health.check_teachers(task, teachers, pipe.val_loader)
     d = derive(cfg, acc.num_processes, len(pipe.train_loader))
     num_batches = d.updates_per_epoch * cfg.train.grad_accum
     samples = cfg.train.epochs * num_batches * cfg.train.batch_size * acc.num_processes

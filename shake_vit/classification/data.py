@@ -11,13 +11,13 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from PIL import Image
 from timm.data import Mixup, create_transform, resolve_model_data_config
-from timm.loss import create_classification_loss
 from timm.data.transforms import str_to_interp_mode
+from timm.loss import create_classification_loss
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from ..core.config import ConfigError
 from ..core.build import Pipeline
+from ..core.config import ConfigError
 from ..core.data import IMAGE_SUFFIXES, Splits, eval_loader, read_image, train_loader
 from .config import mixup_active
 

@@ -1,24 +1,14 @@
 """Evaluating a student: every head, its EMA, the teacher; and `train.py --eval` on any saved or exported model."""
-import json
-from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
-from omegaconf import DictConfig
 from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 
-from . import data
-from ..core.build import finish, log, make_accelerator
-from ..core.checkpoint import STATE_FILE
 from ..core.engine import evaluate
-from .models import Student, average_heads, build_student
+from .models import Student, average_heads
 from .tasks import DistillationTask
-from .teacher import get_teachers, teacher_options
-from ..core.weights import read_weights
-from .pretrained import student_keys, load_student
 
 Predict = Callable[[torch.Tensor], Dict[str, torch.Tensor]]
 
@@ -69,31 +59,3 @@ def format_table(metrics: Dict[str, float], predict: Optional[str] = None) -> st
     agree = f"; cls/shadow agreement {metrics['agree_cls_shadow']:.2f}%" if 'agree_cls_shadow' in metrics else ''
     lines.append(f"{metrics['num_samples']} images, {metrics['images_per_sec']:.0f} images/s{agree}")
     return '\n'.join(lines)
-
-
-def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, float]:
-    """`train.py --eval PATH` with its run's config (`weights.config_for`): the configured validation set, every head,
-    EMA and teacher; a table and eval.json."""
-    acc = make_accelerator(cfg, trackers=False)
-    set_seed(cfg.train.seed)
-    splits = data.build_splits(cfg)
-    student = build_student(cfg, len(splits.classes))
-    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, student_keys)
-    with_shadow = load_student(student, weights, path, cfg)
-    ema = None
-    if ema_weights is not None:
-        ema = ModelEmaV3(student, device=acc.device)
-        load_student(ema.module, ema_weights, path, cfg)
-    student.to(acc.device)
-    pipe = data.build_pipeline(cfg, acc, splits, student)
-    teachers = get_teachers(cfg, acc, pipe, fit=False)
-    task = DistillationTask(student, teachers, None, None, pipe.mean, pipe.std, **teacher_options(cfg)).to(acc.device)
-    metrics = evaluate_student(student, ema, task, pipe.val_loader, acc, with_shadow=with_shadow)
-    metrics['checkpoint'] = str(path)
-    if (where / STATE_FILE).is_file():
-        metrics['update'] = json.loads((where / STATE_FILE).read_text())['update']
-    if acc.is_main_process:
-        (where / 'eval.json').write_text(json.dumps(metrics, indent=2))
-    log(acc, f'evaluation of {path} ({where}/eval.json):\n' + format_table(metrics, student.predict))
-    finish(acc)
-    return metrics

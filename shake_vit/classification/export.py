@@ -18,9 +18,15 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models import save_for_hf
 
 from ..core.config import ConfigError
-from .models import Student, average_heads, build_classifier, build_student, student_kwargs
 from ..core.weights import read_weights
-from .pretrained import student_keys, load_student
+from .models import (
+    Student,
+    average_heads,
+    build_classifier,
+    build_student,
+    student_kwargs,
+)
+from .pretrained import load_student, student_keys
 
 
 def registered_here(name: str) -> bool:
@@ -124,13 +130,13 @@ def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Opti
         reloaded.load_state_dict(load_file(str(out / 'model.safetensors')))
         reloaded.eval()
         how = ('shake_vit, since timm alone builds the ImageNet form of the architecture, not this CIFAR form:\n'
-               '    from shake_vit.models import cifar_stem\n'
+               '    from shake_vit.classification.models import cifar_stem\n'
                f"    model = cifar_stem(timm.create_model('{cfg.model.name}', num_classes={num_classes}))\n"
                f"    model.load_state_dict(safetensors.torch.load_file('{out / 'model.safetensors'}'))\n"
                f'or evaluate it with: python train.py --eval {out}')
     else:
         reloaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-        how = (f'timm once shake_vit has registered {cfg.model.name} in it (import shake_vit.models first)'
+        how = (f'timm once shake_vit has registered {cfg.model.name} in it (import shake_vit first)'
                if registered_here(cfg.model.name) else 'timm alone')
         how += f":\n    timm.create_model('local-dir:{out}', pretrained=True)"
     x = torch.randn(2, 3, cfg.data.img_size, cfg.data.img_size)

@@ -5,17 +5,17 @@ import torch.nn as nn
 from accelerate import Accelerator, PartialState
 from omegaconf import DictConfig
 
-from . import cache_writer, data
-from ..distill import cache as teacher_cache
-from .evaluation import evaluate_checkpoint, evaluate_student, format_table
-from .export import export
 from ..core.family import Family, Metrics, register
+from ..distill import cache as teacher_cache
 from ..distill.methods import loss_fn
-from .models import Student, build_student, student_kwargs
+from . import cache_writer, data
+from .evaluation import evaluate_student, format_table
+from .export import export
 from .health import ClassificationHealth
+from .models import Student, build_student, student_kwargs
+from .pretrained import load_pretrained, load_student, student_keys
 from .tasks import DistillationTask
 from .teacher import get_teachers, teacher_options
-from .pretrained import load_pretrained
 
 
 class ClassificationFamily(Family):
@@ -85,8 +85,14 @@ class ClassificationFamily(Family):
     def format_table(self, metrics: Metrics, student: Student) -> str:
         return format_table(metrics, student.predict)
 
-    def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
-        return evaluate_checkpoint(path, cfg)
+    def student_keys(self, state):
+        return student_keys(state)
+
+    def load_weights(self, student: Student, weights, path, cfg: DictConfig) -> bool:
+        return load_student(student, weights, path, cfg)
+
+    def eval_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DistillationTask:
+        return DistillationTask(student, teachers, None, None, pipe.mean, pipe.std, **teacher_options(cfg))
 
     def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
         return cache_writer.write(cfg, root, self)

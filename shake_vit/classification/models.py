@@ -1,6 +1,7 @@
 """The student: a timm classifier with SHAKE's shadow head(s), on a DeiT's distillation token or on pooled features.
 
-Reading weight files and fine-tuning adaptation live in `shake_vit/weights.py`, the teacher in `shake_vit/teacher.py`.
+Reading weight files is shake_vit/core/weights.py, fine-tuning adaptation shake_vit/classification/pretrained.py,
+the teacher shake_vit/classification/teacher.py.
 """
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
@@ -13,9 +14,12 @@ from einops import reduce
 from omegaconf import DictConfig, OmegaConf
 from timm.models._features import feature_take_indices
 
-from ..zoo import crd  # noqa: F401  (crd and zoo register architectures timm lacks in its registry)
-from ..distill import methods
 from ..core.config import ConfigError
+from ..distill import methods
+from ..zoo import (
+    crd,  # (importing the zoo registers the architectures timm lacks in its registry)
+)
+from ..zoo.crd_base import conv_bn_relu
 
 HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])
 ProxyInput = Tuple[List[torch.Tensor], torch.Tensor, torch.Tensor]  # a teacher's 3 maps, its classifier weight, bias
@@ -47,11 +51,6 @@ class ProxySpec:
     out_channels: int
 
 
-def _conv_bn_relu(inp: int, oup: int, kernel: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(inp, oup, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(oup),
-                         nn.ReLU(inplace=True))
-
-
 class ProxyTeacherHead(nn.Module):
     """The SHAKE authors' CNN shadow head (lliai/SHAKE `shake/models/util.py`, class `Shake`): a proxy teacher built
     on the frozen teacher's feature maps `f1, f2, f3` and scored by the teacher's own classifier, detached.
@@ -67,11 +66,11 @@ class ProxyTeacherHead(nn.Module):
         super().__init__()
         (c1, c2, c3), (s1, s2) = spec.channels, spec.strides
         self.indices = spec.indices
-        self.fuse1 = _conv_bn_relu(c1, c2, 3, s1)
-        self.fuse2 = _conv_bn_relu(c2, c2, 1, 1)
-        self.fuse3 = _conv_bn_relu(c2, c3, 3, s2)
-        self.fuse4 = _conv_bn_relu(c3, c3, 1, 1)
-        self.fuse5 = _conv_bn_relu(c3, spec.out_channels, 3, 1)
+        self.fuse1 = conv_bn_relu(c1, c2, 3, s1)
+        self.fuse2 = conv_bn_relu(c2, c2, 1, 1)
+        self.fuse3 = conv_bn_relu(c2, c3, 3, s2)
+        self.fuse4 = conv_bn_relu(c3, c3, 1, 1)
+        self.fuse5 = conv_bn_relu(c3, spec.out_channels, 3, 1)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')

@@ -21,7 +21,7 @@ class DistillationTask(TrainingTask):
         student: module whose training-mode forward returns (cls logits [B, K], shadow logits [B, K], or a tuple of
             them with several teachers); a `Student` with proxy-teacher heads also takes the teachers' maps.
         teachers: frozen teachers (a single one, a list, or None for methods without one), each holding the
-            statistics its inputs are normalised with (`mean_kd`, `std_kd`; see shake_vit/teacher.py).
+            statistics its inputs are normalised with (`mean_kd`, `std_kd`; see shake_vit/classification/teacher.py).
         loss: the method's loss, `(s, h, t, y, ce) -> {term: weighted value}`; `h` and `t` are tuples with several
             teachers.
         criterion: label loss on class indices or mixup soft targets.
@@ -30,7 +30,7 @@ class DistillationTask(TrainingTask):
         inference_mode: run the teachers under `torch.inference_mode` rather than `no_grad`.
         teacher_dtype: the teachers' own precision (weights already cast), outside autocast; None follows autocast.
         channels_last: feed the teachers channels-last inputs (their weights already converted).
-        cache: a teacher-output cache reader (shake_vit/teacher_cache.py) giving every batch's teacher logits in
+        cache: a teacher-output cache reader (shake_vit/distill/cache.py) giving every batch's teacher logits in
             place of `teachers` (then empty); the trainer positions it batch by batch.
     """
 

@@ -18,19 +18,18 @@ from accelerate import Accelerator
 from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save_file
 from timm.models import get_pretrained_cfg
 from timm.task import ClassificationTask, DistillationTeacher
 
-from . import data
-from ..distill import methods
-from ..zoo.crd import CRD_NAMES
 from ..core.build import Pipeline, log
 from ..core.config import ConfigError
 from ..core.engine import evaluate
-from .models import build_teacher_architecture, cifar_stem, unknown_model_error
 from ..core.weights import offline_unless_reachable, read_state_dict
-from ..distill.teacher import fitted_path, teacher_record, train_teacher
+from ..distill import methods
+from ..distill.teacher import fit_or_reuse, fitted_path, teacher_record, train_teacher
+from ..zoo.crd import CRD_NAMES
+from . import data
+from .models import build_teacher_architecture, cifar_stem, unknown_model_error
 
 RECORD_KEYS = ('mean', 'std')  # what a fitted teacher's .safetensors records in its metadata
 
@@ -212,30 +211,27 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
         raise ConfigError('teacher.mean/std name the statistics a teacher was trained with, but this teacher is '
                           'fitted here, on the data as normalised for the student (data.mean/std): drop '
                           'teacher.mean/std, or give the teacher that was trained with them (teacher.checkpoint).')
-    stem = fitted_path(cfg, index)
-    path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
-    record = teacher_record(cfg, t)
-    if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
-        log(acc, f'reusing the teacher fitted earlier: {path}')
-        return load_teacher(t, pipe.num_classes, (pipe.mean, pipe.std), str(path))
     start = "timm's pretrained weights, new head" if t.pretrained else 'scratch'
-    log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs (from {start})')
-    with acc.main_process_first():
-        model = build_teacher_model(t, pipe.num_classes, pretrained=t.pretrained, new_head=True)
-    model = train_teacher(cfg, t, index, acc, pipe, ClassificationTask(model, criterion=data.criterion(cfg), verbose=False),
-                          mixup=data.build_mixup(cfg, pipe.num_classes))
-    metrics = evaluate(lambda x: {'teacher': model(x)}, pipe.val_loader, acc, desc='teacher eval')
-    log(acc, f"fitted teacher: top-1 {metrics['teacher_top1']:.2f}% on {metrics['num_samples']} held-out images")
     norm = Normalisation(tuple(pipe.mean), tuple(pipe.std), 'what it was fitted with')
-    if acc.is_main_process:  # the file records its normalisation: any later run that loads it feeds it the same
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
-                  metadata={'mean': json.dumps(list(norm.mean)), 'std': json.dumps(list(norm.std)),
-                            'classes': json.dumps(list(pipe.splits.classes)),
-                            'top1': json.dumps(metrics['teacher_top1']), 'img_size': json.dumps(cfg.data.img_size)})
-        record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
-    acc.wait_for_everyone()
-    acc.free_memory()  # drop Accelerate's references so the student's checkpoints hold the student alone
-    return freeze(model, norm)
+
+    def fit() -> nn.Module:
+        log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs (from {start})')
+        with acc.main_process_first():
+            model = build_teacher_model(t, pipe.num_classes, pretrained=t.pretrained, new_head=True)
+        task = ClassificationTask(model, criterion=data.criterion(cfg), verbose=False)
+        return train_teacher(cfg, t, index, acc, pipe, task, mixup=data.build_mixup(cfg, pipe.num_classes))
+
+    def measure(model: nn.Module) -> Dict:
+        return evaluate(lambda x: {'teacher': model(x)}, pipe.val_loader, acc, desc='teacher eval')
+
+    def metadata(metrics: Dict) -> Dict[str, Any]:  # any later run that loads the file feeds it the same inputs
+        return {'mean': list(norm.mean), 'std': list(norm.std), 'classes': list(pipe.splits.classes),
+                'img_size': cfg.data.img_size, **({'top1': metrics['teacher_top1']} if metrics else {})}
+    teacher = fit_or_reuse(cfg, t, index, acc, teacher_record(cfg, t),
+                           load=lambda path: load_teacher(t, pipe.num_classes, (pipe.mean, pipe.std), str(path)),
+                           fit=fit, measure=measure, describe=lambda m: f"top-1 {m['teacher_top1']:.2f}%",
+                           metadata=metadata)
+    return teacher if isinstance(teacher, DistillationTeacher) else freeze(teacher, norm)
 
 
 def describe_classes(teacher: DistillationTeacher, t: DictConfig, path: Optional[str], classes, acc) -> None:

@@ -16,7 +16,13 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Sampler,
+    get_worker_info,
+)
 
 from .config import ConfigError
 
@@ -112,7 +118,7 @@ def _seeded(seed: int) -> Iterator[None]:
 
 def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
     """The seed of one batch's mixup/cutmix draws: a pure function of (run seed, epoch, process, batch index), so a
-    resumed run and the teacher-output cache (shake_vit/teacher_cache.py) replay the same mixing."""
+    resumed run and the teacher-output cache (shake_vit/distill/cache.py) replay the same mixing."""
     # SeedSequence hashes any non-negative integers (a product of them would overflow 64 bits for large seeds)
     return int(np.random.SeedSequence([seed, epoch, rank, batch, MIXUP_TAG]).generate_state(1, np.uint64)[0] >> 2)
 

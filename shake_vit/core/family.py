@@ -97,9 +97,18 @@ class Family:
         """The evaluation as the table the run and `--eval` print."""
         raise NotImplementedError
 
-    def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
-        """`train.py --eval PATH` with the run's config: a table and eval.json beside the checkpoint."""
+    def student_keys(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        """A saved state dict (a checkpoint's, a DDP save's, an export's) with the keys of this family's student."""
         raise NotImplementedError
+
+    def load_weights(self, student: nn.Module, weights: Dict[str, Any], path, cfg: DictConfig) -> bool:
+        """Saved weights (`student_keys`) into the student the config builds, for `--eval` and `--export`; returns
+        whether they hold the shadow heads (an export has none). Weights of another student: ConfigError."""
+        raise NotImplementedError
+
+    def eval_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> TrainingTask:
+        """The task `--eval` evaluates through: the live teachers, no loss."""
+        return self.make_task(cfg, student, teachers, pipe)
 
     def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
         """`train.py --cache-teacher DIR`: the teachers' outputs on the run's input stream, written once."""

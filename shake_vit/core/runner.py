@@ -11,11 +11,19 @@ from timm.utils import ModelEmaV3
 
 from . import run_folder
 from .build import build_optimization, finish, log, make_accelerator, process_state
-from .checkpoint import STATE_FILE, Checkpointer, CheckpointError, Progress, fault_hook, latest_checkpoint, \
-    read_progress
+from .checkpoint import (
+    STATE_FILE,
+    Checkpointer,
+    CheckpointError,
+    Progress,
+    fault_hook,
+    latest_checkpoint,
+    read_progress,
+)
 from .engine import Trainer
 from .family import family_of
 from .preemption import StopRequest
+from .weights import read_weights
 
 
 def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
@@ -52,7 +60,7 @@ def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
 
 def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -> Dict[str, Any]:
     """Train the student as configured; returns the final evaluation written to `results.json`. What differs between
-    tasks (data, student, teachers, step, evaluation) comes from the config's task family (shake_vit/family.py).
+    tasks (data, student, teachers, step, evaluation) comes from the config's task family (shake_vit/core/family.py).
 
     Args:
         resume: 'auto' (the newest checkpoint in the output directory, if any) or a checkpoint folder.
@@ -178,3 +186,31 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
     log(acc, f'final evaluation ({out}/results.json):\n' + family.format_table(results, student))
     finish(acc, keep_process_group=before)
     return results
+
+
+def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, Any]:
+    """`train.py --eval PATH` with its run's config (`weights.config_for`): the configured validation set, every head,
+    the EMA and the teachers, through the family's hooks; a table and eval.json beside the weights."""
+    family = family_of(cfg)
+    acc = make_accelerator(cfg, trackers=False)
+    set_seed(cfg.train.seed)
+    splits = family.build_splits(cfg)
+    student = family.build_student(cfg, len(splits.classes))
+    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, family.student_keys)
+    with_shadow = family.load_weights(student, weights, path, cfg)
+    ema = None
+    if ema_weights is not None:
+        ema = ModelEmaV3(student, device=acc.device)
+        family.load_weights(ema.module, ema_weights, path, cfg)
+    student.to(acc.device)
+    pipe = family.build_pipeline(cfg, acc, splits, student)
+    task = family.eval_task(cfg, student, family.get_teachers(cfg, acc, pipe, fit=False), pipe).to(acc.device)
+    metrics = family.evaluate(student, ema, task, pipe.val_loader, acc, with_shadow=with_shadow)
+    metrics['checkpoint'] = str(path)
+    if (where / STATE_FILE).is_file():
+        metrics['update'] = json.loads((where / STATE_FILE).read_text())['update']
+    if acc.is_main_process:
+        (where / 'eval.json').write_text(json.dumps(metrics, indent=2))
+    log(acc, f'evaluation of {path} ({where}/eval.json):\n' + family.format_table(metrics, student))
+    finish(acc)
+    return metrics

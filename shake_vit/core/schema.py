@@ -8,7 +8,14 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig
 
 from . import family  # noqa: F401  (its check of `task` runs before the sections' own)
-from .config import CLASSIFICATION, ConfigError, key, register_check, register_section, require
+from .config import (
+    CLASSIFICATION,
+    ConfigError,
+    key,
+    register_check,
+    register_section,
+    require,
+)
 
 SCHEDULES = ('cosine', 'multistep', 'step', 'constant')
 
@@ -53,7 +60,8 @@ class ModelConfig:
     predict: Optional[str] = key(None, choices=(None, 'avg', 'cls'), family=CLASSIFICATION)
     pretrained: Optional[str] = None  # fine-tune from: a local file (timm / DeiT / .safetensors) or a timm name.tag
     # token (a DeiT's distillation token) | pooled (any classifier's pooled features) | auto
-    # | teacher (the authors' proxy teacher on the teacher's feature maps, shake_vit.models.ProxyTeacherHead)
+    # | teacher (the authors' proxy teacher on the teacher's feature maps,
+    # shake_vit.classification.models.ProxyTeacherHead)
     shadow_on: str = key('auto', choices=('auto', 'token', 'pooled', 'teacher'), family=CLASSIFICATION)
     # shadow_on=teacher: 3 indices into the teacher's feature maps; null:
     # the maps the SHAKE authors fused for CRD's networks, the last three for other timm CNNs

@@ -6,7 +6,14 @@ from typing import List, Optional
 
 from omegaconf import DictConfig
 
-from ..core.config import DETECTION, check_choice, key, register_check, register_section, require
+from ..core.config import (
+    DETECTION,
+    check_choice,
+    key,
+    register_check,
+    register_section,
+    require,
+)
 from .losses import BALANCES, BOX_TERMS
 
 
@@ -66,12 +73,12 @@ def check_detection(cfg: DictConfig) -> None:
     check_choice(cfg, 'loss.det_balance', BALANCES)
     check_choice(cfg, 'loss.det_box', BOX_TERMS)
     g, loss = cfg.det, cfg.loss
-    for key in ('min_size', 'max_size', 'canvas'):
-        require(g[key] >= 16, f'det.{key}', g[key], 'at least 16 pixels')
+    for name in ('min_size', 'max_size', 'canvas'):
+        require(g[name] >= 16, f'det.{name}', g[name], 'at least 16 pixels')
     require(g.max_size >= g.min_size, 'det.max_size', g.max_size, f'at least det.min_size ({g.min_size})')
-    for key in ('fpn_channels', 'box_head_dim', 'rpn_proposals_train', 'rpn_proposals_test', 'rois_per_image',
+    for name in ('fpn_channels', 'box_head_dim', 'rpn_proposals_train', 'rpn_proposals_test', 'rois_per_image',
                 'detections_per_image'):
-        require(g[key] >= 1, f'det.{key}', g[key], 'at least 1')
+        require(g[name] >= 1, f'det.{name}', g[name], 'at least 1')
     require(0 <= g.trainable_backbone_layers <= 5, 'det.trainable_backbone_layers', g.trainable_backbone_layers,
            '0 to 5 (the backbone stages that train, from the last)')
     require(0 <= g.hflip <= 1, 'det.hflip', g.hflip, 'a probability in [0, 1]')
@@ -86,8 +93,8 @@ def check_detection(cfg: DictConfig) -> None:
            None if g.anchor_sizes is None else list(g.anchor_sizes), 'null or four positive sizes, one per FPN level')
     require(loss.box_beta > 0, 'loss.box_beta', loss.box_beta, 'positive')
     f = g.backbone_fit
-    for key in ('epochs', 'batch_size'):
-        require(f[key] >= 1, f'det.backbone_fit.{key}', f[key], 'at least 1')
+    for name in ('epochs', 'batch_size'):
+        require(f[name] >= 1, f'det.backbone_fit.{name}', f[name], 'at least 1')
     require(f.img_size >= 16, 'det.backbone_fit.img_size', f.img_size, 'at least 16 pixels')
     require(f.lr > 0, 'det.backbone_fit.lr', f.lr, 'positive')
     require(0 <= loss.label_weight <= 1, 'loss.label_weight', loss.label_weight, 'a share in [0, 1]')

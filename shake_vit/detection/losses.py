@@ -3,8 +3,8 @@
 Every term compares outputs for the same sampled RoIs [R] (`RoIOutputs`): class logits [R, K + 1] (background
 included) and box deltas [R, 4 (K + 1)] of the student's predictor `s`, the shadow predictor `h` and the teacher `t`,
 with the RoIs' ground-truth classes `labels` [R] (0: background) and box targets `regression_targets` [R, 4] (the
-ground truth's deltas, torchvision's box coding). Like shake_vit/losses.py, functions return *weighted* terms whose sum
-is what backpropagates; nothing here runs a model.
+ground truth's deltas, torchvision's box coding). Like shake_vit/distill/losses.py, functions return *weighted* terms
+whose sum is what backpropagates; nothing here runs a model.
 
 Term names say who is pulled toward whom, `<kind>_<pulled>_<target>`: `kl_cls_shadow` pulls the student's ("cls")
 predictor toward the shadow's. `side(name)` tells which parameters a term trains (stop-gradients make it exact).

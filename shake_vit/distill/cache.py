@@ -1,7 +1,8 @@
 """Pay for the teacher once: its outputs on the run's exact input stream, written once, read by every run of a sweep.
 
 `train.py --config X --cache-teacher DIR` replays what the training run of X would feed its teachers, epoch by epoch:
-the sampler's order, every sample's augmentation (seeded per sample, shake_vit/data.py), repeated augmentation, each
+the sampler's order, every sample's augmentation (seeded per sample, shake_vit/core/data.py), repeated augmentation,
+each
 batch's mixup/cutmix (seeded per batch, data.batch_seed), the process count and the batch size. It runs the
 teachers alone, as the live run does (same normalisation, precision and autocast), and writes their logits to DIR:
 
@@ -39,8 +40,8 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
-from . import methods
 from ..core.config import derive
+from . import methods
 from .cache_format import CacheError, Format, _output_precision, decode
 
 MANIFEST = 'manifest.json'

@@ -6,7 +6,14 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from ..core.config import CLASSIFICATION, DETECTION, key, register_check, register_section, require
+from ..core.config import (
+    CLASSIFICATION,
+    DETECTION,
+    key,
+    register_check,
+    register_section,
+    require,
+)
 from ..core.schema import SCHEDULES
 from . import methods
 from .losses import KL_REDUCTIONS
@@ -41,17 +48,17 @@ class TeacherConfig:
     # auto: follow train.mixed_precision | fp32 | bf16 | fp16 (teacher weights cast)
     precision: str = key('auto', choices=('auto', 'fp32', 'bf16', 'fp16'))
     channels_last: bool = key(False, family=CLASSIFICATION)  # channels-last memory format (CNN teachers on GPUs)
-    # CIFAR form of a timm ResNet/MobileNet/VGG (see shake_vit.models.cifar_stem)
+    # CIFAR form of a timm ResNet/MobileNet/VGG (see shake_vit.classification.models.cifar_stem)
     cifar_stem: bool = key(False, family=CLASSIFICATION)
     compile: bool = False  # torch.compile the teacher
     # auto: select and order the teacher's logits as the data's classes, by name |
-    # a YAML/JSON file of `data class: teacher class` renamings (shake_vit/classmap.py)
+    # a YAML/JSON file of `data class: teacher class` renamings (shake_vit/classification/classmap.py)
     class_map: Optional[str] = key(None, family=CLASSIFICATION)
     # the teacher's class names in output order (a text file or JSON list), when
     # neither its file nor timm records them
     class_names: Optional[str] = key(None, family=CLASSIFICATION)
     # read every teacher's outputs from a cache written by --cache-teacher (no teacher is
-    # built); README "Teacher-output cache", shake_vit/teacher_cache.py
+    # built); README "Teacher-output cache", shake_vit/distill/cache.py
     cache: Optional[str] = key(None, family=CLASSIFICATION)
 
 
@@ -60,7 +67,7 @@ class TeacherConfig:
 @dataclass
 class LossConfig:
     method: str = 'shake'  # shake | deit_hard | deit_hard_cls | deit_soft | kd | none | none_both_heads
-    # (classification; detection: shake | kd | none; shake_vit/methods.py)
+    # (classification; detection: shake | kd | none; shake_vit/distill/methods.py)
     temperature: Optional[float] = None  # null: the method's published default (shake 4, kd 4, deit_soft 1)
     mutual: float = 1.0  # shake: lambda, the weight of both mutual terms
     mutual_student: Optional[float] = None  # shake: the student <- shadow weight; null: loss.mutual
@@ -102,7 +109,7 @@ class LossConfig:
 
 @dataclass
 class TeacherCacheConfig:
-    """How `train.py --cache-teacher DIR` stores the teachers' outputs (shake_vit/teacher_cache.py)."""
+    """How `train.py --cache-teacher DIR` stores the teachers' outputs (shake_vit/distill/cache.py)."""
 
     # auto: full when the whole schedule fits max_gb, else topk | full | topk | argmax (deit_hard)
     store: str = key('auto', choices=('auto', 'full', 'topk', 'argmax'))
@@ -116,7 +123,7 @@ class TeacherCacheConfig:
 
 @dataclass
 class HealthConfig:
-    """The run's health checks (shake_vit/health.py), each with its own switch."""
+    """The run's health checks (shake_vit/distill/health.py), each with its own switch."""
 
     teacher: bool = True  # the teachers' top-1 on the first validation images, before training; stops a broken one
     teacher_images: int = 500  # how many validation images that check scores

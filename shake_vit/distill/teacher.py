@@ -1,15 +1,17 @@
 """What fitting a teacher means for every family: where a fitted teacher is saved, the record that decides whether it
 is reused, and the fit itself (the task family supplies the model and its training step).
 """
+import json
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch.nn as nn
 from accelerate import Accelerator
 from accelerate.utils import broadcast
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
-from ..core.build import Pipeline
+from ..core.build import Pipeline, log
 from ..core.config import derive
 from ..core.engine import Trainer
 from ..core.optim import build_optimizer, build_schedule
@@ -57,3 +59,42 @@ def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, 
     # process holds its own; all must distill from one teacher, the one saved: process 0's.
     model.load_state_dict(broadcast({k: v.contiguous() for k, v in model.state_dict().items()}, from_process=0))
     return model.eval()
+
+
+def fit_or_reuse(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, record: Dict[str, Any],
+                 load: Callable[[Path], Any], fit: Callable[[], nn.Module], measure: Callable[[nn.Module], Dict],
+                 describe: Callable[[Dict], str], metadata: Callable[[Dict], Dict[str, Any]] = lambda m: {}) -> Any:
+    """A teacher fitted on the training split, saved as `teacher[_index].safetensors` in the run folder beside its
+    record (`teacher_record`), or the one fitted there earlier when its record matches: every family's teachers go
+    through here, with the family's pieces.
+
+    Args:
+        record: what the fitted teacher depends on (`teacher_record`).
+        load: the saved teacher from its file (a reuse).
+        fit: a new teacher, trained (with `train_teacher` and the family's task).
+        measure: its metrics on the validation split; `describe` says them in a log line.
+        metadata: what the file records beside the weights (JSON values), from the metrics.
+
+    Returns:
+        `load(path)` on a reuse, else the fitted module (its weights saved before it is measured, so an error there
+        does not lose the fit; the record holds the metrics once they exist).
+    """
+    stem = fitted_path(cfg, index)
+    path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
+    if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
+        log(acc, f'reusing the teacher fitted earlier: {path}')
+        return load(path)
+    model = fit()
+
+    def save(metrics: Dict) -> None:
+        if acc.is_main_process:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path),
+                      metadata={k: json.dumps(v) for k, v in metadata(metrics).items()})
+            record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
+    save({})
+    metrics = measure(model)
+    log(acc, f'fitted teacher: {describe(metrics)} on {metrics["num_samples"]} held-out images')
+    save(metrics)
+    acc.wait_for_everyone()
+    acc.free_memory()  # drop Accelerate's references so the student's checkpoints hold the student alone
+    return model

@@ -2,12 +2,12 @@
 (students, teachers, export, `--eval`) builds them by name, as any timm model.
 
     vgg8_bn                  CRD's vgg8 layers in timm's own VGG family (with `cifar_stem`, its last stage at 2x2
-                             where CRD's runs at 4x4: the exact one is cifar_vgg8, shake_vit/crd.py).
+                             where CRD's runs at 4x4: the exact one is cifar_vgg8, shake_vit/zoo/crd.py).
     shufflenet_v2_x{0_5,1_0,1_5,2_0}
                              torchvision's ShuffleNetV2 behind timm's classifier interface (a thin adapter: timm has
                              no ShuffleNet). `pretrained=True` loads torchvision's ImageNet weights (downloads).
 
-Importing shake_vit.models registers them; a name timm already has is left to timm.
+Importing shake_vit.classification.models registers them; a name timm already has is left to timm.
 """
 from typing import Optional
 
@@ -34,7 +34,7 @@ def _build(cls, name: str, pretrained: bool, default_cfg: dict, kwargs: dict, **
 
 def _vgg8_bn(pretrained: bool = False, **kwargs) -> nn.Module:
     """CRD's vgg8: one 3x3 convolution per stage, 64-128-256-512-512 wide, with BatchNorm. Built ImageNet-form like
-    timm's other VGGs; `shake_vit.models.cifar_stem` gives CRD's form."""
+    timm's other VGGs; `shake_vit.classification.models.cifar_stem` gives CRD's form."""
     from timm.models.vgg import VGG
     default = dict(num_classes=1000, input_size=(3, 32, 32), first_conv='features.0', classifier='head.fc')
     stages = [64, 'M', 128, 'M', 256, 'M', 512, 'M', 512, 'M']
