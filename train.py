@@ -61,9 +61,9 @@ def print_config(cfg) -> None:
     from omegaconf import OmegaConf
 
     from shake_vit.core import data
-    from shake_vit.distill import methods
     from shake_vit.core.config import derive
     from shake_vit.core.family import family_of
+    from shake_vit.distill import methods
     state = PartialState()
     if state.is_main_process:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -135,17 +135,16 @@ def main(argv=None) -> int:
     # image in one process's share) are said by the process that met them.
     said_once = int(os.environ.get('RANK', '0')) != 0
     try:
+        from shake_vit.core.family import family_of
         if args.eval or args.export:
-            from shake_vit.core.family import family_of
-            from shake_vit.core.runner import evaluate_checkpoint
+            from shake_vit.core.runner import evaluate_checkpoint, export
             from shake_vit.core.weights import config_for
             cfg = config_for(args.eval or args.export, args.config, args.overrides)
             said_once = False
             if args.eval:
                 evaluate_checkpoint(args.eval, cfg)
             else:
-                family_of(cfg).export(args.export, cfg, args.export_head, args.export_dir, args.export_ema,
-                                      args.export_format)
+                export(args.export, cfg, args.export_head, args.export_dir, args.export_ema, args.export_format)
             return 0
         cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
         said_once = False

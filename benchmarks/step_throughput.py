@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from omegaconf import DictConfig
 from timm.task import TokenDistillationTask
 
+from benchmarks.study import ROOT
 from shake_vit.classification.models import build_student
 from shake_vit.classification.tasks import DistillationTask
 from shake_vit.classification.teacher import (
@@ -114,16 +115,17 @@ def synthetic_cache(cfg: DictConfig, acc: Accelerator):
     import tempfile
 
     from shake_vit.distill import cache as tc
+    from shake_vit.distill import cache_format as cf
     root = Path(tempfile.mkdtemp(prefix='shake_cache_bench_'))
     atexit.register(shutil.rmtree, root, True)
-    fmt = tc.choose_format(cfg, NUM_CLASSES, 1_281_167 * 300, 1)
+    fmt = cf.choose_format(cfg, NUM_CLASSES, 1_281_167 * 300, 1)
     g = torch.Generator().manual_seed(0)
     writer = tc.ShardWriter(root, 0, 0, CACHE_BATCHES, cfg.train.batch_size)
     for _ in range(CACHE_BATCHES):
         logits = torch.randn(cfg.train.batch_size, NUM_CLASSES, generator=g) * 3
         if fmt.precision == 'bf16':
             logits = logits.to(torch.bfloat16).float()
-        writer.add(y_labels(cfg).numpy(), [tc.encode(logits, fmt)])
+        writer.add(y_labels(cfg).numpy(), [cf.encode(logits, fmt)])
     writer.finish()
     (root / tc.MANIFEST).write_text(json.dumps({
         'version': tc.VERSION, 'identity': tc.identity(cfg, MEAN, STD, acc.num_processes), 'teacher_weights': ['-'],
@@ -208,9 +210,9 @@ def peak_rss_gib() -> float:
 
 def cpu_peak_rss(args, method: str) -> float:
     """Peak resident memory (GiB) of a process that builds and steps only `method`."""
-    cmd = [sys.executable, __file__, '--preset', args.preset, '--methods', method, '--steps', '2', '--warmup', '1',
+    cmd = [sys.executable, '-m', 'benchmarks.step_throughput', '--preset', args.preset, '--methods', method, '--steps', '2', '--warmup', '1',
            '--repeats', '1', '--no-memory', '--json', *sum([['--set', s] for s in args.set], [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(proc.stdout.strip().splitlines()[-1])['max_rss_gib']
 
 

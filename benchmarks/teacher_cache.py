@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from shake_vit.core.family import family_of
 from shake_vit.distill import cache as tc
+from shake_vit.distill import cache_format as cf
 
 IMAGENET, CIFAR = 1_281_167, 50_000  # training images per epoch
 
@@ -34,23 +36,23 @@ def sizes() -> None:
     print('| data set and schedule | format | bytes / sample | per epoch | whole schedule |')
     print('| --- | --- | --- | --- | --- |')
     for label, n, k_classes, epochs, store, k, precision in rows:
-        fmt = tc.Format(store, k, precision, k_classes)
+        fmt = cf.Format(store, k, precision, k_classes)
         per = fmt.bytes_per_sample(1)
         print(f'| {label} | {fmt.describe()} | {per} | {n * per / 1e9:.3f} GB | {n * per * epochs / 1e9:.1f} GB |')
-    print('\nThe byte counts come from `teacher_cache.Format.bytes_per_sample` (values, class indices, the tail at '
-          f'{len(tc.TAIL_TEMPERATURES)} temperatures for top-k, and the int64 label every read checks); '
+    print('\nThe byte counts come from `cache_format.Format.bytes_per_sample` (values, class indices, the tail at '
+          f'{len(cf.TAIL_TEMPERATURES)} temperatures for top-k, and the int64 label every read checks); '
           "`teacher_cache.store=auto` picks full logits when the whole schedule stays under teacher_cache.max_gb "
           '(default 50).')
 
 
-def _shard(root: Path, fmt: tc.Format, batches: int, batch: int) -> None:
+def _shard(root: Path, fmt: cf.Format, batches: int, batch: int) -> None:
     g = torch.Generator().manual_seed(0)
     writer = tc.ShardWriter(root, 0, 0, batches, batch)
     for _ in range(batches):
         logits = torch.randn(batch, fmt.num_classes, generator=g) * 3
         if fmt.precision == 'bf16':
             logits = logits.to(torch.bfloat16).float()
-        writer.add(torch.zeros(batch, dtype=torch.long).numpy(), [tc.encode(logits, fmt)])
+        writer.add(torch.zeros(batch, dtype=torch.long).numpy(), [cf.encode(logits, fmt)])
     writer.finish()
 
 
@@ -61,7 +63,7 @@ def reader(batches: int) -> None:
     for label, k_classes, batch, store, k, precision in (('ImageNet-1k top-10, bf16', 1000, 256, 'topk', 10, 'bf16'),
                                                          ('ImageNet-1k full, bf16', 1000, 256, 'full', 0, 'bf16'),
                                                          ('CIFAR-100 full, fp32', 100, 64, 'full', 0, 'fp32')):
-        fmt = tc.Format(store, k, precision, k_classes)
+        fmt = cf.Format(store, k, precision, k_classes)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             _shard(root, fmt, batches, batch)
@@ -99,7 +101,8 @@ def writer(updates: int) -> None:
                 'train.mixed_precision=no', 'eval.batch_size=64', 'train.log_interval=1000', 'aug.mixup=0.8',
                 'aug.cutmix=1.0', 'health.teacher=false']  # a random teacher on fake data: at chance by design
         start = time.perf_counter()
-        manifest = tc.write(load_config(None, [*base, f'train.output_dir={tmp / "w"}']), str(tmp / 'cache'))
+        cfg = load_config(None, [*base, f'train.output_dir={tmp / "w"}'])
+        manifest = family_of(cfg).cache_teacher(cfg, str(tmp / 'cache'))
         write_s = time.perf_counter() - start
         w = manifest['written']
         live = train(load_config(None, [*base, f'train.output_dir={tmp / "live"}']))
@@ -107,7 +110,7 @@ def writer(updates: int) -> None:
                                           f'teacher.cache={tmp / "cache"}']))
         size = sum(f.stat().st_size for f in (tmp / 'cache').rglob('*.npy'))
     print(f'\n# {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; deit_ratio stand-in, fake data, '
-          f'{w["samples"]} images, batch 32, mixup+cutmix, {tc.Format(**manifest["format"]).describe()}')
+          f'{w["samples"]} images, batch 32, mixup+cutmix, {cf.Format(**manifest["format"]).describe()}')
     print('| run | images/s | ratio to the live run |\n| --- | --- | --- |')
     live_rate = live['train_images_per_sec']
     for label, rate in (('live SHAKE training (student + teacher)', live_rate),

@@ -12,8 +12,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 from shake_vit.classification import data
-from shake_vit.core.config import load_config
 from shake_vit.classification.models import build_student
+from shake_vit.core.config import load_config
 
 
 def main(out_path: str, *overrides: str) -> None:

@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT
 
 TINY = ['--set', 'data.img_size=32', '--set', 'model.kwargs.depth=1', '--set', 'model.kwargs.embed_dim=32',
@@ -117,6 +116,7 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
 def test_the_ablation_report_keeps_the_other_protocol_beside_this_one(tmp_path):
     """The committed results (either format) and a new protocol's summary make one report with both."""
     import shutil
+
     from benchmarks import ablation
     shutil.copy(ROOT / 'docs' / 'results' / 'ablation.json', tmp_path / 'ablation.json')
     protocols = ablation.load_protocols(tmp_path / 'ablation.json')
@@ -204,5 +204,5 @@ def test_gpu_script_refuses_without_a_gpu_naming_what_it_needs(tmp_path):
         pytest.skip('this machine has nvidia-smi')
     proc = subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, 'OUT': str(tmp_path / 'out')})
-    assert proc.returncode == 2 and 'needs an NVIDIA GPU' in proc.stderr and 'step_throughput.py' in proc.stderr
+    assert proc.returncode == 2 and 'needs an NVIDIA GPU' in proc.stderr and 'benchmarks.step_throughput' in proc.stderr
     assert not (tmp_path / 'out').exists() and not proc.stdout  # no stage ran on the CPU

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT, RUN, assert_same_weights, launch, main, results
 
 

@@ -1,8 +1,8 @@
 """Typed config: recipes, overrides, errors that name the key, derived values."""
 import pytest
 import yaml
-
 from helpers import ROOT
+
 from shake_vit.core.config import ConfigError, derive, flat_hparams, load_config
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import ROOT, write_coco
 
-from shake_vit.detection import losses as losses
 from shake_vit.core.config import ConfigError, load_config
 from shake_vit.detection import data as det_data
+from shake_vit.detection import losses as losses
 from shake_vit.detection.family import DetectionFamily, student_detector
 from shake_vit.detection.models import DetectionStudent, check_teacher, teacher_on_rois
 from shake_vit.detection.task import DetectionTask

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import ROOT, launch, main, results, scalar_tags, write_coco
 from safetensors.torch import load_file
+from test_detection import SMOKE
 
 from shake_vit.core.config import load_config
 from shake_vit.detection import data as det_data
 from shake_vit.detection.family import DetectionFamily
-from test_detection import SMOKE
 
 
 @pytest.fixture(scope='module')

@@ -9,7 +9,6 @@ from timm.loss import LabelSmoothingCrossEntropy
 from shake_vit.distill import losses
 
 
-
 def f64(values):
     return torch.tensor(values, dtype=torch.float64)  # hand computations below compare at 1e-12
 

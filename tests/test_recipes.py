@@ -44,11 +44,11 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
         assert recipe in first or recipe == 'quickstart.yaml', recipe
 
 
-def test_the_readmes_smoke_lines_run_as_documented_and_an_overlay_alone_says_what_it_is(tmp_path):
-    """The README's smoke commands paste and run: the ImageNet ones on random images as written (the CIFAR and
+def test_the_documented_smoke_lines_run_as_documented_and_an_overlay_alone_says_what_it_is(tmp_path):
+    """The smoke commands of docs/recipes.md paste and run: the ImageNet ones on random images as written (the CIFAR and
     detection lines are what test_smoke_variant_of_every_recipe_runs runs, so here they only resolve)."""
     import shlex
-    lines = [line for line in (ROOT / 'README.md').read_text().splitlines()
+    lines = [line for line in (ROOT / 'docs' / 'recipes.md').read_text().splitlines()
              if line.startswith('python train.py --config ') and ' --config configs' + '/smoke' in line]
     assert len(lines) == 4, lines
     for i, line in enumerate(lines):
@@ -125,9 +125,9 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     from accelerate import Accelerator
 
     from shake_vit.classification import data
+    from shake_vit.classification.models import build_student
     from shake_vit.core.build import build_optimization
     from shake_vit.core.config import load_config
-    from shake_vit.classification.models import build_student
     cfg = load_config([str(ROOT / IMAGENET_SHAKE)], [f'data.root={imagefolder}'])
     acc = Accelerator(cpu=True)
     splits = data.build_splits(cfg)
@@ -152,7 +152,7 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     assert str(val_tf[0].interpolation).endswith('BICUBIC')
     assert isinstance(val_tf[1], T.CenterCrop) and val_tf[1].size == (224, 224)
 
-    mixup = data.build_mixup(cfg, len(splits.classes))
+    mixup = data.build_mixup(cfg.aug, len(splits.classes))
     assert isinstance(mixup, Mixup)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing) == \
         (0.8, 1.0, 1.0, 0.5, 0.1)
@@ -231,13 +231,13 @@ def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
     from shake_vit.classification import data
     from shake_vit.core.config import load_config
     cfg = load_config([str(ROOT / 'configs/deit_tiny_shake_cifar100.yaml')])
-    train_tf = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)[0].transforms
+    train_tf = data.build_transforms(cfg.aug, cfg.data.img_size, (0.5,) * 3, (0.5,) * 3)[0].transforms
     assert isinstance(train_tf[0], T.Resize) and train_tf[0].size == 32  # a no-op on CIFAR's 32-px images
     assert isinstance(train_tf[1], T.RandomCrop) and train_tf[1].size == (32, 32) and train_tf[1].padding == 4
     assert isinstance(train_tf[2], T.RandomHorizontalFlip) and isinstance(train_tf[3], RandAugment)
     assert isinstance(train_tf[-1], RandomErasing) and train_tf[-1].mode == 'pixel'
     crd = load_config([str(ROOT / 'configs/cifar100_wrn_40_2_wrn_16_2.yaml')])
-    crd_tf = data.build_transforms(crd, (0.5,) * 3, (0.5,) * 3)[0]
+    crd_tf = data.build_transforms(crd.aug, crd.data.img_size, (0.5,) * 3, (0.5,) * 3)[0]
     assert [type(t).__name__ for t in crd_tf.transforms] == ['Resize', 'RandomCrop', 'RandomHorizontalFlip',
                                                              'MaybeToTensor', 'Normalize']
     from PIL import Image
@@ -249,9 +249,9 @@ def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
 
 def test_the_none_recipe_is_a_plain_deit_on_its_cls_head():
     """DeiT's 72.20 row: deit_tiny_patch16_224 (no distillation token), no teacher, no shadow head."""
-    from shake_vit.distill import methods
-    from shake_vit.core.config import load_config
     from shake_vit.classification.models import build_student
+    from shake_vit.core.config import load_config
+    from shake_vit.distill import methods
     cfg = load_config([str(ROOT / 'configs/deit_tiny_none_in1k.yaml')], ['data.img_size=32', 'model.kwargs.depth=1'])
     assert cfg.model.name == 'deit_tiny_patch16_224' and not methods.of(cfg).needs_teacher
     student = build_student(cfg, 1000)

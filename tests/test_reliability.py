@@ -11,9 +11,8 @@ import sys
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
-
 from helpers import ROOT, RUN, TINY, main, results
+from safetensors.torch import save_file
 from test_checkpoint import assert_same_weights
 
 
@@ -120,10 +119,10 @@ def test_resume_with_another_class_count_is_refused(reference, tmp_path):
 
 
 def test_nan_loss_stops_with_the_term_and_update_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from shake_vit.distill import losses
     from shake_vit.core.config import load_config
     from shake_vit.core.engine import NonFiniteLoss
     from shake_vit.core.runner import train
+    from shake_vit.distill import losses
     calls = {'n': 0}
     real = losses.shake_loss
 

@@ -3,11 +3,11 @@ import pytest
 import timm
 import torch
 
-from shake_vit.core.config import load_config
-from shake_vit.distill.methods import loss_fn
 from shake_vit.classification.models import build_student
 from shake_vit.classification.tasks import DistillationTask
 from shake_vit.classification.teacher import Normalisation, freeze
+from shake_vit.core.config import load_config
+from shake_vit.distill.methods import loss_fn
 
 TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=1',
         'model.kwargs.num_heads=2']

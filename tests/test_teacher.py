@@ -5,11 +5,11 @@ import json
 import pytest
 import timm
 import torch
+from helpers import TINY, main, results
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY, main, results
-from shake_vit.core.config import load_config
 from shake_vit.classification.teacher import load_teacher
+from shake_vit.core.config import load_config
 
 # Statistics far from ImageNet's (what timm's DistillationTeacher would apply for test_byobnet): before the fix the
 # teacher fitted below scored 97.22 at fit time and 10.00 (chance) during distillation.

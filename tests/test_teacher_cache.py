@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import RUN, assert_same_weights, launch, main, results
 from omegaconf import OmegaConf
 
-from helpers import RUN, assert_same_weights, launch, main, results
-from shake_vit.distill.cache import Format, decode, encode
+from shake_vit.distill.cache_format import Format, decode, encode
 
 
 @pytest.fixture(scope='module')
@@ -129,6 +129,11 @@ def test_nothing_to_cache_and_uncacheable_setups_are_refused(tmp_path):
     proc = main([*RUN, 'model.shadow_on=teacher', 'model.name=resnet18', f'teacher.cache={tmp_path}',
                  '--print-config'], check=False)
     assert proc.returncode == 2 and "feature maps on every step" in proc.stderr
+    # detection's teacher scores the student's own proposals: its family refuses the writer (a Family hook)
+    proc = main(['--config', 'configs/det_quickstart.yaml', '--config', 'configs/smoke_det.yaml', '--cache-teacher',
+                 str(tmp_path / 'det')], check=False)
+    assert proc.returncode == 2 and '--cache-teacher serves classification' in proc.stderr
+    assert not (tmp_path / 'det').exists()
 
 
 def test_the_stored_formats_rebuild_the_logits():
@@ -147,7 +152,7 @@ def test_the_stored_formats_rebuild_the_logits():
                        top.sort(1).values)
 
 
-# The pinned error of a top-k cache (README "Teacher-output cache"): |term with the rebuilt logits - term with the
+# The pinned error of a top-k cache (docs/teacher_cache.md): |term with the rebuilt logits - term with the
 # full ones| for SHAKE's shadow-teacher KL, on seeded Gaussian logits (K = 100 classes, teacher std 3, 512 samples,
 # student and shadow std 2). Measured: T = 1: 0.129 of 4.407 (k = 10), 0.037 (k = 20); T = 4: 1.798 of 6.360
 # (k = 10), 1.090 (k = 20). The other terms do not read the teacher and must not move at all.

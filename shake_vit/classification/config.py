@@ -47,8 +47,9 @@ class AugConfig:
 register_section('aug', AugConfig, AugConfig, after='data', family=CLASSIFICATION)
 
 
-def mixup_active(cfg: DictConfig) -> bool:
-    return cfg.aug.mixup_prob > 0 and (cfg.aug.mixup > 0 or cfg.aug.cutmix > 0)
+def mixup_active(a: DictConfig) -> bool:
+    """Whether the `aug` section mixes samples (mixup or cutmix)."""
+    return a.mixup_prob > 0 and (a.mixup > 0 or a.cutmix > 0)
 
 
 @register_check(family=CLASSIFICATION)
@@ -84,7 +85,7 @@ def check_classification(cfg: DictConfig) -> None:
         raise ConfigError("teacher.cache holds the teachers' logits, but model.shadow_on=teacher makes the shadow "
                           "head read the teacher's feature maps on every step: run the live teacher (drop "
                           'teacher.cache) or put the shadow head on the student (model.shadow_on=auto).')
-    if mixup_active(cfg):
+    if mixup_active(a):
         require(t.batch_size % 2 == 0, 'train.batch_size', t.batch_size,
                 'even when mixup or cutmix is on (timm Mixup pairs each sample with its mirror in the batch); '
                 'set aug.mixup=0 aug.cutmix=0 to train with an odd batch')

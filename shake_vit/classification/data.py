@@ -118,33 +118,36 @@ def build_splits(cfg: DictConfig) -> Splits:
     return splits
 
 
-def build_transforms(cfg: DictConfig, mean: Sequence[float], std: Sequence[float]) -> Tuple[Callable, Callable]:
+def build_transforms(a: DictConfig, img_size: int, mean: Sequence[float], std: Sequence[float]
+                     ) -> Tuple[Callable, Callable]:
     """timm's train and eval transforms with the configured (DeiT) values, which differ from timm's defaults.
 
     `aug.train_crop=pad_crop` is DeiT's 32-px path (facebookresearch/deit `datasets.py`, `build_transform` for
     inputs of 32 px): timm's pipeline with its random-resized crop swapped for a random crop after zero padding,
     everything after it (RandAugment, flip, erasing) unchanged. With those off it is CRD's CIFAR protocol. Images of
-    another size are first resized to `data.img_size` (PIL leaves an image of that size untouched).
+    another size are first resized to `img_size` (PIL leaves an image of that size untouched).
+
+    Args:
+        a: the `aug` section.
     """
-    a = cfg.aug
     mean, std = tuple(mean), tuple(std)
     train = create_transform(
-        cfg.data.img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
+        img_size, is_training=True, scale=tuple(a.scale), ratio=tuple(a.ratio), hflip=a.hflip,
         color_jitter=tuple(a.color_jitter) if any(a.color_jitter) else None, auto_augment=a.auto_augment,
         interpolation=a.interpolation, mean=mean, std=std, re_prob=a.re_prob, re_mode=a.re_mode, re_count=a.re_count)
     if a.train_crop == 'pad_crop':  # in place of timm's crop, which comes first; the resize is a no-op at img_size
-        size = cfg.data.img_size  # (CIFAR's 32 px) and brings other images to it, as the crop needs
+        size = img_size  # (CIFAR's 32 px) and brings other images to it, as the crop needs
         train.transforms[0:1] = [T.Resize(size, interpolation=str_to_interp_mode(a.interpolation)),
                                  T.RandomCrop(size, padding=a.crop_padding)]
-    val = create_transform(cfg.data.img_size, is_training=False, interpolation=a.interpolation, mean=mean, std=std,
+    val = create_transform(img_size, is_training=False, interpolation=a.interpolation, mean=mean, std=std,
                            crop_pct=a.crop_pct)
     return train, val
 
 
-def build_mixup(cfg: DictConfig, num_classes: int) -> Optional[Mixup]:
-    if not mixup_active(cfg):
+def build_mixup(a: DictConfig, num_classes: int) -> Optional[Mixup]:
+    """timm's Mixup with the `aug` section's mixup/cutmix settings; None when both are off."""
+    if not mixup_active(a):
         return None
-    a = cfg.aug
     return Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob, switch_prob=a.mixup_switch_prob,
                  mode=a.mixup_mode, label_smoothing=a.smoothing, num_classes=num_classes)
 
@@ -152,12 +155,13 @@ def build_mixup(cfg: DictConfig, num_classes: int) -> Optional[Mixup]:
 def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: Splits, student: nn.Module) -> Pipeline:
     model_cfg = resolve_model_data_config(getattr(student, 'model', student))  # a Student wraps its timm model
     mean, std = tuple(cfg.data.mean or model_cfg['mean']), tuple(cfg.data.std or model_cfg['std'])
-    train_tf, val_tf = build_transforms(cfg, mean, std)
+    train_tf, val_tf = build_transforms(cfg.aug, cfg.data.img_size, mean, std)
     train = train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, cfg.aug.repeated_aug)
     val = acc.prepare(eval_loader(cfg, splits.val, val_tf))
     return Pipeline(splits, train, val, mean, std)
 
 
-def criterion(cfg: DictConfig) -> nn.Module:
-    """Label loss: soft-target CE under mixup (which already smooths), else label-smoothing CE."""
-    return create_classification_loss(smoothing=cfg.aug.smoothing, soft_targets=mixup_active(cfg))
+def criterion(a: DictConfig) -> nn.Module:
+    """Label loss: soft-target CE under mixup (which already smooths), else label-smoothing CE (`a`: the `aug`
+    section)."""
+    return create_classification_loss(smoothing=a.smoothing, soft_targets=mixup_active(a))

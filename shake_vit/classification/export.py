@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models import save_for_hf
 
 from ..core.config import ConfigError
-from ..core.weights import read_weights
 from .models import (
     Student,
     average_heads,
@@ -26,7 +25,6 @@ from .models import (
     build_student,
     student_kwargs,
 )
-from .pretrained import load_student, student_keys
 
 
 def registered_here(name: str) -> bool:
@@ -67,7 +65,7 @@ def plain_model(cfg: DictConfig, student: Student, head: str) -> nn.Module:
     return model.eval()
 
 
-def _classes_in(weights: Dict[str, torch.Tensor], cfg: DictConfig) -> int:
+def classes_in(weights: Dict[str, torch.Tensor], cfg: DictConfig) -> int:
     """The class count of the saved student: the output rows of its timm classifier, wherever the family keeps it
     (`head` for ViTs, `fc` for ResNets, `classifier` for MobileNets, `head.fc` for VGGs)."""
     probe = build_student(cfg, num_classes=1).model
@@ -84,25 +82,19 @@ def timm_builds_both(student: Student) -> bool:
     return student.placement == 'token' and student.num_shadow == 1 and isinstance(student.model.head_dist, nn.Linear)
 
 
-def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Optional[str] = None,
-           use_ema: bool = False, fmt: str = 'timm') -> Path:
-    """`train.py --export PATH` with its run's config (`weights.config_for`): write the plain timm model (or, with
-    `fmt='onnx'`, its ONNX graph) and check it reproduces the student's logits.
+def export(student: Student, with_shadow: bool, where: Path, cfg: DictConfig, head: Optional[str] = None,
+           out_dir: Optional[str] = None, fmt: str = 'timm') -> Path:
+    """`train.py --export PATH` for a loaded student (shake_vit/core/runner.py::export): write the plain timm model
+    (or, with `fmt='onnx'`, its ONNX graph) beside its weights (`where`) and check it reproduces the student's logits.
 
     Args:
+        with_shadow: whether the weights held the shadow heads.
         head: 'cls' or 'both'; None exports what the student predicts with (`model.predict`, else the method's: the
             cls head for SHAKE, both heads for DeiT's methods), the cls head where plain timm cannot build the average;
             for ONNX, the cls head.
     """
-    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, student_keys)
-    if use_ema:
-        if ema_weights is None:
-            raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")
-        weights = ema_weights
-    num_classes = _classes_in(weights, cfg)
-    student = build_student(cfg, num_classes)
-    with_shadow = load_student(student, weights, Path(path), cfg)
     student.eval()
+    num_classes = student.model.num_classes
     if head is None and fmt == 'onnx':
         head = 'cls'  # what is deployed: SHAKE's deliverable; --export-head both for DeiT's two-head average
     if head is None:
@@ -111,7 +103,7 @@ def export(path: str, cfg: DictConfig, head: Optional[str] = None, out_dir: Opti
             print('[shake-vit] the student predicts with the average of its heads, which plain timm cannot build for '
                   'it: exporting the classification head')
     elif head == 'both' and not with_shadow:
-        raise ConfigError(f"--export-head both: the weights in '{path}' hold no shadow head (an export of the cls "
+        raise ConfigError(f"--export-head both: the weights in '{where}' hold no shadow head (an export of the cls "
                           'head?): export the classification head, --export-head cls.')
     model = plain_model(cfg, student, head)
     if fmt == 'onnx':
@@ -157,7 +149,12 @@ def export_onnx(model: nn.Module, student: Student, head: str, cfg: DictConfig, 
     """`model` (the plain timm model of `head`) as OUT/model.onnx with a dynamic batch size, through torch.onnx's
     TorchScript exporter (the dynamo exporter needs onnxscript and fails on some timm blocks); checked against the
     student's logits with onnxruntime, at another batch size than the export's, when onnxruntime is installed."""
+    import importlib.util
     import warnings
+    if importlib.util.find_spec('onnx') is None:  # torch's exporter needs it, and says only "not installed"
+        raise ConfigError('--export-format onnx needs the onnx package, which the trainer\'s requirements leave out: '
+                          'pip install onnx onnxruntime (the versions in requirements-test.txt), or export in '
+                          "timm's format (drop --export-format).")
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)

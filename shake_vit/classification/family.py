@@ -1,5 +1,5 @@
 """Classification (`task: classification`): a timm student with SHAKE's shadow heads, top-1 evaluation."""
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch.nn as nn
 from accelerate import Accelerator, PartialState
@@ -10,7 +10,7 @@ from ..distill import cache as teacher_cache
 from ..distill.methods import loss_fn
 from . import cache_writer, data
 from .evaluation import evaluate_student, format_table
-from .export import export
+from .export import classes_in, export
 from .health import ClassificationHealth
 from .models import Student, build_student, student_kwargs
 from .pretrained import load_pretrained, load_student, student_keys
@@ -63,11 +63,11 @@ class ClassificationFamily(Family):
         cache = teacher_cache.open_reader(cfg, pipe, log=lambda m: print(f'[shake-vit] {m}') if
                                           PartialState().is_main_process else None) \
             if teacher_cache.in_use(cfg) else None
-        return DistillationTask(student, teachers, loss_fn(cfg), data.criterion(cfg), pipe.mean, pipe.std,
+        return DistillationTask(student, teachers, loss_fn(cfg), data.criterion(cfg.aug), pipe.mean, pipe.std,
                                 **teacher_options(cfg), cache=cache)
 
     def mixup(self, cfg: DictConfig, pipe):
-        return data.build_mixup(cfg, pipe.num_classes)
+        return data.build_mixup(cfg.aug, pipe.num_classes)
 
     def evaluate(self, student: Student, ema, task, loader, acc: Accelerator, with_shadow: bool = True) -> Metrics:
         metrics = evaluate_student(student, ema, task, loader, acc, with_shadow)
@@ -97,8 +97,11 @@ class ClassificationFamily(Family):
     def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
         return cache_writer.write(cfg, root, self)
 
-    def export(self, path: str, cfg: DictConfig, head, out_dir, use_ema: bool, fmt: str = 'timm'):
-        return export(path, cfg, head, out_dir, use_ema, fmt)
+    def classes_in(self, weights, cfg: DictConfig) -> int:
+        return classes_in(weights, cfg)
 
+    def export(self, student: Student, with_shadow: bool, where, cfg: DictConfig, head: Optional[str],
+               out_dir: Optional[str], fmt: str = 'timm'):
+        return export(student, with_shadow, where, cfg, head, out_dir, fmt)
 
 register(ClassificationFamily())

@@ -218,8 +218,8 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
         log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs (from {start})')
         with acc.main_process_first():
             model = build_teacher_model(t, pipe.num_classes, pretrained=t.pretrained, new_head=True)
-        task = ClassificationTask(model, criterion=data.criterion(cfg), verbose=False)
-        return train_teacher(cfg, t, index, acc, pipe, task, mixup=data.build_mixup(cfg, pipe.num_classes))
+        task = ClassificationTask(model, criterion=data.criterion(cfg.aug), verbose=False)
+        return train_teacher(cfg, t, index, acc, pipe, task, mixup=data.build_mixup(cfg.aug, pipe.num_classes))
 
     def measure(model: nn.Module) -> Dict:
         return evaluate(lambda x: {'teacher': model(x)}, pipe.val_loader, acc, desc='teacher eval')

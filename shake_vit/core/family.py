@@ -115,12 +115,18 @@ class Family:
         raise ConfigError(f"--cache-teacher serves classification; task {cfg.task}'s teacher scores the student's "
                           'own proposals, which no cache can hold.')
 
-    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool,
-               fmt: str = 'timm'):
-        """`train.py --export PATH`: the student alone, loadable without this package (`fmt`: timm's format, or
-        'onnx')."""
+    def classes_in(self, weights: Dict[str, Any], cfg: DictConfig) -> int:
+        """The class count of a saved student (`student_keys`), read from its weights."""
         raise NotImplementedError
 
+    def check_export(self, head: Optional[str], fmt: str) -> None:
+        """Refuse, before any weights are read, an export this family cannot make (ConfigError)."""
+
+    def export(self, student: nn.Module, with_shadow: bool, where, cfg: DictConfig, head: Optional[str],
+               out_dir: Optional[str], fmt: str) -> Any:
+        """`train.py --export`: the loaded student (eval mode) alone, loadable without this package, checked against
+        the student; beside its weights (`where`) unless `out_dir` is given. Returns the export's folder."""
+        raise NotImplementedError
 
 FAMILIES: Dict[str, Family] = {}  # task -> family, filled as the family packages are imported
 

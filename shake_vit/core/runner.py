@@ -20,6 +20,7 @@ from .checkpoint import (
     latest_checkpoint,
     read_progress,
 )
+from .config import ConfigError
 from .engine import Trainer
 from .family import family_of
 from .preemption import StopRequest
@@ -214,3 +215,18 @@ def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, Any]:
     log(acc, f'evaluation of {path} ({where}/eval.json):\n' + family.format_table(metrics, student))
     finish(acc)
     return metrics
+
+
+def export(path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool, fmt: str) -> Path:
+    """`train.py --export PATH` with its run's config: the saved student (or its EMA weights) loaded through the
+    family's hooks, then written by the family (`Family.export`)."""
+    family = family_of(cfg)
+    family.check_export(head, fmt)
+    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, family.student_keys)
+    if use_ema:
+        if ema_weights is None:
+            raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")
+        weights = ema_weights
+    student = family.build_student(cfg, family.classes_in(weights, cfg))
+    with_shadow = family.load_weights(student, weights, Path(path), cfg)
+    return family.export(student.eval(), with_shadow, where, cfg, head, out_dir, fmt)

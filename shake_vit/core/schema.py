@@ -66,7 +66,7 @@ class ModelConfig:
     # shadow_on=teacher: 3 indices into the teacher's feature maps; null:
     # the maps the SHAKE authors fused for CRD's networks, the last three for other timm CNNs
     proxy_features: Optional[List[int]] = key(None, family=CLASSIFICATION)
-    # CIFAR form of a timm ResNet/MobileNet (32-px stem) or VGG (CRD's head); see README
+    # CIFAR form of a timm ResNet/MobileNet (32-px stem) or VGG (CRD's head); docs/cnn.md
     cifar_stem: bool = key(False, family=CLASSIFICATION)
 
 

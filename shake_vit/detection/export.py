@@ -9,31 +9,26 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from ..core.config import ConfigError
-from ..core.weights import read_weights
 from . import data
 from .models import SMALL, det_settings
 
 
-def export(family, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool,
-       fmt: str = 'timm') -> Path:
-    """The student detector alone (its shadow predictors dropped): `model.safetensors` of a torchvision
-    `FasterRCNN`, `detector.json` with what builds it, and the torchvision lines that load it, run here to check
-    that the reloaded detector reproduces the student's detections."""
+def check_request(head: Optional[str], fmt: str) -> None:
+    """What a detection export can be, refused before any weights are read."""
     if fmt != 'timm':
         raise ConfigError(f'--export-format {fmt} is for classification students; a detection student exports '
                           "torchvision's state dict (drop --export-format).")
     if head not in (None, 'cls'):
         raise ConfigError("--export-head: a detection student exports its own box predictor; the shadow predictor "
                           'is not part of the model (drop --export-head).')
-    weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, rename=family.student_keys)
-    if use_ema:
-        if ema_weights is None:
-            raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")
-        weights = ema_weights
-    num_classes = weights['detector.roi_heads.box_predictor.cls_score.weight'].shape[0]
-    student = family.build_student(cfg, num_classes)
-    family.load_weights(student, weights, path, cfg)
+
+
+def export(family, student, where: Path, cfg: DictConfig, out_dir: Optional[str]) -> Path:
+    """The student detector alone (its shadow predictors dropped): `model.safetensors` of a torchvision
+    `FasterRCNN`, `detector.json` with what builds it, and the torchvision lines that load it, run here to check
+    that the reloaded detector reproduces the student's detections."""
     detector = student.detector.eval()
+    num_classes = detector.roi_heads.box_predictor.cls_score.out_features
     out = Path(out_dir or where / 'export_detector')
     if out.exists():
         shutil.rmtree(out)

@@ -328,9 +328,15 @@ class DetectionFamily(Family):
     def load_weights(self, student: DetectionStudent, weights, path, cfg: DictConfig) -> bool:
         return load_weights(student, weights, path, cfg)
 
-    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool,
-               fmt: str = 'timm') -> Path:
-        return export.export(self, path, cfg, head, out_dir, use_ema, fmt)
+    def classes_in(self, weights, cfg: DictConfig) -> int:
+        return weights['detector.roi_heads.box_predictor.cls_score.weight'].shape[0]
+
+    def check_export(self, head: Optional[str], fmt: str) -> None:
+        export.check_request(head, fmt)
+
+    def export(self, student: DetectionStudent, with_shadow: bool, where: Path, cfg: DictConfig, head: Optional[str],
+               out_dir: Optional[str], fmt: str) -> Path:
+        return export.export(self, student, where, cfg, out_dir)
 
 
 register(DetectionFamily())

@@ -1,5 +1,5 @@
 """The teacher-output cache's on-disk format (`teacher_cache.store`): full logits, top-k with the tail's exact softmax
-mass at a few temperatures, or the argmax; encoding and decoding (README in shake_vit/distill/cache.py).
+mass at a few temperatures, or the argmax; encoding and decoding (the layout on disk: shake_vit/distill/cache.py).
 """
 import math
 from dataclasses import dataclass

@@ -58,7 +58,7 @@ class TeacherConfig:
     # neither its file nor timm records them
     class_names: Optional[str] = key(None, family=CLASSIFICATION)
     # read every teacher's outputs from a cache written by --cache-teacher (no teacher is
-    # built); README "Teacher-output cache", shake_vit/distill/cache.py
+    # built); docs/teacher_cache.md, shake_vit/distill/cache.py
     cache: Optional[str] = key(None, family=CLASSIFICATION)
 
 
