@@ -2,7 +2,7 @@
 
 A sample is (image [3, H, W] in [0, 1], target) with target `{'boxes': BoundingBoxes [N, 4] XYXY in pixels,
 'labels': int64 [N] (1..K; 0 is the background), 'image_id': int}`: what torchvision's detectors and its v2
-transforms take. Training samples go through the classification pipeline's seeded loader (shake_vit.data), so every
+transforms take. Training samples go through the shared seeded loader (shake_vit.core.data), so every
 scene's augmentation comes from its own seed and a resumed run sees the same stream.
 """
 import json
