@@ -7,8 +7,8 @@
 
 Protocol. Every run is `shake_vit.core.runner.train` with the quick-start recipe made smaller (configs/quickstart.yaml
 plus STUDY below). The 1,797 images are split into stratified folds; each fold is the test set once. One teacher is
-fitted per training split and shared by every method. Each (method, fold, seed) is one run; a method is compared with `none`
-and `deit_hard` run by run on the same fold and seed (paired differences, 95% t-interval). The sensitivity grid
+fitted per training split and shared by every method. Each (method, fold, seed) is one run; a method is compared with
+`none` and `deit_hard` run by run on the same fold and seed (paired differences, 95% t-interval). The sensitivity grid
 (lambda x T for `shake`) never sees the test folds: it trains on 80% of each training fold and is scored on the other
 20% (`data.inner_val_fraction`), which is how a setting would be chosen. Wall time per method is the training time
 relative to `kd`.

@@ -64,7 +64,7 @@ def main() -> None:
                            f'train.batch_size={args.batch_size}'])
         acc = Accelerator(cpu=True)
         splits = data.build_splits(cfg)
-        pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
+        pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)), cfg.aug.repeated_aug)
         loader = pipe.train_loader
         loader.sampler.set_epoch(0)
         seen, start, count = 0, None, 0

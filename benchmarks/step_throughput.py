@@ -210,8 +210,9 @@ def peak_rss_gib() -> float:
 
 def cpu_peak_rss(args, method: str) -> float:
     """Peak resident memory (GiB) of a process that builds and steps only `method`."""
-    cmd = [sys.executable, '-m', 'benchmarks.step_throughput', '--preset', args.preset, '--methods', method, '--steps', '2', '--warmup', '1',
-           '--repeats', '1', '--no-memory', '--json', *sum([['--set', s] for s in args.set], [])]
+    cmd = [sys.executable, '-m', 'benchmarks.step_throughput', '--preset', args.preset, '--methods', method,
+           '--steps', '2', '--warmup', '1', '--repeats', '1', '--no-memory', '--json',
+           *sum([['--set', s] for s in args.set], [])]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(proc.stdout.strip().splitlines()[-1])['max_rss_gib']
 

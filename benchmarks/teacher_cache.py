@@ -5,7 +5,7 @@
     python -m benchmarks.teacher_cache writer       # --cache-teacher's images/s against a live SHAKE run's, one process
     python -m benchmarks.teacher_cache end-to-end   # the ablation's six methods: live teachers against one cache
 
-The step itself, live against cached, is `benchmarks/step_throughput.py --preset deit_ratio --methods shake
+The step itself, live against cached, is `python -m benchmarks.step_throughput --preset deit_ratio --methods shake
 shake_cached` (a CPU stand-in of DeiT-Ti + RegNetY-16GF with the real pair's teacher/student FLOP ratio), and on a GPU
 `benchmarks/gpu.sh`.
 """

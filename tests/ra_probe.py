@@ -21,7 +21,7 @@ def main(out_path: str, *overrides: str) -> None:
     cfg = load_config(None, ['data.name=digits', 'data.img_size=32', 'data.num_workers=0', 'aug.repeated_aug=3',
                              'train.batch_size=16', 'model.kwargs.patch_size=8', 'model.kwargs.depth=1', *overrides])
     splits = data.build_splits(cfg)
-    pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
+    pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)), cfg.aug.repeated_aug)
     epochs = []
     for epoch in range(2):
         pipe.train_loader.sampler.set_epoch(epoch)

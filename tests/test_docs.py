@@ -15,8 +15,8 @@ GENERATED = {'benchmarks/out'}  # written by the scripts, not kept in the reposi
 
 def sources():
     """Every text file the repository keeps that a reader is pointed from."""
-    patterns = ('README.md', 'train.py', 'requirements*.txt', 'pyproject.toml', '.ci/run', 'docs/**/*.md', 'configs/*.yaml',
-                'shake_vit/**/*.py', 'benchmarks/*.py', 'benchmarks/*.sh', 'tests/*.py')
+    patterns = ('README.md', 'train.py', 'requirements*.txt', 'pyproject.toml', '.ci/run', 'docs/**/*.md',
+                'configs/*.yaml', 'shake_vit/**/*.py', 'benchmarks/*.py', 'benchmarks/*.sh', 'tests/*.py')
     return sorted({p for pattern in patterns for p in ROOT.glob(pattern) if p.is_file()})
 
 

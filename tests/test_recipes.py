@@ -132,7 +132,7 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     acc = Accelerator(cpu=True)
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
-    pipe = data.build_pipeline(cfg, acc, splits, student)
+    pipe = data.build_pipeline(cfg, acc, splits, student, cfg.aug.repeated_aug)
 
     train_tf = pipe.train_loader.dataset.transform.transforms
     crop = train_tf[0]
@@ -256,3 +256,22 @@ def test_the_none_recipe_is_a_plain_deit_on_its_cls_head():
     assert cfg.model.name == 'deit_tiny_patch16_224' and not methods.of(cfg).needs_teacher
     student = build_student(cfg, 1000)
     assert student.num_shadow == 0 and not hasattr(student.model, 'dist_token') and student.predict == 'cls'
+
+
+def test_print_config_counts_the_updates_the_run_makes(capsys):
+    """The sampler --print-config sizes is the run's, repeated augmentation's copies included (DeiT's 3)."""
+    from accelerate import Accelerator
+
+    import train
+    from shake_vit.core.config import derive
+    from shake_vit.core.family import family_of
+    cfg = load_config([str(ROOT / IMAGENET_SHAKE), str(ROOT / 'configs' / 'smoke.yaml')],
+                      ['data.name=fake', 'data.num_classes=10', 'data.fake_size=[1000,32]',
+                       'train.max_updates_per_epoch=0'])
+    assert cfg.aug.repeated_aug == 3
+    train.print_config(cfg)
+    family = family_of(cfg)
+    splits = family.build_splits(cfg)
+    pipe = family.build_pipeline(cfg, Accelerator(cpu=True), splits, family.build_student(cfg, len(splits.classes)))
+    run = derive(cfg, 1, len(pipe.train_loader))
+    assert f'{run.updates_per_epoch} updates/epoch' in capsys.readouterr().out

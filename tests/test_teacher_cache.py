@@ -43,6 +43,10 @@ def test_a_cached_run_ends_with_the_live_runs_weights(reference, teacher_file, c
     assert_same_weights(reference / last, tmp_path / last)
     # the teacher's top-1 is the one the writer measured, as the live run measured it
     assert results(tmp_path)['teacher_top1'] == pytest.approx(results(reference)['teacher_top1'])
+    # --eval of the cache-trained run evaluates its live teacher beside the student, as for any run
+    main(['--eval', str(tmp_path)])
+    evaluated = json.loads(next(tmp_path.glob('checkpoints/*/eval.json')).read_text())
+    assert evaluated['teacher_top1'] == pytest.approx(results(reference)['teacher_top1'])
 
 
 def test_resuming_mid_epoch_reads_the_right_batches(reference, teacher_file, cache, tmp_path):

@@ -152,11 +152,12 @@ def build_mixup(a: DictConfig, num_classes: int) -> Optional[Mixup]:
                  mode=a.mixup_mode, label_smoothing=a.smoothing, num_classes=num_classes)
 
 
-def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: Splits, student: nn.Module) -> Pipeline:
+def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: Splits, student: nn.Module, repeats: int) -> Pipeline:
+    """The loaders: this process's train share (`repeats`: repeated augmentation's copies) and the val loader."""
     model_cfg = resolve_model_data_config(getattr(student, 'model', student))  # a Student wraps its timm model
     mean, std = tuple(cfg.data.mean or model_cfg['mean']), tuple(cfg.data.std or model_cfg['std'])
     train_tf, val_tf = build_transforms(cfg.aug, cfg.data.img_size, mean, std)
-    train = train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, cfg.aug.repeated_aug)
+    train = train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, repeats)
     val = acc.prepare(eval_loader(cfg, splits.val, val_tf))
     return Pipeline(splits, train, val, mean, std)
 

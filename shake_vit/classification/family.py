@@ -45,8 +45,11 @@ class ClassificationFamily(Family):
                 'shadow_on': student.placement, 'num_shadow': student.num_shadow, 'cifar_stem': cfg.model.cifar_stem,
                 'num_classes': student.num_classes, 'num_processes': num_processes}
 
+    def train_repeats(self, cfg: DictConfig) -> int:
+        return cfg.aug.repeated_aug
+
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module):
-        return data.build_pipeline(cfg, acc, splits, student)
+        return data.build_pipeline(cfg, acc, splits, student, self.train_repeats(cfg))
 
     def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe, fit: bool = True) -> List[nn.Module]:
         if teacher_cache.in_use(cfg):  # the cache stands in for every teacher: none is built
@@ -91,6 +94,9 @@ class ClassificationFamily(Family):
     def load_weights(self, student: Student, weights, path, cfg: DictConfig) -> bool:
         return load_student(student, weights, path, cfg)
 
+    def eval_teachers(self, cfg: DictConfig, acc: Accelerator, pipe) -> List[nn.Module]:
+        return get_teachers(cfg, acc, pipe, fit=False)  # a run trained from a teacher cache: its live teacher too
+
     def eval_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DistillationTask:
         return DistillationTask(student, teachers, None, None, pipe.mean, pipe.std, **teacher_options(cfg))
 
@@ -103,5 +109,6 @@ class ClassificationFamily(Family):
     def export(self, student: Student, with_shadow: bool, where, cfg: DictConfig, head: Optional[str],
                out_dir: Optional[str], fmt: str = 'timm'):
         return export(student, with_shadow, where, cfg, head, out_dir, fmt)
+
 
 register(ClassificationFamily())

@@ -68,10 +68,19 @@ def register_check(check: Callable[[DictConfig], None] = None, family: Optional[
 
 
 def schema() -> type:
-    """The root dataclass of every registered section (built once per set of sections)."""
+    """The root dataclass of every registered section (built once per set of sections), importable as
+    `shake_vit.core.config.Config`, so that a config pickles (spawned workers, torch.save)."""
     if not _SCHEMA:
-        _SCHEMA[0] = dataclasses.make_dataclass('Config', _SECTIONS)
+        root = dataclasses.make_dataclass('Config', _SECTIONS)
+        root.__module__ = __name__  # (make_dataclass's `module=` needs Python 3.12)
+        _SCHEMA[0] = root
     return _SCHEMA[0]
+
+
+def __getattr__(name: str) -> Any:
+    if name == 'Config':  # built from the sections registered by the time it is asked for
+        return schema()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def _all_keys(node: Any, prefix: str = '') -> List[str]:

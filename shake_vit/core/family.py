@@ -106,14 +106,17 @@ class Family:
         whether they hold the shadow heads (an export has none). Weights of another student: ConfigError."""
         raise NotImplementedError
 
+    def eval_teachers(self, cfg: DictConfig, acc: Accelerator, pipe) -> List[nn.Module]:
+        """The teachers `--eval` reports beside the student: those the config names, never fitted anew."""
+        return self.get_teachers(cfg, acc, pipe, fit=False)
+
     def eval_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> TrainingTask:
         """The task `--eval` evaluates through: the live teachers, no loss."""
         return self.make_task(cfg, student, teachers, pipe)
 
     def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
         """`train.py --cache-teacher DIR`: the teachers' outputs on the run's input stream, written once."""
-        raise ConfigError(f"--cache-teacher serves classification; task {cfg.task}'s teacher scores the student's "
-                          'own proposals, which no cache can hold.')
+        raise ConfigError(f'--cache-teacher: task {cfg.task} has no teacher-output cache.')
 
     def classes_in(self, weights: Dict[str, Any], cfg: DictConfig) -> int:
         """The class count of a saved student (`student_keys`), read from its weights."""
@@ -127,6 +130,7 @@ class Family:
         """`train.py --export`: the loaded student (eval mode) alone, loadable without this package, checked against
         the student; beside its weights (`where`) unless `out_dir` is given. Returns the export's folder."""
         raise NotImplementedError
+
 
 FAMILIES: Dict[str, Family] = {}  # task -> family, filled as the family packages are imported
 

@@ -205,7 +205,7 @@ def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, Any]:
         family.load_weights(ema.module, ema_weights, path, cfg)
     student.to(acc.device)
     pipe = family.build_pipeline(cfg, acc, splits, student)
-    task = family.eval_task(cfg, student, family.get_teachers(cfg, acc, pipe, fit=False), pipe).to(acc.device)
+    task = family.eval_task(cfg, student, family.eval_teachers(cfg, acc, pipe), pipe).to(acc.device)
     metrics = family.evaluate(student, ema, task, pipe.val_loader, acc, with_shadow=with_shadow)
     metrics['checkpoint'] = str(path)
     if (where / STATE_FILE).is_file():

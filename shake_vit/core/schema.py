@@ -43,8 +43,6 @@ class DataConfig:
     pin_memory: bool = True
 
 
-
-
 @dataclass
 class ModelConfig:
     """The student: a distilled DeiT (`deit_*_distilled_*`, the shadow head on its distillation token) or any timm
@@ -70,8 +68,6 @@ class ModelConfig:
     cifar_stem: bool = key(False, family=CLASSIFICATION)
 
 
-
-
 @dataclass
 class OptimConfig:
     opt: str = 'adamw'  # any timm optimizer name
@@ -94,8 +90,6 @@ class OptimConfig:
     min_lr: float = 1e-5
 
 
-
-
 @dataclass
 class TrainConfig:
     epochs: int = 300
@@ -116,8 +110,6 @@ class TrainConfig:
     # comet_ml, aim, mlflow, clearml, dvclive, swanlab, trackio (their packages installed by you); [] logs to none
 
 
-
-
 @dataclass
 class CheckpointConfig:
     interval_updates: int = 0  # also save every N updates mid-epoch (0: only at epoch ends)
@@ -125,8 +117,6 @@ class CheckpointConfig:
     metric: Optional[str] = None  # evaluation entry that picks the best checkpoint (higher is better); null:
     # the top-1 of what the student predicts with (top1_cls for SHAKE, top1_avg for DeiT's methods)
     stop_check_every: int = 10  # updates between the processes' agreement on a SIGTERM/SIGINT stop
-
-
 
 
 @dataclass

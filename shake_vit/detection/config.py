@@ -27,8 +27,6 @@ class BackboneFitConfig:
     batch_size: int = 64
 
 
-
-
 @dataclass
 class DetectionConfig:
     """`task: detection` only: the detectors' geometry and sampling, the shadow predictor, the data's files and the
@@ -80,17 +78,17 @@ def check_detection(cfg: DictConfig) -> None:
                 'detections_per_image'):
         require(g[name] >= 1, f'det.{name}', g[name], 'at least 1')
     require(0 <= g.trainable_backbone_layers <= 5, 'det.trainable_backbone_layers', g.trainable_backbone_layers,
-           '0 to 5 (the backbone stages that train, from the last)')
+            '0 to 5 (the backbone stages that train, from the last)')
     require(0 <= g.hflip <= 1, 'det.hflip', g.hflip, 'a probability in [0, 1]')
     require(g.noise >= 0, 'det.noise', g.noise, 'zero or positive')
     require(len(g.scenes) == 2 and min(g.scenes) >= 1, 'det.scenes', list(g.scenes),
-           'two counts, [train, val], each at least 1')
+            'two counts, [train, val], each at least 1')
     require(len(g.digits_per_scene) == 2 and 1 <= g.digits_per_scene[0] <= g.digits_per_scene[1],
-           'det.digits_per_scene', list(g.digits_per_scene), 'two counts lo <= hi, lo at least 1')
+            'det.digits_per_scene', list(g.digits_per_scene), 'two counts lo <= hi, lo at least 1')
     require(len(g.digit_sizes) == 2 and 4 <= g.digit_sizes[0] <= g.digit_sizes[1] <= g.canvas,
-           'det.digit_sizes', list(g.digit_sizes), f'two sizes 4 <= lo <= hi <= det.canvas ({g.canvas})')
+            'det.digit_sizes', list(g.digit_sizes), f'two sizes 4 <= lo <= hi <= det.canvas ({g.canvas})')
     require(g.anchor_sizes is None or (len(g.anchor_sizes) == 4 and min(g.anchor_sizes) > 0), 'det.anchor_sizes',
-           None if g.anchor_sizes is None else list(g.anchor_sizes), 'null or four positive sizes, one per FPN level')
+            None if g.anchor_sizes is None else list(g.anchor_sizes), 'null or four positive sizes, one per FPN level')
     require(loss.box_beta > 0, 'loss.box_beta', loss.box_beta, 'positive')
     f = g.backbone_fit
     for name in ('epochs', 'batch_size'):

@@ -281,8 +281,8 @@ class DetectionFamily(Family):
         with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they would be without the check
             metrics = evaluate_detection(lambda images: {'teacher': teachers[0](images)}, loader, health.acc,
                                          desc='teacher check')
-        health.check_teacher(metrics['teacher_ap'], metrics['teacher_ap50'],
-                                       getattr(teachers[0], 'recorded_ap', None), metrics['num_samples'])
+        health.check_teacher(metrics['teacher_ap'], metrics['teacher_ap50'], getattr(teachers[0], 'recorded_ap', None),
+                             metrics['num_samples'])
 
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DetectionTask:
         inner = getattr(student, 'module', student)  # under DDP
@@ -330,6 +330,10 @@ class DetectionFamily(Family):
 
     def classes_in(self, weights, cfg: DictConfig) -> int:
         return weights['detector.roi_heads.box_predictor.cls_score.weight'].shape[0]
+
+    def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
+        raise ConfigError("--cache-teacher serves classification; a detection teacher scores the student's own "
+                          'proposals, which no cache can hold.')
 
     def check_export(self, head: Optional[str], fmt: str) -> None:
         export.check_request(head, fmt)

@@ -31,8 +31,6 @@ class TeacherFitConfig:
     sched: str = key('cosine', choices=SCHEDULES)
 
 
-
-
 @dataclass
 class TeacherConfig:
     name: str = 'regnety_160.deit_in1k'  # DeiT's RegNetY-16GF teacher (82.9% top-1), a timm model[.tag] name
@@ -60,8 +58,6 @@ class TeacherConfig:
     # read every teacher's outputs from a cache written by --cache-teacher (no teacher is
     # built); docs/teacher_cache.md, shake_vit/distill/cache.py
     cache: Optional[str] = key(None, family=CLASSIFICATION)
-
-
 
 
 @dataclass
@@ -105,8 +101,6 @@ class LossConfig:
     bound_margin: float = key(0.0, family=DETECTION)  # detection, det_box=bounded: the margin m
 
 
-
-
 @dataclass
 class TeacherCacheConfig:
     """How `train.py --cache-teacher DIR` stores the teachers' outputs (shake_vit/distill/cache.py)."""
@@ -117,8 +111,6 @@ class TeacherCacheConfig:
     # auto: the teacher's own output precision (exact) | fp32 (exact) | fp16 (half the disk)
     precision: str = key('auto', choices=('auto', 'fp32', 'fp16'))
     max_gb: float = 50.0  # 'auto' stores full logits when the whole schedule's cache stays under this size
-
-
 
 
 @dataclass
