@@ -20,7 +20,7 @@ import os
 import sys
 from pathlib import Path
 
-from shake_vit.config import ConfigError, load_config
+from shake_vit.core.config import ConfigError, load_config
 
 QUICKSTART = Path(__file__).resolve().parent / 'configs' / 'quickstart.yaml'
 
@@ -60,9 +60,10 @@ def print_config(cfg) -> None:
     from accelerate import PartialState
     from omegaconf import OmegaConf
 
-    from shake_vit import data, methods
-    from shake_vit.config import derive
-    from shake_vit.family import family_of
+    from shake_vit.core import data
+    from shake_vit.core.config import derive
+    from shake_vit.core.family import family_of
+    from shake_vit.distill import methods
     state = PartialState()
     if state.is_main_process:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -86,7 +87,8 @@ def print_config(cfg) -> None:
             print(f'# data: {why}')
         return
     # the sampler the run's train loader has: the batches per epoch, hence the update counts, are the run's
-    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index, family.train_repeats)
+    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index,
+                                 family.train_repeats(cfg))
     derived = derive(cfg, state.num_processes, len(sampler) // cfg.train.batch_size)
     if state.is_main_process:
         print(f'# derived: {derived.describe()}')
@@ -99,7 +101,7 @@ def check_architectures(family, cfg) -> None:
     name, the patch grid, the method's heads. Built on the meta device (no memory, no initialisation) where the
     architecture allows, else on the CPU with random weights. Raises the run's own ConfigError."""
     import torch
-    num_classes = cfg.data.num_classes or (91 if cfg.task == 'detection' else 1000)  # the head's size does not matter
+    num_classes = cfg.data.num_classes or family.check_classes  # the head's size does not matter
     try:
         with torch.device('meta'):
             family.check_architectures(cfg, num_classes)
@@ -111,8 +113,8 @@ def check_architectures(family, cfg) -> None:
 
 def check_data(cfg) -> int:
     """`--check-data`: every image decoded once; 0 when all are readable, 2 (and the list) otherwise."""
-    from shake_vit import data
-    from shake_vit.family import family_of
+    from shake_vit.core import data
+    from shake_vit.core.family import family_of
     splits = family_of(cfg).build_splits(cfg)
     bad = data.find_bad_images(cfg, splits)
     total = len(splits.train) + len(splits.val)
@@ -126,23 +128,23 @@ def check_data(cfg) -> int:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format='%(levelname)s %(name)s: %(message)s')
-    from shake_vit.checkpoint import CheckpointError
-    from shake_vit.data import BadImage
-    from shake_vit.engine import NonFiniteLoss
+    from shake_vit.core.checkpoint import CheckpointError
+    from shake_vit.core.data import BadImage
+    from shake_vit.core.engine import NonFiniteLoss
     # An error in the config is the same in every process: one of them says it. Errors met while running (a bad
     # image in one process's share) are said by the process that met them.
     said_once = int(os.environ.get('RANK', '0')) != 0
     try:
+        from shake_vit.core.family import family_of
         if args.eval or args.export:
-            from shake_vit.family import family_of
-            from shake_vit.weights import config_for
+            from shake_vit.core.runner import evaluate_checkpoint, export
+            from shake_vit.core.weights import config_for
             cfg = config_for(args.eval or args.export, args.config, args.overrides)
             said_once = False
             if args.eval:
-                family_of(cfg).evaluate_checkpoint(args.eval, cfg)
+                evaluate_checkpoint(args.eval, cfg)
             else:
-                family_of(cfg).export(args.export, cfg, args.export_head, args.export_dir, args.export_ema,
-                                      args.export_format)
+                export(args.export, cfg, args.export_head, args.export_dir, args.export_ema, args.export_format)
             return 0
         cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
         said_once = False
@@ -152,10 +154,9 @@ def main(argv=None) -> int:
         if args.check_data:
             return check_data(cfg)
         if args.cache_teacher:
-            from shake_vit.teacher_cache import write
-            write(cfg, args.cache_teacher)
+            family_of(cfg).cache_teacher(cfg, args.cache_teacher)
             return 0
-        from shake_vit.runner import train
+        from shake_vit.core.runner import train
         train(cfg, resume=args.resume)
     except (ConfigError, CheckpointError) as err:
         if args.debug:

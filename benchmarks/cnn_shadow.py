@@ -2,8 +2,8 @@
 with the paper's loss and with the authors' (the CIFAR-100 recipes'), against `none` and `kd`, on the embedded digits,
 with CRD's networks and the CIFAR-100 recipe's protocol.
 
-    python benchmarks/cnn_shadow.py            # about 20 minutes on 2 CPU cores; writes docs/results/cnn_shadow.md
-    python benchmarks/cnn_shadow.py --smoke    # one seed, a few updates (tests/test_benchmarks.py runs it)
+    python -m benchmarks.cnn_shadow            # about 20 minutes on 2 CPU cores; writes docs/results/cnn_shadow.md
+    python -m benchmarks.cnn_shadow --smoke    # one seed, a few updates (tests/test_benchmarks.py runs it)
 
 Protocol. Every run is configs/cifar100_wrn_40_2_wrn_16_2.yaml (CRD's SGD protocol, the authors' SHAKE loss) on the
 digits with the changes in STUDY: a CRD resnet56 teacher fitted once on the training split and shared by every run,
@@ -24,11 +24,15 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-
-from ablation import (_cpu_name, add_elapsed, paired, study_args, teacher_then_methods,  # noqa: E402
-                      write_report)
+from benchmarks.study import (
+    ROOT,
+    _cpu_name,
+    add_elapsed,
+    paired,
+    study_args,
+    teacher_then_methods,
+    write_report,
+)
 
 BASE = str(ROOT / 'configs' / 'cifar100_wrn_40_2_wrn_16_2.yaml')
 STUDY = ['data.name=digits', 'data.val_fraction=0.8', 'data.img_size=32', 'data.num_workers=0', 'aug.hflip=0',
@@ -94,7 +98,7 @@ def main() -> None:
     print(f'[cnn_shadow] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json')
     if args.smoke:
         return
-    command = 'python benchmarks/cnn_shadow.py' + ''.join(f' {a}' for a in sys.argv[1:])
+    command = 'python -m benchmarks.cnn_shadow' + ''.join(f' {a}' for a in sys.argv[1:])
     text, summary = report(records, seeds, teacher['teacher_top1'], command, elapsed)
     write_report(args.docs, 'cnn_shadow', text, {'command': command, 'summary': summary, 'runs': records})
 

@@ -5,29 +5,24 @@ train loader exactly as the trainer does (configs/deit_tiny_shake_in1k.yaml), an
 (worker start-up excluded). Compare the images/s with benchmarks/step_throughput.py on the same machine to see which
 one bounds training.
 
-    python benchmarks/data_throughput.py [--workers N] [--batches 20] [--root /data/imagenet]
+    python -m benchmarks.data_throughput [--workers N] [--batches 20] [--root /data/imagenet]
 """
 import argparse
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
 import numpy as np
+from accelerate import Accelerator
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from accelerate import Accelerator  # noqa: E402
-
-from shake_vit import data  # noqa: E402
-from shake_vit.build import build_pipeline  # noqa: E402
-from shake_vit.config import load_config  # noqa: E402
-from shake_vit.models import build_student  # noqa: E402
+from benchmarks.study import ROOT
+from shake_vit.classification import data
+from shake_vit.classification.models import build_student
+from shake_vit.core.config import load_config
 
 
 def write_jpeg(path: Path) -> None:
@@ -69,7 +64,7 @@ def main() -> None:
                            f'train.batch_size={args.batch_size}'])
         acc = Accelerator(cpu=True)
         splits = data.build_splits(cfg)
-        pipe = build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
+        pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)), cfg.aug.repeated_aug)
         loader = pipe.train_loader
         loader.sampler.set_epoch(0)
         seen, start, count = 0, None, 0

@@ -1,9 +1,9 @@
 """Does SHAKE help a Faster R-CNN student? `none`, `kd` and `shake`, their old forms and each new switch, on the
 embedded digit scenes, seed by seed.
 
-    python benchmarks/detection.py                          # every group of rows; writes docs/results/detection.md
-    python benchmarks/detection.py --groups main,old        # some groups: records are kept, so later calls add rows
-    python benchmarks/detection.py --smoke                  # one seed, a few updates (tests/test_benchmarks.py)
+    python -m benchmarks.detection                          # every group of rows; writes docs/results/detection.md
+    python -m benchmarks.detection --groups main,old        # some groups: records are kept, so later calls add rows
+    python -m benchmarks.detection --smoke                  # one seed, a few updates (tests/test_benchmarks.py)
 
 Protocol. Every run is configs/det_quickstart.yaml (640 digit scenes, a ResNet-18 FPN teacher 128/256 wide fitted
 once for TEACHER_EPOCHS epochs and shared by every run, a student 64/128 wide, SGD momentum, STUDENT_EPOCHS epochs)
@@ -26,10 +26,16 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-
-from ablation import _cpu_name, _run, add_elapsed, job, paired, study_args, write_report  # noqa: E402
+from benchmarks.study import (
+    ROOT,
+    _cpu_name,
+    _run,
+    add_elapsed,
+    job,
+    paired,
+    study_args,
+    write_report,
+)
 
 BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
 STUDENT_EPOCHS = 6
@@ -204,7 +210,7 @@ def main() -> None:
     if args.smoke:
         return
     summary = summarise(everything, seeds)
-    command = 'python benchmarks/detection.py' + ''.join(f' {a}' for a in sys.argv[1:])
+    command = 'python -m benchmarks.detection' + ''.join(f' {a}' for a in sys.argv[1:])
     write_report(args.docs, 'detection', report(summary, teacher, command, elapsed, seeds),
                  {'command': command, 'teacher': teacher, 'summary': summary, 'runs': everything})
 

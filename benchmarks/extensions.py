@@ -1,10 +1,11 @@
 """SHAKE beyond one DeiT teacher, on the digits data set: a CNN student, and a DeiT student with two teachers.
 
-    python benchmarks/extensions.py            # 33 minutes on 2 CPU cores; writes docs/results/extensions.md
+    python -m benchmarks.extensions            # 33 minutes on 2 CPU cores; writes docs/results/extensions.md
 
 Each comparison is the quick-start recipe (configs/quickstart.yaml, its fixed 80/20 split) with the ablation study's
 settings (benchmarks/ablation.py STUDY: 64-wide DeiT, 20 epochs, batch 32), run for `--seeds` seeds per method, two
-runs in parallel with one thread each (shake_vit.runner.train through `job` in benchmarks/ablation.py). The teachers are
+runs in parallel with one thread each (shake_vit.core.runner.train through `job` in benchmarks/study.py). The teachers
+are
 fitted once and shared: timm's test_byobnet (the quick start's) and test_efficientnet.
 - CNN student: timm's test_resnet (no distillation token: the shadow head reads its pooled features), `none`
   against `shake` in both forms, for a short run (`--cnn-epochs`): with a CIFAR stem at 16 px (a 3x3 stride-1 stem
@@ -27,11 +28,16 @@ import time
 from datetime import date
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-
-from ablation import (METHODS, NONE_NOTE, STUDY, _cpu_name, _run, add_elapsed, job, paired,  # noqa: E402
-                      with_teacher_caches)
+from benchmarks.ablation import METHODS, NONE_NOTE, STUDY
+from benchmarks.study import (
+    ROOT,
+    _cpu_name,
+    _run,
+    add_elapsed,
+    job,
+    paired,
+    with_teacher_caches,
+)
 
 AUTHORS = METHODS['shake_authors']  # the form the ablation found steadier (docs/results/ablation.md)
 CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3']
@@ -118,7 +124,7 @@ def main() -> None:
     vs_none = {f'{m}_{part}': paired([r['top1_cls'] for r in runs_of[f'mobile_{m}_{part}']],
                                      [r['top1_cls'] for r in runs_of[f'mobile_none_{part}']])
                for m in ('shake', 'shake_authors') for part in ('pilot', 'confirm')}
-    command = 'python benchmarks/extensions.py' + ''.join(f' {a}' for a in sys.argv[1:])
+    command = 'python -m benchmarks.extensions' + ''.join(f' {a}' for a in sys.argv[1:])
     lines = ['# SHAKE for a CNN student and with two teachers (digits)', '', f'Command: `{command}`  ',
              f'Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), two runs in parallel, one thread each; '
              f'{date.today().isoformat()}; {elapsed / 60:.0f} min in all.', '',

@@ -15,14 +15,14 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || \
    ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "benchmarks/gpu.sh needs an NVIDIA GPU: nvidia-smi and a CUDA build of PyTorch that sees the device" \
        "(torch.cuda.is_available()). This machine has none; its CPU figures come from" \
-       "python benchmarks/step_throughput.py and python benchmarks/data_throughput.py (docs/benchmarks.md)." >&2
+       "python -m benchmarks.step_throughput and python -m benchmarks.data_throughput (docs/benchmarks.md)." >&2
   exit 2
 fi
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 export PYTHONUNBUFFERED=1
-bench() { python3 benchmarks/step_throughput.py --preset gpu --steps 10 --warmup 5 --repeats 5 "$@"; }
+bench() { python3 -m benchmarks.step_throughput --preset gpu --steps 10 --warmup 5 --repeats 5 "$@"; }
 stage() {  # stage NAME COMMAND...: its output to $OUT/NAME.md, its failure reported without stopping the others
   local name=$1; shift
   echo "## $name ($(date -u +%T))"
@@ -33,7 +33,7 @@ stage fast_path bench --methods deit_hard shake --variant teacher.inference_mode
   --variant teacher.channels_last=true --variant optim.fused=false
 # the teacher-output cache: the real DeiT-Ti + RegNetY-16GF pair, live against a top-10 cache read from disk
 stage cache bench --preset gpu_tiny --methods none shake shake_cached
-stage data python3 benchmarks/data_throughput.py --workers "$(nproc)" --batch-size 256 --batches 40
+stage data python3 -m benchmarks.data_throughput --workers "$(nproc)" --batch-size 256 --batches 40
 # last: compiling the RegNetY-16GF teacher and the DeiT-S student takes the longest
 stage compile bench --methods deit_hard shake --repeats 3 --variant train.compile=true --variant teacher.compile=true \
   --variant 'train.compile=true teacher.compile=true'

@@ -1,14 +1,14 @@
 """Training-step throughput of none, deit_hard and shake, against timm's TokenDistillationTask doing DeiT-hard; and, on
 CRD's CIFAR pair, of SHAKE's two CNN shadow heads against KD (the paper: SHAKE x1.18 of KD on CIFAR-100).
 
-Every method runs through the same loop (shake_vit.engine.Trainer.step: mixup off, forward, backward, AdamW update)
+Every method runs through the same loop (shake_vit.core.engine.Trainer.step: mixup off, forward, backward, AdamW update)
 on the same synthetic batch already on the device, so only the task differs. The methods are interleaved within each
 repeat, warm-up steps are excluded, and the median over repeats is reported; ratios are taken inside one run.
 
-    python benchmarks/step_throughput.py                      # CPU configuration (this machine)
-    python benchmarks/step_throughput.py --preset gpu         # DeiT-S + RegNetY-16GF, 224 px, bf16, batch 256
-    python benchmarks/step_throughput.py --preset cifar --methods kd shake --variant model.shadow_on=teacher
-    python benchmarks/step_throughput.py --steps 1 --repeats 1 --warmup 0 --no-memory   # the smoke test
+    python -m benchmarks.step_throughput                      # CPU configuration (this machine)
+    python -m benchmarks.step_throughput --preset gpu         # DeiT-S + RegNetY-16GF, 224 px, bf16, batch 256
+    python -m benchmarks.step_throughput --preset cifar --methods kd shake --variant model.shadow_on=teacher
+    python -m benchmarks.step_throughput --steps 1 --repeats 1 --warmup 0 --no-memory   # the smoke test
 
 Peak memory: on CUDA the allocator's peak per method; on the CPU the peak resident set of a separate process that
 builds and steps only that method (`--no-memory` skips those processes).
@@ -24,21 +24,24 @@ from pathlib import Path
 from typing import Dict, List
 
 import torch
+from accelerate import Accelerator
+from omegaconf import DictConfig
+from timm.task import TokenDistillationTask
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from accelerate import Accelerator  # noqa: E402
-from omegaconf import DictConfig  # noqa: E402
-from timm.task import TokenDistillationTask  # noqa: E402
-
-from shake_vit.config import load_config  # noqa: E402
-from shake_vit.engine import Trainer  # noqa: E402
-from shake_vit.methods import loss_fn  # noqa: E402
-from shake_vit.models import build_student  # noqa: E402
-from shake_vit.optim import build_optimizer  # noqa: E402
-from shake_vit.tasks import DistillationTask  # noqa: E402
-from shake_vit.teacher import Normalisation, build_teacher_model, freeze, speed_up, teacher_options  # noqa: E402
+from benchmarks.study import ROOT
+from shake_vit.classification.models import build_student
+from shake_vit.classification.tasks import DistillationTask
+from shake_vit.classification.teacher import (
+    Normalisation,
+    build_teacher_model,
+    freeze,
+    speed_up,
+    teacher_options,
+)
+from shake_vit.core.config import load_config
+from shake_vit.core.engine import Trainer
+from shake_vit.core.optim import build_optimizer
+from shake_vit.distill.methods import loss_fn
 
 PRESETS = {
     # Small enough for 2 CPU cores; the teacher is a CNN as in DeiT.
@@ -61,7 +64,7 @@ PRESETS = {
               'teacher.name=cifar_resnet32x4', 'data.img_size=32', 'train.batch_size=64', 'train.mixed_precision=no',
               'optim.opt=momentum'],
 }
-# shake_cached: shake with the teachers' logits read from a teacher-output cache (shake_vit/teacher_cache.py) on disk,
+# shake_cached: shake with the teachers' logits read from a teacher-output cache (shake_vit/distill/cache.py) on disk,
 # top-k as the writer stores ImageNet's, decoded by the reader's thread; no teacher is built.
 METHODS = ('none', 'deit_hard', 'shake', 'timm_token_hard', 'kd', 'shake_cached')
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -111,17 +114,18 @@ def synthetic_cache(cfg: DictConfig, acc: Accelerator):
     import shutil
     import tempfile
 
-    from shake_vit import teacher_cache as tc
+    from shake_vit.distill import cache as tc
+    from shake_vit.distill import cache_format as cf
     root = Path(tempfile.mkdtemp(prefix='shake_cache_bench_'))
     atexit.register(shutil.rmtree, root, True)
-    fmt = tc.choose_format(cfg, NUM_CLASSES, 1_281_167 * 300, 1)
+    fmt = cf.choose_format(cfg, NUM_CLASSES, 1_281_167 * 300, 1)
     g = torch.Generator().manual_seed(0)
     writer = tc.ShardWriter(root, 0, 0, CACHE_BATCHES, cfg.train.batch_size)
     for _ in range(CACHE_BATCHES):
         logits = torch.randn(cfg.train.batch_size, NUM_CLASSES, generator=g) * 3
         if fmt.precision == 'bf16':
             logits = logits.to(torch.bfloat16).float()
-        writer.add(y_labels(cfg).numpy(), [tc.encode(logits, fmt)])
+        writer.add(y_labels(cfg).numpy(), [cf.encode(logits, fmt)])
     writer.finish()
     (root / tc.MANIFEST).write_text(json.dumps({
         'version': tc.VERSION, 'identity': tc.identity(cfg, MEAN, STD, acc.num_processes), 'teacher_weights': ['-'],
@@ -206,9 +210,10 @@ def peak_rss_gib() -> float:
 
 def cpu_peak_rss(args, method: str) -> float:
     """Peak resident memory (GiB) of a process that builds and steps only `method`."""
-    cmd = [sys.executable, __file__, '--preset', args.preset, '--methods', method, '--steps', '2', '--warmup', '1',
-           '--repeats', '1', '--no-memory', '--json', *sum([['--set', s] for s in args.set], [])]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    cmd = [sys.executable, '-m', 'benchmarks.step_throughput', '--preset', args.preset, '--methods', method,
+           '--steps', '2', '--warmup', '1', '--repeats', '1', '--no-memory', '--json',
+           *sum([['--set', s] for s in args.set], [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
     return json.loads(proc.stdout.strip().splitlines()[-1])['max_rss_gib']
 
 

@@ -1,11 +1,11 @@
-"""What the teacher-output cache costs and saves (shake_vit/teacher_cache.py); prints tables for docs/benchmarks.md.
+"""What the teacher-output cache costs and saves (shake_vit/distill/cache.py); prints tables for docs/benchmarks.md.
 
-    python benchmarks/teacher_cache.py sizes        # disk per epoch and per schedule, computed from the format
-    python benchmarks/teacher_cache.py reader       # the reader's thread: batches/s it reads and decodes
-    python benchmarks/teacher_cache.py writer       # --cache-teacher's images/s against a live SHAKE run's, one process
-    python benchmarks/teacher_cache.py end-to-end   # the ablation's six methods: live teachers against one cache
+    python -m benchmarks.teacher_cache sizes        # disk per epoch and per schedule, computed from the format
+    python -m benchmarks.teacher_cache reader       # the reader's thread: batches/s it reads and decodes
+    python -m benchmarks.teacher_cache writer       # --cache-teacher's images/s against a live SHAKE run's, one process
+    python -m benchmarks.teacher_cache end-to-end   # the ablation's six methods: live teachers against one cache
 
-The step itself, live against cached, is `benchmarks/step_throughput.py --preset deit_ratio --methods shake
+The step itself, live against cached, is `python -m benchmarks.step_throughput --preset deit_ratio --methods shake
 shake_cached` (a CPU stand-in of DeiT-Ti + RegNetY-16GF with the real pair's teacher/student FLOP ratio), and on a GPU
 `benchmarks/gpu.sh`.
 """
@@ -14,18 +14,15 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'benchmarks'))
-
-from shake_vit import teacher_cache as tc  # noqa: E402
+from shake_vit.core.family import family_of
+from shake_vit.distill import cache as tc
+from shake_vit.distill import cache_format as cf
 
 IMAGENET, CIFAR = 1_281_167, 50_000  # training images per epoch
 
@@ -39,23 +36,23 @@ def sizes() -> None:
     print('| data set and schedule | format | bytes / sample | per epoch | whole schedule |')
     print('| --- | --- | --- | --- | --- |')
     for label, n, k_classes, epochs, store, k, precision in rows:
-        fmt = tc.Format(store, k, precision, k_classes)
+        fmt = cf.Format(store, k, precision, k_classes)
         per = fmt.bytes_per_sample(1)
         print(f'| {label} | {fmt.describe()} | {per} | {n * per / 1e9:.3f} GB | {n * per * epochs / 1e9:.1f} GB |')
-    print('\nThe byte counts come from `teacher_cache.Format.bytes_per_sample` (values, class indices, the tail at '
-          f'{len(tc.TAIL_TEMPERATURES)} temperatures for top-k, and the int64 label every read checks); '
+    print('\nThe byte counts come from `cache_format.Format.bytes_per_sample` (values, class indices, the tail at '
+          f'{len(cf.TAIL_TEMPERATURES)} temperatures for top-k, and the int64 label every read checks); '
           "`teacher_cache.store=auto` picks full logits when the whole schedule stays under teacher_cache.max_gb "
           '(default 50).')
 
 
-def _shard(root: Path, fmt: tc.Format, batches: int, batch: int) -> None:
+def _shard(root: Path, fmt: cf.Format, batches: int, batch: int) -> None:
     g = torch.Generator().manual_seed(0)
     writer = tc.ShardWriter(root, 0, 0, batches, batch)
     for _ in range(batches):
         logits = torch.randn(batch, fmt.num_classes, generator=g) * 3
         if fmt.precision == 'bf16':
             logits = logits.to(torch.bfloat16).float()
-        writer.add(torch.zeros(batch, dtype=torch.long).numpy(), [tc.encode(logits, fmt)])
+        writer.add(torch.zeros(batch, dtype=torch.long).numpy(), [cf.encode(logits, fmt)])
     writer.finish()
 
 
@@ -66,7 +63,7 @@ def reader(batches: int) -> None:
     for label, k_classes, batch, store, k, precision in (('ImageNet-1k top-10, bf16', 1000, 256, 'topk', 10, 'bf16'),
                                                          ('ImageNet-1k full, bf16', 1000, 256, 'full', 0, 'bf16'),
                                                          ('CIFAR-100 full, fp32', 100, 64, 'full', 0, 'fp32')):
-        fmt = tc.Format(store, k, precision, k_classes)
+        fmt = cf.Format(store, k, precision, k_classes)
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             _shard(root, fmt, batches, batch)
@@ -92,8 +89,8 @@ def writer(updates: int) -> None:
     import timm
     from safetensors.torch import save_file
 
-    from shake_vit.config import load_config
-    from shake_vit.runner import train
+    from shake_vit.core.config import load_config
+    from shake_vit.core.runner import train
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         teacher = timm.create_model('regnety_160', num_classes=100)
@@ -104,7 +101,8 @@ def writer(updates: int) -> None:
                 'train.mixed_precision=no', 'eval.batch_size=64', 'train.log_interval=1000', 'aug.mixup=0.8',
                 'aug.cutmix=1.0', 'health.teacher=false']  # a random teacher on fake data: at chance by design
         start = time.perf_counter()
-        manifest = tc.write(load_config(None, [*base, f'train.output_dir={tmp / "w"}']), str(tmp / 'cache'))
+        cfg = load_config(None, [*base, f'train.output_dir={tmp / "w"}'])
+        manifest = family_of(cfg).cache_teacher(cfg, str(tmp / 'cache'))
         write_s = time.perf_counter() - start
         w = manifest['written']
         live = train(load_config(None, [*base, f'train.output_dir={tmp / "live"}']))
@@ -112,7 +110,7 @@ def writer(updates: int) -> None:
                                           f'teacher.cache={tmp / "cache"}']))
         size = sum(f.stat().st_size for f in (tmp / 'cache').rglob('*.npy'))
     print(f'\n# {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}; deit_ratio stand-in, fake data, '
-          f'{w["samples"]} images, batch 32, mixup+cutmix, {tc.Format(**manifest["format"]).describe()}')
+          f'{w["samples"]} images, batch 32, mixup+cutmix, {cf.Format(**manifest["format"]).describe()}')
     print('| run | images/s | ratio to the live run |\n| --- | --- | --- |')
     live_rate = live['train_images_per_sec']
     for label, rate in (('live SHAKE training (student + teacher)', live_rate),

@@ -1,9 +1,3 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/helpers.py
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the shake_vit package from the checkout
-
 import numpy as np
 import pytest
 from PIL import Image

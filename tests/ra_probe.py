@@ -1,6 +1,7 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: record what each process's train loader draws.
 
-Builds the loaders exactly as the trainer does (shake_vit.build.build_pipeline) and writes, for two epochs, the
+Builds the loaders exactly as the trainer does (shake_vit.classification.data.build_pipeline) and writes, for two
+epochs, the
 (index, augmentation seed) keys every process fetched to the JSON file named by the first argument.
 """
 import json
@@ -10,10 +11,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from shake_vit import data
-from shake_vit.config import load_config
-from shake_vit.models import build_student
-from shake_vit.build import build_pipeline
+from shake_vit.classification import data
+from shake_vit.classification.models import build_student
+from shake_vit.core.config import load_config
 
 
 def main(out_path: str, *overrides: str) -> None:
@@ -21,7 +21,7 @@ def main(out_path: str, *overrides: str) -> None:
     cfg = load_config(None, ['data.name=digits', 'data.img_size=32', 'data.num_workers=0', 'aug.repeated_aug=3',
                              'train.batch_size=16', 'model.kwargs.patch_size=8', 'model.kwargs.depth=1', *overrides])
     splits = data.build_splits(cfg)
-    pipe = build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)))
+    pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)), cfg.aug.repeated_aug)
     epochs = []
     for epoch in range(2):
         pipe.train_loader.sampler.set_epoch(epoch)

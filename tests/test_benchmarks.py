@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT
 
 TINY = ['--set', 'data.img_size=32', '--set', 'model.kwargs.depth=1', '--set', 'model.kwargs.embed_dim=32',
@@ -17,7 +16,7 @@ def run(*args):
 
 
 def test_step_throughput_prints_every_method_and_the_ratios():
-    out = run('benchmarks/step_throughput.py', '--steps', '1', '--repeats', '1', '--warmup', '0', '--no-memory',
+    out = run('-m', 'benchmarks.step_throughput', '--steps', '1', '--repeats', '1', '--warmup', '0', '--no-memory',
               '--variant', 'teacher.inference_mode=false', *TINY)
     for row in ('| none |', '| deit_hard |', '| shake |', '| timm_token_hard |', '| shake / deit_hard |',
                 '| deit_hard / timm_token_hard |', '| shake [teacher.inference_mode=false] / shake |'):
@@ -25,35 +24,35 @@ def test_step_throughput_prints_every_method_and_the_ratios():
 
 
 def test_step_throughput_measures_memory_in_a_process_per_method():
-    out = run('benchmarks/step_throughput.py', '--steps', '1', '--repeats', '1', '--warmup', '0',
+    out = run('-m', 'benchmarks.step_throughput', '--steps', '1', '--repeats', '1', '--warmup', '0',
               '--methods', 'none', 'shake', *TINY)
     rows = [line for line in out.splitlines() if line.startswith(('| none |', '| shake |'))]
     assert len(rows) == 2 and all('not measured' not in r for r in rows)
 
 
 def test_step_throughput_reads_a_teacher_cache_in_place_of_the_teacher():
-    out = run('benchmarks/step_throughput.py', '--steps', '2', '--repeats', '1', '--warmup', '0', '--no-memory',
+    out = run('-m', 'benchmarks.step_throughput', '--steps', '2', '--repeats', '1', '--warmup', '0', '--no-memory',
               '--methods', 'shake', 'shake_cached', *TINY)
     assert '| shake_cached |' in out and '| shake_cached / shake |' in out
 
 
 def test_teacher_cache_benchmark_prints_sizes_and_reader_rates():
-    out = run('benchmarks/teacher_cache.py', 'sizes')
+    out = run('-m', 'benchmarks.teacher_cache', 'sizes')
     row = '| ImageNet-1k, DeiT (300 epochs, bf16 teacher) | top-10 logits and a shared tail (bf16, 1000 classes) | 64 |'
     assert row in out
-    out = run('benchmarks/teacher_cache.py', 'reader', '--batches', '3')
+    out = run('-m', 'benchmarks.teacher_cache', 'reader', '--batches', '3')
     assert out.count('| 3 |') == 3, out
 
 
 def test_data_throughput_runs():
-    out = run('benchmarks/data_throughput.py', '--batches', '1', '--batch-size', '8', '--workers', '0')
+    out = run('-m', 'benchmarks.data_throughput', '--batches', '1', '--batch-size', '8', '--workers', '0')
     assert '| train pipeline |' in out
 
 
 @pytest.fixture(scope='module')
 def ablation_smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp('ablation')
-    return out, run('benchmarks/ablation.py', '--smoke', '--out', str(out))
+    return out, run('-m', 'benchmarks.ablation', '--smoke', '--out', str(out))
 
 
 def test_ablation_smoke_runs_every_method_on_one_fold(ablation_smoke):
@@ -67,9 +66,8 @@ def test_ablation_smoke_runs_every_method_on_one_fold(ablation_smoke):
         assert 0 <= r['top1_cls'] <= 100 and r['wall_s'] > 0
         assert ('top1_avg' in r) == (m not in ('kd', 'none'))  # no shadow head: the cls head is all they have
         assert r['num_samples'] in (449, 450)  # fold 0 of 4 over all 1,797 images is the test set
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import ablation
-    terms = ablation.loss_terms(tmp_path / 'runs' / 'shake_f0_s0')  # what the report's loss-scale table reads
+    from benchmarks import study
+    terms = study.loss_terms(tmp_path / 'runs' / 'shake_f0_s0')  # what the report's loss-scale table reads
     assert {'loss', 'ce_cls', 'kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'} <= set(terms), terms
 
 
@@ -77,7 +75,7 @@ def test_ablation_with_a_teacher_cache_gives_the_same_results(ablation_smoke, tm
     """--teacher-cache: the five methods with a teacher read one cache of fold 0, seed 0, and every run scores what
     it scored with the live teacher."""
     live = json.loads((ablation_smoke[0] / 'runs.json').read_text())
-    run('benchmarks/ablation.py', '--smoke', '--teacher-cache', '--out', str(tmp_path))
+    run('-m', 'benchmarks.ablation', '--smoke', '--teacher-cache', '--out', str(tmp_path))
     cached = json.loads((tmp_path / 'runs.json').read_text())
     assert len(list((tmp_path / 'caches').iterdir())) == 1
     for name, record in cached.items():
@@ -88,8 +86,7 @@ def test_ablation_with_a_teacher_cache_gives_the_same_results(ablation_smoke, tm
 
 def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     """summarise/report/figure on made-up records: the paired differences and the table are what the inputs say."""
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import ablation
+    from benchmarks import ablation
     records = {}
     for f in range(2):
         records[f'teacher_f{f}'] = {'teacher_top1': 99.0}
@@ -110,7 +107,7 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     assert summary['grid']['2.0,4.0']['cls'] == 78.0
     summary['terms'] = {'shake': {'loss': [3.0, 2.0, 1.0]}}
     args = type('A', (), {'folds': 2, 'seeds': 2, 'sens_seeds': 2, 'epochs': 1, 'protocol': 'short'})()
-    text = ablation.report(summary, args, 'python benchmarks/ablation.py', 60.0)
+    text = ablation.report(summary, args, 'python -m benchmarks.ablation', 60.0)
     assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text and '| shake | loss | 3.000 | 2.000 | 1.000 |' in text
     ablation.figure({'short': summary}, tmp_path / 'a.png')
     assert (tmp_path / 'a.png').stat().st_size > 1000
@@ -119,8 +116,8 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
 def test_the_ablation_report_keeps_the_other_protocol_beside_this_one(tmp_path):
     """The committed results (either format) and a new protocol's summary make one report with both."""
     import shutil
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import ablation
+
+    from benchmarks import ablation
     shutil.copy(ROOT / 'docs' / 'results' / 'ablation.json', tmp_path / 'ablation.json')
     protocols = ablation.load_protocols(tmp_path / 'ablation.json')
     assert 'short' in protocols
@@ -134,17 +131,16 @@ def test_the_ablation_report_keeps_the_other_protocol_beside_this_one(tmp_path):
 
 
 def test_a_stalled_start_is_a_cross_entropy_that_stays_at_chance(monkeypatch):
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import ablation
-    monkeypatch.setattr(ablation, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.25, 2.33, 2.31, 2.32, 2.30, 1.2]})
-    assert ablation.stalled(ROOT)  # fell by 2% at most within 6 log points, whatever came later
-    monkeypatch.setattr(ablation, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.27, 2.23, 2.11, 2.13, 2.02]})
-    assert not ablation.stalled(ROOT)
+    from benchmarks import study
+    monkeypatch.setattr(study, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.25, 2.33, 2.31, 2.32, 2.30, 1.2]})
+    assert study.stalled(ROOT)  # fell by 2% at most within 6 log points, whatever came later
+    monkeypatch.setattr(study, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.27, 2.23, 2.11, 2.13, 2.02]})
+    assert not study.stalled(ROOT)
 
 
 def test_cnn_shadow_study_smoke_runs_every_method(tmp_path):
     """One seed, two updates: every method trains through the study's own jobs, the proxy head reports its shadow."""
-    run('benchmarks/cnn_shadow.py', '--smoke', '--out', str(tmp_path))
+    run('-m', 'benchmarks.cnn_shadow', '--smoke', '--out', str(tmp_path))
     records = json.loads((tmp_path / 'runs.json').read_text())
     assert set(records) == {f'{m}_s0' for m in ('none', 'kd', 'shake_pooled_paper', 'shake_proxy_paper',
                                                 'shake_pooled_authors', 'shake_proxy_authors')}
@@ -153,8 +149,7 @@ def test_cnn_shadow_study_smoke_runs_every_method(tmp_path):
 
 
 def test_cnn_shadow_report_pairs_by_seed():
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import cnn_shadow
+    from benchmarks import cnn_shadow
     # method i scores 90 + i on seed 0 and 91 + i on seed 1; kd runs twice as long as the others
     records = {f'{m}_s{s}': {'top1_cls': 90.0 + i + s, 'wall_s': 20.0 if m == 'kd' else 10.0}
                for i, m in enumerate(cnn_shadow.METHODS) for s in range(2)}
@@ -168,7 +163,7 @@ def test_cnn_shadow_report_pairs_by_seed():
 def test_detection_study_smoke_runs_every_method(tmp_path):
     """One seed, two updates per epoch on tiny scenes: the shared teacher and digits backbone, then none, kd and shake
     through the study's own jobs."""
-    run('benchmarks/detection.py', '--smoke', '--out', str(tmp_path))
+    run('-m', 'benchmarks.detection', '--smoke', '--out', str(tmp_path))
     records = json.loads((tmp_path / 'runs.json').read_text())
     assert set(records) == {'teacher', 'none_s0', 'kd_s0', 'shake_s0'}
     assert 'shadow_ap' in records['shake_s0'] and 'shadow_ap' not in records['kd_s0']
@@ -178,8 +173,7 @@ def test_detection_study_smoke_runs_every_method(tmp_path):
 
 
 def test_detection_report_pairs_by_seed_within_a_setting():
-    sys.path.insert(0, str(ROOT / 'benchmarks'))
-    import detection
+    from benchmarks import detection
     seeds = {'main': 2, 'old': 2, 'scratch': 2, 'switches': 2}
     # row i scores AP 30 + i on seed 0 and 31 + i on seed 1; kd runs twice as long as none
     records = {f'{name}_s{s}': {'student_ap': 30.0 + i + s, 'student_ap50': 60.0 + i, 'student_ap75': 20.0 + i,
@@ -210,5 +204,5 @@ def test_gpu_script_refuses_without_a_gpu_naming_what_it_needs(tmp_path):
         pytest.skip('this machine has nvidia-smi')
     proc = subprocess.run(['bash', 'benchmarks/gpu.sh'], cwd=ROOT, capture_output=True, text=True,
                           env={**os.environ, 'OUT': str(tmp_path / 'out')})
-    assert proc.returncode == 2 and 'needs an NVIDIA GPU' in proc.stderr and 'step_throughput.py' in proc.stderr
+    assert proc.returncode == 2 and 'needs an NVIDIA GPU' in proc.stderr and 'benchmarks.step_throughput' in proc.stderr
     assert not (tmp_path / 'out').exists() and not proc.stdout  # no stage ran on the CPU

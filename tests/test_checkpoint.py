@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import ROOT, RUN, assert_same_weights, launch, main, results
 
 
@@ -109,7 +108,7 @@ def test_eval_counts_every_image_once_in_two_processes(reference):
 def test_a_save_that_fails_part_way_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     from accelerate import Accelerator
 
-    from shake_vit.checkpoint import Checkpointer, CheckpointError, Progress
+    from shake_vit.core.checkpoint import Checkpointer, CheckpointError, Progress
     acc = Accelerator(cpu=True)
     model, opt = acc.prepare(torch.nn.Linear(3, 2), torch.optim.AdamW(torch.nn.Linear(3, 2).parameters()))
     ckpt = Checkpointer(acc, tmp_path / 'checkpoints', ema=None, keep_last=2, metric='top1_cls')

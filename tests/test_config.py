@@ -1,9 +1,9 @@
 """Typed config: recipes, overrides, errors that name the key, derived values."""
 import pytest
 import yaml
-
 from helpers import ROOT
-from shake_vit.config import ConfigError, derive, flat_hparams, load_config
+
+from shake_vit.core.config import ConfigError, derive, flat_hparams, load_config
 
 
 def test_defaults_are_the_deit_recipe():
@@ -122,8 +122,8 @@ def test_overrides_stand_before_between_and_after_flags():
 
 def test_every_method_is_one_registry_entry_that_the_config_reads():
     """The config's choices, the default temperature, the teacher and the shadow heads all come from
-    shake_vit/methods.py; a method registered there is a valid `loss.method` at once."""
-    from shake_vit import methods
+    shake_vit/distill/methods.py; a method registered there is a valid `loss.method` at once."""
+    from shake_vit.distill import methods
     assert set(methods.METHODS['classification']) == {'shake', 'deit_hard', 'deit_hard_cls', 'deit_soft', 'kd', 'none',
                                                       'none_both_heads'}
     for name, m in methods.METHODS['classification'].items():
@@ -142,3 +142,15 @@ def test_every_method_is_one_registry_entry_that_the_config_reads():
         load_config(None, ['loss.method=probe'])
     with pytest.raises(ConfigError, match="extra_teachers is set but loss.method is 'kd'"):
         load_config(None, ['loss.method=kd', 'extra_teachers=[{name: a}]'])
+
+
+def test_a_config_pickles_and_comes_back_equal_in_a_new_process(tmp_path):
+    """The schema is assembled from registered sections; its root class must still be importable by name."""
+    import pickle
+    import subprocess
+    import sys
+    cfg = load_config(None, ['train.epochs=7'])
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and pickle.loads(pickle.dumps(cfg.data)) == cfg.data
+    (tmp_path / 'cfg.pkl').write_bytes(pickle.dumps(cfg))
+    code = f"import pickle; print(pickle.loads(open({str(tmp_path / 'cfg.pkl')!r}, 'rb').read()).train.epochs)"
+    assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout == '7\n'

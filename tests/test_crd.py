@@ -1,4 +1,4 @@
-"""CRD's CIFAR networks (shake_vit/crd.py): CRD's parameter counts, feature maps and state-dict keys, timm's
+"""CRD's CIFAR networks (shake_vit/zoo/crd.py): CRD's parameter counts, feature maps and state-dict keys, timm's
 interface; CRD's teacher files load by name; the authors' proxy-teacher shadow head end to end."""
 import hashlib
 import json
@@ -8,12 +8,12 @@ import shutil
 import pytest
 import timm
 import torch
+from helpers import main, results
 from safetensors.torch import load_file
 
-from helpers import main, results
-from shake_vit.config import ConfigError, load_config
-from shake_vit.crd import CIFAR100_MEAN, CIFAR100_STD, CRD_NAMES
-from shake_vit.teacher import load_teacher
+from shake_vit.classification.teacher import load_teacher
+from shake_vit.core.config import ConfigError, load_config
+from shake_vit.zoo.crd import CIFAR100_MEAN, CIFAR100_STD, CRD_NAMES
 
 # Reference values from CRD's own code (HobbitLong/RepDistiller models/, commit b84f547), each network built with
 # num_classes=100: its parameter count, the shapes of its `is_feat=True` feature maps for a 32-px input, and the

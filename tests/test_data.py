@@ -6,10 +6,11 @@ from collections import defaultdict
 
 import pytest
 import torch
-
 from helpers import ROOT, failure, launcher
-from shake_vit import data
-from shake_vit.config import ConfigError, load_config
+
+from shake_vit.classification import data
+from shake_vit.core import data as shared_data
+from shake_vit.core.config import ConfigError, load_config
 
 
 def test_repeated_augmentation_loader_in_two_processes(tmp_path):
@@ -45,8 +46,8 @@ def test_repeated_augmentation_loader_in_two_processes(tmp_path):
 def test_seeded_augmentation_is_a_function_of_the_key_not_of_call_order():
     cfg = load_config(None, ['data.name=digits', 'data.img_size=32', 'aug.repeated_aug=1'])
     splits = data.build_splits(cfg)
-    train_tf, _ = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)
-    ds = data.Transformed(splits.train, train_tf)
+    train_tf, _ = data.build_transforms(cfg.aug, cfg.data.img_size, (0.5,) * 3, (0.5,) * 3)
+    ds = shared_data.Transformed(splits.train, train_tf)
     a = ds[(3, 12345)][0]
     torch.rand(10)  # disturb the global RNGs in between
     ds[(4, 999)]
@@ -61,11 +62,12 @@ def test_seeded_augmentation_is_a_function_of_the_key_not_of_call_order():
 def test_loader_order_and_augmentation_do_not_depend_on_worker_count():
     cfg = load_config(None, ['data.name=digits', 'data.img_size=32', 'aug.repeated_aug=1', 'train.batch_size=32'])
     splits = data.build_splits(cfg)
-    train_tf, _ = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)
+    train_tf, _ = data.build_transforms(cfg.aug, cfg.data.img_size, (0.5,) * 3, (0.5,) * 3)
     batches = []
     for workers in (0, 2):
         cfg.data.num_workers = workers
-        loader = data.train_loader(cfg, splits.train, train_tf, num_replicas=1, rank=0)
+        loader = data.train_loader(cfg, splits.train, train_tf, num_replicas=1, rank=0,
+                                       repeats=cfg.aug.repeated_aug)
         loader.sampler.set_epoch(3)
         batches.append([x for x, _ in zip(loader, range(3))])
     for (x0, y0), (x2, y2) in zip(*batches):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from helpers import ROOT, write_coco
 
-from shake_vit import detection_losses as losses
-from shake_vit.config import ConfigError, load_config
+from shake_vit.core.config import ConfigError, load_config
 from shake_vit.detection import data as det_data
+from shake_vit.detection import losses as losses
 from shake_vit.detection.family import DetectionFamily, student_detector
 from shake_vit.detection.models import DetectionStudent, check_teacher, teacher_on_rois
 from shake_vit.detection.task import DetectionTask
@@ -280,7 +280,7 @@ def test_the_coco_recipe_builds_its_detectors_transforms_and_schedule(coco):
     flips at 0.5, the v2 teacher fits the student, SGD at 0.02 per 16 images with x0.1 at epochs 16 and 22."""
     from accelerate import Accelerator
 
-    from shake_vit.build import build_optimization
+    from shake_vit.core.build import build_optimization
     from shake_vit.detection.family import teacher_detector
     cfg = load_config([str(ROOT / 'configs/det_coco_r50fpnv2_r50fpn.yaml')],
                       [f'data.root={coco}', 'det.backbone_weights=null', 'teacher.pretrained=false',

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from shake_vit import detection_losses as losses
-from shake_vit.detection_losses import DetWeights, RoIOutputs
+from shake_vit.detection import losses as losses
+from shake_vit.detection.losses import DetWeights, RoIOutputs
 
 
 def f64(values):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import ROOT, launch, main, results, scalar_tags, write_coco
 from safetensors.torch import load_file
+from test_detection import SMOKE
 
-from shake_vit.config import load_config
+from shake_vit.core.config import load_config
 from shake_vit.detection import data as det_data
 from shake_vit.detection.family import DetectionFamily
-from test_detection import SMOKE
 
 
 @pytest.fixture(scope='module')
@@ -187,7 +187,7 @@ def test_a_detection_teacher_without_a_record_that_finds_nothing_stops_the_run(t
 def test_shadow_drift_and_a_stalled_detector_are_warned_with_what_to_try(tmp_path):
     from accelerate import Accelerator
 
-    from shake_vit.health import Health
+    from shake_vit.detection.health import DetectionHealth as Health
     cfg = load_config([str(ROOT / 'configs/det_quickstart.yaml'), str(ROOT / 'configs/smoke_det.yaml')],
                       [f'train.output_dir={tmp_path}'])
     lines = []

@@ -4,7 +4,6 @@ import importlib
 import re
 
 import pytest
-
 from helpers import ROOT
 
 TOP = ('configs', 'docs', 'shake_vit', 'tests', 'benchmarks', '.ci')
@@ -16,8 +15,8 @@ GENERATED = {'benchmarks/out'}  # written by the scripts, not kept in the reposi
 
 def sources():
     """Every text file the repository keeps that a reader is pointed from."""
-    patterns = ('README.md', 'train.py', 'requirements.txt', '.ci/run', 'docs/**/*.md', 'configs/*.yaml',
-                'shake_vit/*.py', 'benchmarks/*.py', 'benchmarks/*.sh', 'tests/*.py')
+    patterns = ('README.md', 'train.py', 'requirements*.txt', 'pyproject.toml', '.ci/run', 'docs/**/*.md',
+                'configs/*.yaml', 'shake_vit/**/*.py', 'benchmarks/*.py', 'benchmarks/*.sh', 'tests/*.py')
     return sorted({p for pattern in patterns for p in ROOT.glob(pattern) if p.is_file()})
 
 
@@ -46,7 +45,8 @@ def test_every_repository_path_named_in_the_docs_exists():
 
 
 def test_every_file_and_name_reference_is_defined_there():
-    """References as docs/reliability.md writes them: `test_x.py::test_y`, `shake_vit/checkpoint.py::fault_hook`."""
+    """References as docs/reliability.md writes them: `test_x.py::test_y`, `shake_vit/core/checkpoint.py::fault_hook`.
+    """
     wrong = []
     for source, m in references(DEFINED_IN):
         file, name = m.group(1), m.group(2)
@@ -84,7 +84,8 @@ def test_every_dotted_shake_vit_name_resolves():
              if (why := unresolved(m.group(1)))]
     assert not wrong, wrong
     # The check can fail: a name imported into a module is not defined there.
-    assert unresolved('.runner.make_accelerator') == 'defined in shake_vit.build' and unresolved('.runner.nothing')
+    assert unresolved('.core.runner.make_accelerator') == 'defined in shake_vit.core.build'
+    assert unresolved('.core.runner.nothing')
 
 
 @pytest.mark.parametrize('text, expected', [

@@ -6,12 +6,12 @@ import sys
 import pytest
 import timm
 import torch
+from helpers import TINY, main, results
 from safetensors.torch import save_file
 
-from helpers import TINY, main, results
-from shake_vit.config import ConfigError, load_config
-from shake_vit.models import build_student
-from shake_vit.weights import load_pretrained
+from shake_vit.classification.models import build_student
+from shake_vit.classification.pretrained import load_pretrained
+from shake_vit.core.config import ConfigError, load_config
 
 # Source weights: 64 px, 8-pixel patches (8x8 grid), 7 classes. The student: 32 px (4x4 grid), 10 digit classes.
 SOURCE = dict(img_size=64, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=7)
@@ -155,14 +155,15 @@ def test_a_cnn_exports_and_says_how_to_load_it(name, cifar, teacher_file, tmp_pa
     """A CIFAR form is checked, and loaded, through shake_vit's cifar_stem (timm alone builds the ImageNet stem); an
     architecture shake_vit registers (the ShuffleNetV2 adapter) loads through timm once shake_vit is imported."""
     from safetensors.torch import load_file
-    from shake_vit.models import cifar_stem
+
+    from shake_vit.classification.models import cifar_stem
     out, exported = tmp_path / 'cnn', tmp_path / 'exported'
     main([*TINY, f'model.name={name}', 'model.kwargs={}', 'model.drop_path_rate=0',
           f'teacher.checkpoint={teacher_file}', f'model.cifar_stem={str(cifar).lower()}', f'train.output_dir={out}'])
     proc = main(['--export', str(out), '--export-dir', str(exported)])
     assert 'exported the timm classifier' in proc.stdout
     if cifar:
-        assert 'from shake_vit.models import cifar_stem' in proc.stdout
+        assert 'from shake_vit.classification.models import cifar_stem' in proc.stdout
         model = cifar_stem(timm.create_model(name, num_classes=10))
         model.load_state_dict(load_file(str(exported / 'model.safetensors')))
     else:

@@ -5,10 +5,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY, main, results, scalar_tags
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-
-from helpers import TINY, main, results, scalar_tags
 
 DIGITS = [str(i) for i in range(10)]
 # the tiny student of the other tests, for runs that test the checks rather than training
@@ -142,13 +141,13 @@ def test_an_imagenet_teacher_knows_its_class_names():
     import timm
     from omegaconf import OmegaConf
 
-    from shake_vit.classmap import resolve, teacher_names
+    from shake_vit.classification.classmap import resolve, teacher_names
     model = timm.create_model('test_byobnet', num_classes=1000)
     t = OmegaConf.create({'class_names': None})
     known = teacher_names(t, model, None)
     assert known['names'][0] == 'n01440764'
     assert resolve('auto', known, ['n01443537', 'tench', 'Great_White_Shark']) == [1, 0, 2]
-    from shake_vit.config import ConfigError
+    from shake_vit.core.config import ConfigError
     with pytest.raises(ConfigError, match='crane .*name several teacher classes'):  # the bird and the machine
         resolve('auto', known, ['crane'])
 
@@ -180,6 +179,15 @@ def test_trackers_are_checked_by_name_and_by_package(tmp_path):
     assert proc.returncode == 2 and 'pip install wandb' in proc.stderr
     proc = main([*SMALL, 'train.log_with=[tensorbord]', f'train.output_dir={tmp_path}'], check=False)
     assert proc.returncode == 2 and "Did you mean 'tensorboard'?" in proc.stderr
+
+
+def test_onnx_export_without_onnx_names_the_install(reference, tmp_path, monkeypatch):
+    """`onnx` is in requirements-test.txt, not in the trainer's requirements: without it the export says so."""
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'onnx' else find_spec(name, *a))
+    proc = main(['--export', str(reference), '--export-format', 'onnx', '--export-dir', str(tmp_path)], check=False)
+    assert proc.returncode == 2 and 'pip install onnx onnxruntime' in proc.stderr
 
 
 def test_onnx_export_matches_the_timm_export(reference, tmp_path):

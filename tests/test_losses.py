@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy
 
-from shake_vit import losses
-
+from shake_vit.distill import losses
 
 
 def f64(values):
@@ -59,8 +58,8 @@ def test_kl_reduction_is_batchmean_which_is_deit_sum_over_numel_times_classes():
 
 
 def test_deit_soft_at_deits_own_scale_is_a_switch():
-    from shake_vit.config import load_config
-    from shake_vit.methods import loss_fn
+    from shake_vit.core.config import load_config
+    from shake_vit.distill.methods import loss_fn
     s, h, t = f64(S), f64(H), f64(TT)
     default = loss_fn(load_config(None, ['loss.method=deit_soft']))(s, h, t, Y, ce)
     deit = loss_fn(load_config(None, ['loss.method=deit_soft', 'loss.deit_soft_reduction=numel']))(s, h, t, Y, ce)
@@ -145,7 +144,7 @@ def test_deit_hard_cls_distils_the_teacher_argmax_into_the_class_token_by_hand()
     assert other['ce_cls'].item() == pytest.approx(0.75 * ce_by_hand(S, [0, 1]), abs=1e-12)
     assert set(terms) == {'ce_cls', 'ce_cls_teacher'}  # no shadow head, no distillation token
     torch.autograd.grad(sum(terms.values()), s)  # the class token's logits carry both terms
-    from shake_vit import methods
+    from shake_vit.distill import methods
     m = methods.get('deit_hard_cls')
     assert m.needs_teacher and not m.trains_shadow and m.predict == 'cls' and m.argmax_only
 

@@ -3,10 +3,10 @@ import pytest
 import timm
 import torch
 
-from shake_vit.config import ConfigError, load_config
-from shake_vit.models import build_student
-from shake_vit.optim import build_optimizer
-from shake_vit.teacher import Normalisation, build_teacher_model, freeze, load_teacher
+from shake_vit.classification.models import build_student
+from shake_vit.classification.teacher import Normalisation, build_teacher_model, freeze, load_teacher
+from shake_vit.core.config import ConfigError, load_config
+from shake_vit.core.optim import build_optimizer
 
 TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=2',
         'model.kwargs.num_heads=2']
@@ -88,7 +88,8 @@ def test_vgg_cifar_form_is_crds_vgg_and_vgg8_is_registered_in_timm():
 
 def test_shufflenet_adapter_is_torchvisions_network_behind_timms_interface(tmp_path):
     import torchvision
-    from shake_vit.zoo import ShuffleNetV2
+
+    from shake_vit.zoo.adapters import ShuffleNetV2
     torch.manual_seed(0)
     tv = torchvision.models.shufflenet_v2_x0_5().eval()  # ImageNet-shaped, as the weights pretrained=True downloads
     torch.save(tv.state_dict(), tmp_path / 'tv.pth')
@@ -167,8 +168,8 @@ def test_teacher_loads_a_saved_timm_state_dict_and_is_frozen(tmp_path):
 
 
 def test_frozen_teacher_stays_in_eval_mode_inside_the_task():
-    from shake_vit.tasks import DistillationTask
-    from shake_vit.losses import shake_loss
+    from shake_vit.classification.tasks import DistillationTask
+    from shake_vit.distill.losses import shake_loss
     cfg = load_config(None, TINY)
     student = build_student(cfg, num_classes=3)
     teacher = freeze(timm.create_model('test_byobnet', num_classes=3), Normalisation((0.5,) * 3, (0.5,) * 3, 'test'))

@@ -11,7 +11,7 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
-from shake_vit.config import load_config
+from shake_vit.core.config import load_config
 
 RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if not p.name.startswith('smoke'))
 IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
@@ -19,7 +19,7 @@ IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
 
 def smoke_args(recipe: str, imagefolder: Path):
     """The smoke overlay that fits the recipe's student, and the data and teachers a CPU test can have."""
-    from shake_vit.models import is_vit
+    from shake_vit.classification.models import is_vit
     cfg = load_config([str(ROOT / 'configs' / recipe)])
     if cfg.task == 'detection':  # digit scenes stand in for COCO; no torchvision weights to download
         return ['--config', 'configs/smoke_det.yaml']
@@ -44,11 +44,11 @@ def test_every_recipe_starts_with_the_command_that_runs_it():
         assert recipe in first or recipe == 'quickstart.yaml', recipe
 
 
-def test_the_readmes_smoke_lines_run_as_documented_and_an_overlay_alone_says_what_it_is(tmp_path):
-    """The README's smoke commands paste and run: the ImageNet ones on random images as written (the CIFAR and
+def test_the_documented_smoke_lines_run_as_documented_and_an_overlay_alone_says_what_it_is(tmp_path):
+    """The smoke commands of docs/recipes.md paste and run: the ImageNet ones on random images as written (the CIFAR and
     detection lines are what test_smoke_variant_of_every_recipe_runs runs, so here they only resolve)."""
     import shlex
-    lines = [line for line in (ROOT / 'README.md').read_text().splitlines()
+    lines = [line for line in (ROOT / 'docs' / 'recipes.md').read_text().splitlines()
              if line.startswith('python train.py --config ') and ' --config configs' + '/smoke' in line]
     assert len(lines) == 4, lines
     for i, line in enumerate(lines):
@@ -124,15 +124,15 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     """The full recipe (only the data root changed): transforms, mixup, lr schedule, weight-decay groups."""
     from accelerate import Accelerator
 
-    from shake_vit import data
-    from shake_vit.build import build_optimization, build_pipeline
-    from shake_vit.config import load_config
-    from shake_vit.models import build_student
+    from shake_vit.classification import data
+    from shake_vit.classification.models import build_student
+    from shake_vit.core.build import build_optimization
+    from shake_vit.core.config import load_config
     cfg = load_config([str(ROOT / IMAGENET_SHAKE)], [f'data.root={imagefolder}'])
     acc = Accelerator(cpu=True)
     splits = data.build_splits(cfg)
     student = build_student(cfg, len(splits.classes))
-    pipe = build_pipeline(cfg, acc, splits, student)
+    pipe = data.build_pipeline(cfg, acc, splits, student, cfg.aug.repeated_aug)
 
     train_tf = pipe.train_loader.dataset.transform.transforms
     crop = train_tf[0]
@@ -152,7 +152,7 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     assert str(val_tf[0].interpolation).endswith('BICUBIC')
     assert isinstance(val_tf[1], T.CenterCrop) and val_tf[1].size == (224, 224)
 
-    mixup = data.build_mixup(cfg, len(splits.classes))
+    mixup = data.build_mixup(cfg.aug, len(splits.classes))
     assert isinstance(mixup, Mixup)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing) == \
         (0.8, 1.0, 1.0, 0.5, 0.1)
@@ -228,16 +228,16 @@ def test_a_cifar_recipe_smoke_runs_in_two_processes(tmp_path):
 def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
     """facebookresearch/deit datasets.py, build_transform at 32 px: timm's DeiT pipeline with RandomCrop(32,
     padding=4) in place of the random-resized crop. The CRD recipes are the same path with everything else off."""
-    from shake_vit import data
-    from shake_vit.config import load_config
+    from shake_vit.classification import data
+    from shake_vit.core.config import load_config
     cfg = load_config([str(ROOT / 'configs/deit_tiny_shake_cifar100.yaml')])
-    train_tf = data.build_transforms(cfg, (0.5,) * 3, (0.5,) * 3)[0].transforms
+    train_tf = data.build_transforms(cfg.aug, cfg.data.img_size, (0.5,) * 3, (0.5,) * 3)[0].transforms
     assert isinstance(train_tf[0], T.Resize) and train_tf[0].size == 32  # a no-op on CIFAR's 32-px images
     assert isinstance(train_tf[1], T.RandomCrop) and train_tf[1].size == (32, 32) and train_tf[1].padding == 4
     assert isinstance(train_tf[2], T.RandomHorizontalFlip) and isinstance(train_tf[3], RandAugment)
     assert isinstance(train_tf[-1], RandomErasing) and train_tf[-1].mode == 'pixel'
     crd = load_config([str(ROOT / 'configs/cifar100_wrn_40_2_wrn_16_2.yaml')])
-    crd_tf = data.build_transforms(crd, (0.5,) * 3, (0.5,) * 3)[0]
+    crd_tf = data.build_transforms(crd.aug, crd.data.img_size, (0.5,) * 3, (0.5,) * 3)[0]
     assert [type(t).__name__ for t in crd_tf.transforms] == ['Resize', 'RandomCrop', 'RandomHorizontalFlip',
                                                              'MaybeToTensor', 'Normalize']
     from PIL import Image
@@ -249,10 +249,29 @@ def test_deit_cifar_recipe_pads_and_crops_at_32px_as_deit_does():
 
 def test_the_none_recipe_is_a_plain_deit_on_its_cls_head():
     """DeiT's 72.20 row: deit_tiny_patch16_224 (no distillation token), no teacher, no shadow head."""
-    from shake_vit import methods
-    from shake_vit.config import load_config
-    from shake_vit.models import build_student
+    from shake_vit.classification.models import build_student
+    from shake_vit.core.config import load_config
+    from shake_vit.distill import methods
     cfg = load_config([str(ROOT / 'configs/deit_tiny_none_in1k.yaml')], ['data.img_size=32', 'model.kwargs.depth=1'])
     assert cfg.model.name == 'deit_tiny_patch16_224' and not methods.of(cfg).needs_teacher
     student = build_student(cfg, 1000)
     assert student.num_shadow == 0 and not hasattr(student.model, 'dist_token') and student.predict == 'cls'
+
+
+def test_print_config_counts_the_updates_the_run_makes(capsys):
+    """The sampler --print-config sizes is the run's, repeated augmentation's copies included (DeiT's 3)."""
+    from accelerate import Accelerator
+
+    import train
+    from shake_vit.core.config import derive
+    from shake_vit.core.family import family_of
+    cfg = load_config([str(ROOT / IMAGENET_SHAKE), str(ROOT / 'configs' / 'smoke.yaml')],
+                      ['data.name=fake', 'data.num_classes=10', 'data.fake_size=[1000,32]',
+                       'train.max_updates_per_epoch=0'])
+    assert cfg.aug.repeated_aug == 3
+    train.print_config(cfg)
+    family = family_of(cfg)
+    splits = family.build_splits(cfg)
+    pipe = family.build_pipeline(cfg, Accelerator(cpu=True), splits, family.build_student(cfg, len(splits.classes)))
+    run = derive(cfg, 1, len(pipe.train_loader))
+    assert f'{run.updates_per_epoch} updates/epoch' in capsys.readouterr().out

@@ -11,9 +11,8 @@ import sys
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
-
 from helpers import ROOT, RUN, TINY, main, results
+from safetensors.torch import save_file
 from test_checkpoint import assert_same_weights
 
 
@@ -120,10 +119,10 @@ def test_resume_with_another_class_count_is_refused(reference, tmp_path):
 
 
 def test_nan_loss_stops_with_the_term_and_update_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    from shake_vit import losses
-    from shake_vit.config import load_config
-    from shake_vit.engine import NonFiniteLoss
-    from shake_vit.runner import train
+    from shake_vit.core.config import load_config
+    from shake_vit.core.engine import NonFiniteLoss
+    from shake_vit.core.runner import train
+    from shake_vit.distill import losses
     calls = {'n': 0}
     real = losses.shake_loss
 
@@ -168,7 +167,7 @@ def test_sigkill_then_resume_auto_completes_with_identical_weights(reference, po
 def test_a_corrupt_image_names_the_file_and_the_last_checkpoint_stays_usable(imagefolder, tmp_path):
     """A truncated JPEG met mid-run (in a loader worker): one error line naming the file, exit status 2, the last
     checkpoint intact; `--check-data` lists it; once the file is replaced, `--resume auto` finishes the run."""
-    from shake_vit.checkpoint import complete_checkpoints
+    from shake_vit.core.checkpoint import complete_checkpoints
     root, out = tmp_path / 'data', tmp_path / 'run'
     shutil.copytree(imagefolder, root)
     run = [*TINY, 'data.name=imagefolder', f'data.root={root}', 'train.batch_size=8', 'train.max_updates_per_epoch=0',
@@ -200,7 +199,7 @@ def test_one_run_per_folder_a_second_run_refuses_or_overwrites_cleanly(teacher_f
                  f'train.output_dir={out}_2', 'train.overwrite=true')
     assert 'resumed from' not in proc.stdout
     main([*first, 'train.seed=1', 'train.overwrite=true'])
-    from shake_vit.checkpoint import complete_checkpoints
+    from shake_vit.core.checkpoint import complete_checkpoints
     assert [p.name for p in complete_checkpoints(out / 'checkpoints')] == ['update_00000003']
     second = results(out)
     main(['--eval', str(out)])

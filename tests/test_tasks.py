@@ -3,11 +3,11 @@ import pytest
 import timm
 import torch
 
-from shake_vit.config import load_config
-from shake_vit.methods import loss_fn
-from shake_vit.models import build_student
-from shake_vit.tasks import DistillationTask
-from shake_vit.teacher import Normalisation, freeze
+from shake_vit.classification.models import build_student
+from shake_vit.classification.tasks import DistillationTask
+from shake_vit.classification.teacher import Normalisation, freeze
+from shake_vit.core.config import load_config
+from shake_vit.distill.methods import loss_fn
 
 TINY = ['data.img_size=32', 'model.kwargs.patch_size=8', 'model.kwargs.embed_dim=32', 'model.kwargs.depth=1',
         'model.kwargs.num_heads=2']
@@ -103,7 +103,7 @@ def test_teacher_input_is_renormalised_when_its_mean_and_std_differ():
 
 
 def test_default_temperatures_follow_each_method():
-    from shake_vit.methods import temperature
+    from shake_vit.distill.methods import temperature
     assert temperature(load_config(None, ['loss.method=shake'])) == 4.0
     assert temperature(load_config(None, ['loss.method=deit_soft'])) == 1.0
     assert temperature(load_config(None, ['loss.method=deit_soft', 'loss.temperature=3'])) == 3.0
@@ -114,7 +114,7 @@ PROXY = ['data.img_size=32', 'model.name=cifar_resnet8', 'model.kwargs={}', 'mod
 
 
 def proxy_task(*overrides):
-    from shake_vit.teacher import build_teacher_model
+    from shake_vit.classification.teacher import build_teacher_model
     cfg = load_config(None, [*PROXY, *overrides])
     torch.manual_seed(0)
     student = build_student(cfg, num_classes=4)
@@ -156,7 +156,7 @@ def test_one_proxy_teacher_head_per_teacher_each_on_its_own_maps():
 
 
 def test_the_proxy_head_refuses_a_method_without_a_teacher_and_maps_it_cannot_fuse():
-    from shake_vit.config import ConfigError
+    from shake_vit.core.config import ConfigError
     with pytest.raises(ConfigError, match="loss.method='none_both_heads' has no teacher"):
         build_student(load_config(None, [*PROXY, 'loss.method=none_both_heads']), 4)
     with pytest.raises(ConfigError, match='model.proxy_features is \\[1, 2\\]: three indices'):
@@ -170,7 +170,7 @@ def test_the_proxy_head_refuses_a_method_without_a_teacher_and_maps_it_cannot_fu
 
 def test_the_proxy_strides_come_from_the_maps_at_the_run_image_size():
     """timm's VGG in its CIFAR form pools less than its feature_info says: the strides follow the real maps."""
-    from shake_vit.models import proxy_spec
+    from shake_vit.classification.models import proxy_spec
     t = load_config(None, ['teacher.name=vgg13_bn', 'teacher.cifar_stem=true']).teacher
     spec = proxy_spec(t, 10, 32)
     assert spec.channels == (512, 512, 512) and spec.strides == (2, 1)

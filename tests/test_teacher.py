@@ -5,11 +5,11 @@ import json
 import pytest
 import timm
 import torch
+from helpers import TINY, main, results
 from safetensors.torch import load_file, save_file
 
-from helpers import TINY, main, results
-from shake_vit.config import load_config
-from shake_vit.teacher import load_teacher
+from shake_vit.classification.teacher import load_teacher
+from shake_vit.core.config import load_config
 
 # Statistics far from ImageNet's (what timm's DistillationTeacher would apply for test_byobnet): before the fix the
 # teacher fitted below scored 97.22 at fit time and 10.00 (chance) during distillation.
@@ -94,7 +94,7 @@ def test_a_crd_teacher_file_gets_crds_statistics_and_a_misnamed_one_names_its_ne
     """A teacher file as CRD's train_teacher.py saves it ({'epoch', 'model', 'accuracy', 'optimizer'}), outside any
     CRD folder: with no teacher.mean/std it is fed CRD's CIFAR-100 statistics (the cifar_* registration's), a wrong
     teacher.name gets an error naming the registered network the file fits, and CRD's own names point to ours."""
-    from shake_vit.config import ConfigError
+    from shake_vit.core.config import ConfigError
     net = timm.create_model('cifar_resnet8x4', num_classes=10)
     path = tmp_path / 'somewhere' / 'best.pth'
     path.parent.mkdir()
@@ -120,7 +120,7 @@ def test_a_crd_teacher_file_gets_crds_statistics_and_a_misnamed_one_names_its_ne
 
 
 def test_a_file_without_a_record_whose_architecture_says_other_statistics_is_warned(tmp_path):
-    from shake_vit.teacher import file_normalisation
+    from shake_vit.classification.teacher import file_normalisation
     cfg = load_config(None, ['data.name=digits', 'teacher.name=resnet18'])
     model = timm.create_model('resnet18', num_classes=10)
     norm = file_normalisation(cfg.teacher, model, ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))

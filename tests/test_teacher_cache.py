@@ -1,4 +1,4 @@
-"""The teacher-output cache (shake_vit/teacher_cache.py): written once with --cache-teacher, read with teacher.cache.
+"""The teacher-output cache (shake_vit/distill/cache.py): written once with --cache-teacher, read with teacher.cache.
 
 A cached run must end with exactly the live run's weights (one process and two, mid-epoch resume included), refuse a
 cache of another input stream by naming the keys, and a top-k cache must stay within the pinned error."""
@@ -9,10 +9,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import RUN, assert_same_weights, launch, main, results
 from omegaconf import OmegaConf
 
-from helpers import RUN, assert_same_weights, launch, main, results
-from shake_vit.teacher_cache import Format, decode, encode
+from shake_vit.distill.cache_format import Format, decode, encode
 
 
 @pytest.fixture(scope='module')
@@ -43,6 +43,10 @@ def test_a_cached_run_ends_with_the_live_runs_weights(reference, teacher_file, c
     assert_same_weights(reference / last, tmp_path / last)
     # the teacher's top-1 is the one the writer measured, as the live run measured it
     assert results(tmp_path)['teacher_top1'] == pytest.approx(results(reference)['teacher_top1'])
+    # --eval of the cache-trained run evaluates its live teacher beside the student, as for any run
+    main(['--eval', str(tmp_path)])
+    evaluated = json.loads(next(tmp_path.glob('checkpoints/*/eval.json')).read_text())
+    assert evaluated['teacher_top1'] == pytest.approx(results(reference)['teacher_top1'])
 
 
 def test_resuming_mid_epoch_reads_the_right_batches(reference, teacher_file, cache, tmp_path):
@@ -129,6 +133,11 @@ def test_nothing_to_cache_and_uncacheable_setups_are_refused(tmp_path):
     proc = main([*RUN, 'model.shadow_on=teacher', 'model.name=resnet18', f'teacher.cache={tmp_path}',
                  '--print-config'], check=False)
     assert proc.returncode == 2 and "feature maps on every step" in proc.stderr
+    # detection's teacher scores the student's own proposals: its family refuses the writer (a Family hook)
+    proc = main(['--config', 'configs/det_quickstart.yaml', '--config', 'configs/smoke_det.yaml', '--cache-teacher',
+                 str(tmp_path / 'det')], check=False)
+    assert proc.returncode == 2 and '--cache-teacher serves classification' in proc.stderr
+    assert not (tmp_path / 'det').exists()
 
 
 def test_the_stored_formats_rebuild_the_logits():
@@ -147,7 +156,7 @@ def test_the_stored_formats_rebuild_the_logits():
                        top.sort(1).values)
 
 
-# The pinned error of a top-k cache (README "Teacher-output cache"): |term with the rebuilt logits - term with the
+# The pinned error of a top-k cache (docs/teacher_cache.md): |term with the rebuilt logits - term with the
 # full ones| for SHAKE's shadow-teacher KL, on seeded Gaussian logits (K = 100 classes, teacher std 3, 512 samples,
 # student and shadow std 2). Measured: T = 1: 0.129 of 4.407 (k = 10), 0.037 (k = 20); T = 4: 1.798 of 6.360
 # (k = 10), 1.090 (k = 20). The other terms do not read the teacher and must not move at all.
@@ -156,8 +165,8 @@ TOPK_BOUND = {(10, 1.0): 0.15, (20, 1.0): 0.05, (10, 4.0): 2.0, (20, 4.0): 1.2}
 
 @pytest.mark.parametrize('k,temperature', sorted(TOPK_BOUND))
 def test_topk_loss_terms_stay_within_the_pinned_bound(k, temperature):
-    from shake_vit.config import load_config
-    from shake_vit.methods import loss_fn
+    from shake_vit.core.config import load_config
+    from shake_vit.distill.methods import loss_fn
     torch.manual_seed(0)
     K, B = 100, 512
     t, s, h = torch.randn(B, K) * 3, torch.randn(B, K) * 2, torch.randn(B, K) * 2
@@ -178,7 +187,7 @@ def test_topk_loss_terms_stay_within_the_pinned_bound(k, temperature):
 
 
 def test_config_for_a_cache_is_classification_only(tmp_path):
-    from shake_vit.config import ConfigError, load_config
+    from shake_vit.core.config import ConfigError, load_config
     with pytest.raises(ConfigError, match='teacher.cache'):
         load_config(None, ['task=detection', 'data.name=digit_scenes', 'loss.method=shake',
                            f'teacher.cache={tmp_path}'])
@@ -189,7 +198,7 @@ def test_config_for_a_cache_is_classification_only(tmp_path):
 
 
 def test_mixup_seeds_take_any_run_seed():
-    from shake_vit.data import batch_seed
+    from shake_vit.core.data import batch_seed
     seeds = {batch_seed(s, e, r, b) for s in (0, 20240101, 2 ** 40) for e in (0, 7) for r in (0, 1) for b in (0, 1)}
     assert len(seeds) == 24 and all(0 <= s < 2 ** 62 for s in seeds)
 

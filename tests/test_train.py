@@ -1,9 +1,8 @@
 """End to end through the real entry point: `accelerate launch train.py` in one and two CPU processes."""
 import pytest
 import yaml
-from safetensors.torch import load_file
-
 from helpers import TINY, launch, main, python_train, results, scalar_tags
+from safetensors.torch import load_file
 
 DIGITS_VAL = 360  # 20% of 1,797, stratified
 

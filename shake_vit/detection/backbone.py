@@ -18,8 +18,8 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
 
-from ..config import ConfigError, load_config
-from ..weights import read_state_dict
+from ..core.config import ConfigError, load_config
+from ..core.weights import read_state_dict
 
 DIGITS = 'digits'
 
@@ -78,7 +78,7 @@ def prerequisites(cfg: DictConfig, arches: List[str]) -> List[DictConfig]:
 
 def record_of(run: DictConfig) -> Dict:
     """What a pretraining's weights depend on: its config but where it is written and how it runs."""
-    from ..run_folder import identity
+    from ..core.run_folder import identity
     return {**identity(run), 'train.epochs': run.train.epochs}  # (a resume may extend a run; a record may not)
 
 

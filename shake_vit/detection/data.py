@@ -2,7 +2,7 @@
 
 A sample is (image [3, H, W] in [0, 1], target) with target `{'boxes': BoundingBoxes [N, 4] XYXY in pixels,
 'labels': int64 [N] (1..K; 0 is the background), 'image_id': int}`: what torchvision's detectors and its v2
-transforms take. Training samples go through the classification pipeline's seeded loader (shake_vit.data), so every
+transforms take. Training samples go through the shared seeded loader (shake_vit.core.data), so every
 scene's augmentation comes from its own seed and a resumed run sees the same stream.
 """
 import json
@@ -18,8 +18,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from ..config import ConfigError
-from ..data import BadImage, Splits, read_image
+from ..core.config import ConfigError
+from ..core.data import BadImage, Splits, read_image
 
 Target = Dict[str, object]
 

@@ -12,7 +12,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 from torchmetrics.detection import MeanAveragePrecision
 
-from ..engine import progress
+from ..core.engine import progress
 from .models import Detections
 
 METRICS = {'ap': 'map', 'ap50': 'map_50', 'ap75': 'map_75', 'ap_small': 'map_small', 'ap_medium': 'map_medium',

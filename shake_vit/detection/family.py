@@ -1,40 +1,33 @@
 """Detection (`task: detection`) for the one trainer: Faster R-CNN students with shadow box predictors, COCO mAP."""
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 from accelerate import Accelerator, PartialState
-from accelerate.utils import set_seed
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
-from timm.utils import ModelEmaV3
+from safetensors.torch import load_file
 
-from .. import data as cls_data
-from .. import methods
-from ..build import Pipeline, finish, log, make_accelerator
-from ..checkpoint import STATE_FILE
-from ..config import ConfigError, derive
-from ..family import Family, Metrics
-from ..teacher import fitted_path, teacher_record, train_teacher
-from ..weights import WEIGHT_SUFFIXES, read_state_dict, read_weights
-from . import backbone, data
+from ..core import data as shared_data
+from ..core.build import Pipeline, log
+from ..core.config import ConfigError, derive
+from ..core.family import Family, Metrics, register
+from ..core.weights import WEIGHT_SUFFIXES, read_state_dict
+from ..distill import methods
+from ..distill.teacher import fit_or_reuse, fitted_path, teacher_record, train_teacher
+from . import backbone, data, export
 from .evaluation import evaluate_detection, format_table
-from .models import DETECTORS, SMALL, DetectionStudent, build_detector, check_teacher
+from .health import DetectionHealth
+from .models import (
+    DETECTORS,
+    SMALL,
+    DetectionStudent,
+    build_detector,
+    check_teacher,
+    det_settings,
+)
 from .task import DetectionTask, DetectorTask
-
-
-def det_settings(cfg: DictConfig, kwargs: DictConfig, key: str) -> DictConfig:
-    """The `det` section with a detector's own `kwargs` (model.kwargs, teacher.kwargs) over it: how a teacher gets
-    a wider FPN or box head than its student."""
-    extra = OmegaConf.to_container(kwargs, resolve=True)
-    unknown = sorted(set(extra) - set(cfg.det))
-    if unknown:
-        raise ConfigError(f'{key} has {unknown}, which are not detector settings: with task detection it may set any '
-                          f"of the det section's keys ({', '.join(cfg.det)}).")
-    return OmegaConf.merge(cfg.det, extra)
 
 
 def weights_name(source: Optional[str]) -> Optional[str]:
@@ -109,7 +102,8 @@ def load_weights(student: DetectionStudent, weights: Dict[str, torch.Tensor], pa
 
 class DetectionFamily(Family):
     name = 'detection'
-    train_repeats = 1  # no repeated augmentation for detectors
+    data_names = ('digit_scenes', 'coco')
+    check_classes = 91  # COCO's category ids
 
     def before_run(self, cfg: DictConfig, train) -> bool:
         """`det.backbone_weights=digits`: the ResNet's classification pretraining on the training split's digits, a
@@ -208,9 +202,9 @@ class DetectionFamily(Family):
 
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
         train_tf, val_tf = data.build_transforms(cfg)
-        train = cls_data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, joint=True,
-                                      collate_fn=data.collate, repeats=self.train_repeats)
-        val = acc.prepare(cls_data.eval_loader(cfg, splits.val, val_tf, joint=True, collate_fn=data.collate))
+        train = shared_data.train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index,
+                                      self.train_repeats(cfg), joint=True, collate_fn=data.collate)
+        val = acc.prepare(shared_data.eval_loader(cfg, splits.val, val_tf, joint=True, collate_fn=data.collate))
         return Pipeline(splits, train, val, None, None)
 
     def get_teachers(self, cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = True) -> List[nn.Module]:
@@ -247,32 +241,33 @@ class DetectionFamily(Family):
         """Train `teacher.name` on the training split with its own four losses, save it as `teacher.safetensors`
         in the run folder (with its mAP in teacher.json) and reuse it when the settings have not changed."""
         t = cfg.teacher
-        stem = fitted_path(cfg, 0)
-        path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
-        record = teacher_record(cfg, t)
-        if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
-            log(acc, f'reusing the teacher fitted earlier: {path}')
+        det = {k: v for k, v in cfg.det.items()  # the student-only keys left out
+               if k not in ('shadow_on', 'shadow_box_head', 'backbone_weights', 'backbone_fit')}
+        if t.get('kwargs', {}).get('backbone_weights'):  # a teacher pretrained here depends on how
+            det['backbone_fit'] = cfg.det.backbone_fit
+
+        def load(path: Path) -> nn.Module:
             teacher = teacher_detector(cfg, pipe.num_classes)
             teacher.load_state_dict(load_file(str(path)))
             return teacher
-        log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs')
-        skeleton = teacher_detector(cfg, pipe.num_classes)
-        if t.name in SMALL and backbone.is_file_source(t.kwargs.get('backbone_weights')):
-            load_backbone(cfg, skeleton, det_settings(cfg, t.kwargs, 'teacher.kwargs'), lambda m: log(acc, m),
-                          'the teacher')
-        teacher = train_teacher(cfg, t, 0, acc, pipe, DetectorTask(skeleton))
-        if acc.is_main_process:  # saved before its evaluation: an error there does not lose the fit
-            save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(path))
-            record_path.write_text(json.dumps({'record': record, 'metrics': {}}, indent=2))
-        metrics = evaluate_detection(lambda images: {'teacher': teacher(images)}, pipe.val_loader, acc,
-                                     desc='teacher eval')
-        log(acc, f"fitted teacher: AP {metrics['teacher_ap']:.2f}, AP50 {metrics['teacher_ap50']:.2f} on "
-                 f"{metrics['num_samples']} held-out images")
-        if acc.is_main_process:
-            record_path.write_text(json.dumps({'record': record, 'metrics': metrics}, indent=2))
-        acc.wait_for_everyone()
-        acc.free_memory()
-        return teacher
+
+        def fit() -> nn.Module:
+            log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs')
+            skeleton = teacher_detector(cfg, pipe.num_classes)
+            if t.name in SMALL and backbone.is_file_source(t.kwargs.get('backbone_weights')):
+                load_backbone(cfg, skeleton, det_settings(cfg, t.kwargs, 'teacher.kwargs'), lambda m: log(acc, m),
+                              'the teacher')
+            return train_teacher(cfg, t, 0, acc, pipe, DetectorTask(skeleton))
+
+        def measure(teacher: nn.Module) -> Dict:
+            return evaluate_detection(lambda images: {'teacher': teacher(images)}, pipe.val_loader, acc,
+                                      desc='teacher eval')
+        return fit_or_reuse(cfg, t, 0, acc, teacher_record(cfg, t, task=cfg.task, det=det), load=load, fit=fit,
+                            measure=measure,
+                            describe=lambda m: f"AP {m['teacher_ap']:.2f}, AP50 {m['teacher_ap50']:.2f}")
+
+    def health(self, cfg: DictConfig, acc: Accelerator, classes, total_updates: int, log) -> DetectionHealth:
+        return DetectionHealth(cfg, acc, classes, total_updates, log)
 
     def check_teachers(self, health, task: DetectionTask, teachers: List[nn.Module], pipe: Pipeline) -> None:
         """The teacher's AP on `health.teacher_images` validation images (evenly strided) against its record."""
@@ -286,8 +281,8 @@ class DetectionFamily(Family):
         with torch.random.fork_rng(devices=[]):  # the run's RNG streams stay as they would be without the check
             metrics = evaluate_detection(lambda images: {'teacher': teachers[0](images)}, loader, health.acc,
                                          desc='teacher check')
-        health.check_detection_teacher(metrics['teacher_ap'], metrics['teacher_ap50'],
-                                       getattr(teachers[0], 'recorded_ap', None), metrics['num_samples'])
+        health.check_teacher(metrics['teacher_ap'], metrics['teacher_ap50'], getattr(teachers[0], 'recorded_ap', None),
+                             metrics['num_samples'])
 
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DetectionTask:
         inner = getattr(student, 'module', student)  # under DDP
@@ -327,101 +322,25 @@ class DetectionFamily(Family):
     def format_table(self, metrics: Metrics, student: nn.Module) -> str:
         return format_table(metrics)
 
-    def evaluate_checkpoint(self, path: str, cfg: DictConfig) -> Metrics:
-        acc = make_accelerator(cfg, trackers=False)
-        set_seed(cfg.train.seed)
-        splits = self.build_splits(cfg)
-        student = self.build_student(cfg, len(splits.classes))
-        weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, rename=_detector_keys)
-        with_shadow = load_weights(student, weights, path, cfg)
-        ema = None
-        if ema_weights is not None:
-            ema = ModelEmaV3(student, device=acc.device)
-            ema.module.load_state_dict(ema_weights)
-        student.to(acc.device)
-        pipe = self.build_pipeline(cfg, acc, splits, student)
-        task = self.make_task(cfg, student, self.get_teachers(cfg, acc, pipe, fit=False), pipe).to(acc.device)
-        metrics: Dict[str, Any] = self.evaluate(student, ema, task, pipe.val_loader, acc, with_shadow)
-        metrics['checkpoint'] = str(path)
-        if (where / STATE_FILE).is_file():
-            metrics['update'] = json.loads((where / STATE_FILE).read_text())['update']
-        if acc.is_main_process:
-            (where / 'eval.json').write_text(json.dumps(metrics, indent=2))
-        log(acc, f'evaluation of {path} ({where}/eval.json):\n' + format_table(metrics))
-        finish(acc)
-        return metrics
+    def student_keys(self, state):
+        return _detector_keys(state)
 
-    def export(self, path: str, cfg: DictConfig, head: Optional[str], out_dir: Optional[str], use_ema: bool,
-               fmt: str = 'timm') -> Path:
-        """The student detector alone (its shadow predictors dropped): `model.safetensors` of a torchvision
-        `FasterRCNN`, `detector.json` with what builds it, and the torchvision lines that load it, run here to check
-        that the reloaded detector reproduces the student's detections."""
-        if fmt != 'timm':
-            raise ConfigError(f'--export-format {fmt} is for classification students; a detection student exports '
-                              "torchvision's state dict (drop --export-format).")
-        if head not in (None, 'cls'):
-            raise ConfigError("--export-head: a detection student exports its own box predictor; the shadow predictor "
-                              'is not part of the model (drop --export-head).')
-        weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, rename=_detector_keys)
-        if use_ema:
-            if ema_weights is None:
-                raise ConfigError(f"--export-ema: '{path}' holds no EMA weights.")
-            weights = ema_weights
-        num_classes = weights['detector.roi_heads.box_predictor.cls_score.weight'].shape[0]
-        student = self.build_student(cfg, num_classes)
-        load_weights(student, weights, path, cfg)
-        detector = student.detector.eval()
-        out = Path(out_dir or where / 'export_detector')
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        save_file({k: v.contiguous() for k, v in detector.state_dict().items()}, str(out / 'model.safetensors'))
-        det = det_settings(cfg, cfg.model.kwargs, 'model.kwargs')
-        (out / 'detector.json').write_text(json.dumps({'architecture': cfg.model.name, 'num_classes': num_classes,
-                                                       'det': OmegaConf.to_container(det)}, indent=2))
-        (out / 'config.yaml').write_text(OmegaConf.to_yaml(cfg))
-        code = loading_code(cfg.model.name, num_classes, det, out / 'model.safetensors')
-        scope: Dict[str, Any] = {}
-        exec(code, scope)  # the printed lines, run: they must rebuild the student's detector
-        images = [data.build_transforms(cfg)[1](*self.build_splits(cfg).val[i])[0] for i in range(2)]
-        with torch.no_grad():  # every output of the box predictor on the same proposals, and the detections
-            expected, got = detector(images), scope['model'].eval()(images)
-        same = all(a[k].shape == b[k].shape and torch.allclose(a[k].float(), b[k].float(), atol=1e-4)
-                   for a, b in zip(expected, got) for k in ('boxes', 'scores', 'labels'))
-        same = same and torch.equal(detector.rpn.anchor_generator.cell_anchors[0],
-                                    scope['model'].rpn.anchor_generator.cell_anchors[0])
-        if not same:
-            raise RuntimeError('The exported detector differs from the student; please report this.')
-        print(f'[shake-vit] exported the student detector to {out} (shadow predictor dropped). Load it with '
-              f'torchvision alone:\n{code}')
-        return out
+    def load_weights(self, student: DetectionStudent, weights, path, cfg: DictConfig) -> bool:
+        return load_weights(student, weights, path, cfg)
+
+    def classes_in(self, weights, cfg: DictConfig) -> int:
+        return weights['detector.roi_heads.box_predictor.cls_score.weight'].shape[0]
+
+    def cache_teacher(self, cfg: DictConfig, root: str) -> Dict[str, Any]:
+        raise ConfigError("--cache-teacher serves classification; a detection teacher scores the student's own "
+                          'proposals, which no cache can hold.')
+
+    def check_export(self, head: Optional[str], fmt: str) -> None:
+        export.check_request(head, fmt)
+
+    def export(self, student: DetectionStudent, with_shadow: bool, where: Path, cfg: DictConfig, head: Optional[str],
+               out_dir: Optional[str], fmt: str) -> Path:
+        return export.export(self, student, where, cfg, out_dir)
 
 
-def loading_code(name: str, num_classes: int, det: DictConfig, path: Path) -> str:
-    """The torchvision lines that build detector `name` as trained here and load its exported weights."""
-    common = (f'min_size={det.min_size}, max_size={det.max_size}, rpn_pre_nms_top_n_test={det.rpn_proposals_test}, '
-              f'rpn_post_nms_top_n_test={det.rpn_proposals_test}, box_detections_per_img={det.detections_per_image}')
-    if name in SMALL:
-        sizes = tuple((s,) for s in (det.anchor_sizes or (32, 64, 128, 256)))
-        width = 64
-        norm = 'torchvision.ops.misc.FrozenBatchNorm2d' if det.backbone_weights else 'None'
-        build = (f'from torchvision.models.detection import FasterRCNN\n'
-                 f'from torchvision.models.detection.anchor_utils import AnchorGenerator\n'
-                 f'from torchvision.models.detection.backbone_utils import BackboneWithFPN\n'
-                 f'from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead\n'
-                 f'from torchvision.ops import MultiScaleRoIAlign\n'
-                 f'body = torchvision.models.{SMALL[name]}(norm_layer={norm})\n'
-                 f"backbone = BackboneWithFPN(body, {{'layer2': '0', 'layer3': '1', 'layer4': '2'}}, "
-                 f'[{width * 2}, {width * 4}, {width * 8}], {det.fpn_channels})\n'
-                 f'model = FasterRCNN(backbone, rpn_anchor_generator=AnchorGenerator({sizes}, '
-                 f'((0.5, 1.0, 2.0),) * {len(sizes)}), box_roi_pool=MultiScaleRoIAlign([\'0\', \'1\', \'2\'], 7, 2), '
-                 f'box_head=TwoMLPHead({det.fpn_channels} * 7 * 7, {det.box_head_dim}), '
-                 f'box_predictor=FastRCNNPredictor({det.box_head_dim}, {num_classes}), {common})\n')
-    else:
-        build = (f'model = torchvision.models.detection.{name}(weights=None, weights_backbone=None, '
-                 f'num_classes={num_classes}, {common})\n')
-    # torchvision builds BatchNorm where an ImageNet-initialised backbone trained with FrozenBatchNorm2d, which has no
-    # num_batches_tracked: the same numbers in eval mode
-    strict = '' if name in SMALL or not det.backbone_weights else ', strict=False'
-    return (f'import torchvision\nfrom safetensors.torch import load_file\n{build}'
-            f"model.load_state_dict(load_file('{path}'){strict})\nmodel.eval()\n")
+register(DetectionFamily())

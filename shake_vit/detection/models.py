@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torchvision
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -20,7 +20,7 @@ from torchvision.models.detection.roi_heads import fastrcnn_loss
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from ..config import ConfigError
+from ..core.config import ConfigError
 from .backbone import is_file_source
 
 Detections = List[Dict[str, torch.Tensor]]  # per image: boxes [N, 4] XYXY, scores [N], labels [N]
@@ -235,3 +235,14 @@ def teacher_on_rois(teacher: FasterRCNN, images: torch.Tensor, proposals: List[t
     pooled = rh.box_roi_pool(teacher.backbone(images), proposals, image_sizes)
     features = rh.box_head(pooled)
     return (*rh.box_predictor(features), pooled, features)
+
+
+def det_settings(cfg: DictConfig, kwargs: DictConfig, key: str) -> DictConfig:
+    """The `det` section with a detector's own `kwargs` (model.kwargs, teacher.kwargs) over it: how a teacher gets
+    a wider FPN or box head than its student."""
+    extra = OmegaConf.to_container(kwargs, resolve=True)
+    unknown = sorted(set(extra) - set(cfg.det))
+    if unknown:
+        raise ConfigError(f'{key} has {unknown}, which are not detector settings: with task detection it may set any '
+                          f"of the det section's keys ({', '.join(cfg.det)}).")
+    return OmegaConf.merge(cfg.det, extra)

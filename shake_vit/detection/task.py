@@ -6,8 +6,8 @@ import torch.nn as nn
 from einops import rearrange
 from timm.task import TrainingTask
 
-from ..detection_losses import RoIOutputs, monitors, side
-from ..methods import LossFn
+from ..distill.methods import LossFn
+from .losses import RoIOutputs, monitors, side
 from .models import teacher_on_rois
 
 
@@ -32,7 +32,7 @@ class DetectionTask(TrainingTask):
         super().__init__(verbose=False)
         self.trainable_module, self.teacher, self.loss = student, teacher, loss
         self.ramp_updates = ramp_updates
-        self.update = 0  # optimizer updates done: the trainer sets it before each step (shake_vit/engine.py)
+        self.update = 0  # optimizer updates done: the trainer sets it before each step (shake_vit/core/engine.py)
         mean, std = (rearrange(torch.tensor(v, dtype=torch.float32), 'c -> c 1 1') for v in (student_mean,
                                                                                               student_std))
         self.register_buffer('student_mean', mean, persistent=False)
