@@ -43,9 +43,11 @@ def test_a_run_fits_the_teacher_distils_and_reports_every_head(det_run):
     assert (out / 'teacher.safetensors').is_file() and (out / 'config.yaml').is_file()
     assert 'shadow_predictors.0.cls_score.weight' in load_file(str(out / 'student.safetensors'))
     tags = scalar_tags(out)
-    for term in ('kl_shadow_teacher', 'box_shadow_teacher', 'kl_shadow_cls', 'box_shadow_cls', 'kl_cls_shadow',
-                 'box_cls_shadow', 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'):
+    for term in ('kl_shadow_teacher', 'box_shadow_teacher', 'kl_cls_shadow', 'box_cls_shadow', 'anchor_classifier',
+                 'loss_classifier', 'loss_box_reg', 'loss_objectness', 'loss_rpn_box_reg'):
         assert any(tag.endswith(term) for tag in tags), term
+    # the default shadow learns from the teacher and the labels alone (loss.mutual_shadow null: 0 for detection)
+    assert not any(tag.endswith(('kl_shadow_cls', 'box_shadow_cls')) for tag in tags)
     for metric in ('student_ap', 'shadow_ap50', 'teacher_ap'):
         assert any(tag.endswith(metric) for tag in tags), metric
 
@@ -308,8 +310,8 @@ def test_ramped_mutual_weights_start_at_zero_and_grow_over_the_warmup(tmp_path):
     """The trainer tells the task its update count; loss.ramp_* scale their direction by the warm-up's share done."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / 'ramp'
-    main([*SMOKE, 'loss.ramp_student=true', 'loss.ramp_shadow=true', 'optim.warmup_epochs=1', 'train.epochs=2',
-          f'train.output_dir={out}'])  # 3 updates per epoch: a 3-update warm-up, a log point per update
+    main([*SMOKE, 'loss.ramp_student=true', 'loss.ramp_shadow=true', 'loss.mutual_shadow=0.1', 'optim.warmup_epochs=1',
+          'train.epochs=2', f'train.output_dir={out}'])  # 3 updates per epoch: a 3-update warm-up, a log point per update
     values = {}
     for events in out.rglob('events.out.tfevents.*'):
         acc = EventAccumulator(str(events))

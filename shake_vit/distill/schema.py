@@ -68,7 +68,7 @@ class LossConfig:
     mutual: float = 1.0  # shake: lambda, the weight of both mutual terms
     mutual_student: Optional[float] = None  # shake: the student <- shadow weight; null: loss.mutual
     mutual_shadow: Optional[float] = None  # shake: the shadow <- student weight; null: loss.mutual (classification),
-    # 0.1 (detection: a shadow pulled toward an untrained detector at weight 1 loses the teacher; docs/detection.md)
+    # 0 (detection: the shadow follows the teacher and the labels alone, the best form measured; docs/detection.md)
     teacher_weight: float = 1.0  # shake: weight of the shadow head's teacher term
     # shake: kl (paper) | mse (authors' code)
     teacher_loss: str = key('kl', choices=('kl', 'mse'), family=CLASSIFICATION)
