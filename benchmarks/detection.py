@@ -69,11 +69,13 @@ ROWS = {  # name: (label, group, overrides)
 # each row against: the setting's none, and its kd
 BASELINES = {'scratch': ('scratch_none', 'scratch_kd')}
 HEADS = ('ap', 'ap50', 'ap75')
+SMOKE_ROWS = ('none', 'kd', 'shake_ms0')  # --smoke: each method once, SHAKE at its default
 
 
-def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, seeds: dict) -> tuple:
+def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, seeds: dict, only=None) -> tuple:
     """The shared backbone and teacher (a 1-epoch kd run of the quick start pretrains the backbone on the digits,
-    fits the teacher and saves both), then every row of `groups` on its seeds, two runs at a time."""
+    fits the teacher and saves both), then every row of `groups` on its seeds (`only`: those rows alone), two runs at
+    a time."""
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
     with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
         pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
@@ -83,7 +85,7 @@ def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, se
                   f"det.backbone_weights={shared / 'backbone' / 'student.safetensors'}"]
         jobs = [(f'{name}_s{s}', [*common, *overrides, f'train.seed={s}'], out, study, base)
                 for group in groups for s in range(seeds[group])
-                for name, (_, g, overrides) in ROWS.items() if g == group]
+                for name, (_, g, overrides) in ROWS.items() if g == group and (only is None or name in only)]
         records = {r['name']: r for r in pool.imap_unordered(_run, jobs)}
     return shared_records(out), records
 
@@ -204,7 +206,8 @@ def main() -> None:
     if args.report_only:  # the report of the finished runs, e.g. after a study stopped part-way
         teacher, records = shared_records(out), {}
     else:
-        teacher, records = run_rows(out, study, base, groups, 1 if args.smoke else TEACHER_EPOCHS, seeds)
+        teacher, records = run_rows(out, study, base, groups, 1 if args.smoke else TEACHER_EPOCHS, seeds,
+                                    only=SMOKE_ROWS if args.smoke else None)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     everything = {json.loads(p.read_text())['name']: json.loads(p.read_text())
                   for p in (out / 'records').glob('*.json')}  # earlier calls' rows too

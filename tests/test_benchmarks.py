@@ -162,11 +162,11 @@ def test_cnn_shadow_report_pairs_by_seed():
 
 def test_detection_study_smoke_runs_every_method(tmp_path):
     """One seed, two updates per epoch on tiny scenes: the shared teacher and digits backbone, then none, kd and shake
-    through the study's own jobs."""
+    (at its default) through the study's own jobs."""
     run('-m', 'benchmarks.detection', '--smoke', '--out', str(tmp_path))
     records = json.loads((tmp_path / 'runs.json').read_text())
-    assert set(records) == {'teacher', 'none_s0', 'kd_s0', 'shake_s0'}
-    assert 'shadow_ap' in records['shake_s0'] and 'shadow_ap' not in records['kd_s0']
+    assert set(records) == {'teacher', 'none_s0', 'kd_s0', 'shake_ms0_s0'}
+    assert 'shadow_ap' in records['shake_ms0_s0'] and 'shadow_ap' not in records['kd_s0']
     assert 'teacher_ap' in records['kd_s0'] and 'teacher_ap' not in records['none_s0']
     assert (tmp_path / 'runs/teacher/backbone/backbone.json').is_file()  # pretrained once, for every run
     assert not (tmp_path / 'runs/none_s0/backbone').exists()
