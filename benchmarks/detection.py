@@ -53,7 +53,9 @@ ROWS = {  # name: (label, group, overrides)
     'shake_old': ('SHAKE, first defaults (no anchor, mutual 1 both ways)', 'old', ['loss.method=shake', *OLD_SHAKE]),
     'scratch_none': ('none, from scratch', 'scratch', ['loss.method=none', *SCRATCH]),
     'scratch_kd': ('kd, from scratch', 'scratch', ['loss.method=kd', *SCRATCH]),
-    'scratch_shake': ('SHAKE, from scratch', 'scratch', ['loss.method=shake', *SCRATCH, FIRST]),
+    'scratch_shake': ('SHAKE, from scratch, shadow <- student 0.1', 'scratch', ['loss.method=shake', *SCRATCH, FIRST]),
+    'scratch_shake_ms0': ('SHAKE, from scratch, shadow <- student 0 (the default)', 'scratch',
+                          ['loss.method=shake', *SCRATCH, 'loss.mutual_shadow=0']),
     'shake_no_anchor': ('SHAKE without the anchor', 'switches', ['loss.method=shake', 'loss.shadow_anchor=0', FIRST]),
     # the best switch on its 3 seeds, confirmed on the main rows' two other seeds: the default since
     'shake_ms0': ('SHAKE, shadow <- student 0 (the default)', 'main', ['loss.method=shake', 'loss.mutual_shadow=0']),
