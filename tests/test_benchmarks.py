@@ -71,6 +71,7 @@ def test_ablation_smoke_runs_every_method_on_one_fold(ablation_smoke):
     assert {'loss', 'ce_cls', 'kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'} <= set(terms), terms
 
 
+@pytest.mark.benchmark  # 35 s: the whole ablation smoke again, from caches (tests/test_teacher_cache.py pins exactness)
 def test_ablation_with_a_teacher_cache_gives_the_same_results(ablation_smoke, tmp_path):
     """--teacher-cache: the five methods with a teacher read one cache of fold 0, seed 0, and every run scores what
     it scored with the live teacher."""
