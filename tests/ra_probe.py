@@ -1,8 +1,7 @@
 """Run under `accelerate launch --multi_gpu --num_processes 2`: record what each process's train loader draws.
 
 Builds the loaders exactly as the trainer does (shake_vit.classification.data.build_pipeline) and writes, for two
-epochs, the
-(index, augmentation seed) keys every process fetched to the JSON file named by the first argument.
+epochs, the (index, augmentation seed) keys every process fetched to the JSON file named by the first argument.
 """
 import json
 import sys
@@ -30,6 +29,7 @@ def main(out_path: str, *overrides: str) -> None:
     if acc.is_main_process:
         json.dump({'num_processes': acc.num_processes, 'train_size': len(splits.train),
                    'batches_per_process': len(pipe.train_loader), 'epochs': epochs}, open(out_path, 'w'))
+    acc.end_training()  # the process group torn down before exit (left to the interpreter, gloo can abort)
 
 
 if __name__ == '__main__':
