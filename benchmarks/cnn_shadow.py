@@ -24,15 +24,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchmarks.study import (
-    ROOT,
-    _cpu_name,
-    add_elapsed,
-    paired,
-    study_args,
-    teacher_then_methods,
-    write_report,
-)
+from benchmarks.study import ROOT, _cpu_name, add_elapsed, paired, study_args, teacher_then_methods, write_report
 
 BASE = str(ROOT / 'configs' / 'cifar100_wrn_40_2_wrn_16_2.yaml')
 STUDY = ['data.name=digits', 'data.val_fraction=0.8', 'data.img_size=32', 'data.num_workers=0', 'aug.hflip=0',

@@ -26,16 +26,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchmarks.study import (
-    ROOT,
-    _cpu_name,
-    _run,
-    add_elapsed,
-    job,
-    paired,
-    study_args,
-    write_report,
-)
+from benchmarks.study import ROOT, _cpu_name, _run, add_elapsed, job, paired, study_args, write_report
 
 BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
 STUDENT_EPOCHS = 6

@@ -29,15 +29,7 @@ from datetime import date
 from pathlib import Path
 
 from benchmarks.ablation import METHODS, NONE_NOTE, STUDY
-from benchmarks.study import (
-    ROOT,
-    _cpu_name,
-    _run,
-    add_elapsed,
-    job,
-    paired,
-    with_teacher_caches,
-)
+from benchmarks.study import ROOT, _cpu_name, _run, add_elapsed, job, paired, with_teacher_caches
 
 AUTHORS = METHODS['shake_authors']  # the form the ablation found steadier (docs/results/ablation.md)
 CNN = ['model.name=test_resnet', 'model.kwargs={}', 'model.drop_path_rate=0', 'optim.lr=2e-3']

@@ -31,13 +31,7 @@ from timm.task import TokenDistillationTask
 from benchmarks.study import ROOT
 from shake_vit.classification.models import build_student
 from shake_vit.classification.tasks import DistillationTask
-from shake_vit.classification.teacher import (
-    Normalisation,
-    build_teacher_model,
-    freeze,
-    speed_up,
-    teacher_options,
-)
+from shake_vit.classification.teacher import Normalisation, build_teacher_model, freeze, speed_up, teacher_options
 from shake_vit.core.config import load_config
 from shake_vit.core.engine import Trainer
 from shake_vit.core.optim import build_optimizer

@@ -6,14 +6,7 @@ from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..core.config import (
-    CLASSIFICATION,
-    ConfigError,
-    key,
-    register_check,
-    register_section,
-    require,
-)
+from ..core.config import CLASSIFICATION, ConfigError, key, register_check, register_section, require
 
 
 @dataclass

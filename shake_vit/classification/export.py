@@ -18,13 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from timm.models import save_for_hf
 
 from ..core.config import ConfigError
-from .models import (
-    Student,
-    average_heads,
-    build_classifier,
-    build_student,
-    student_kwargs,
-)
+from .models import Student, average_heads, build_classifier, build_student, student_kwargs
 
 
 def registered_here(name: str) -> bool:

@@ -16,9 +16,7 @@ from timm.models._features import feature_take_indices
 
 from ..core.config import ConfigError
 from ..distill import methods
-from ..zoo import (
-    crd,  # (importing the zoo registers the architectures timm lacks in its registry)
-)
+from ..zoo import crd  # (importing the zoo registers the architectures timm lacks in its registry)
 from ..zoo.crd_base import conv_bn_relu
 
 HeadLogits = Tuple[torch.Tensor, List[torch.Tensor]]  # (cls [B, K], [shadow [B, K] per teacher])

@@ -69,11 +69,7 @@ TRACKER_PACKAGES = {'tensorboard': 'tensorboard', 'wandb': 'wandb', 'comet_ml': 
 def tracker_list(names, out: Path) -> list:
     """`train.log_with` as Accelerate's `log_with`: TensorBoard writes to OUTPUT/tensorboard; the others log to the
     project 'shake-vit', the run named by its folder. A tracker whose package is missing is an error naming it."""
-    from accelerate.tracking import (
-        LoggerType,
-        TensorBoardTracker,
-        get_available_trackers,
-    )
+    from accelerate.tracking import LoggerType, TensorBoardTracker, get_available_trackers
     available = {str(t) for t in get_available_trackers()}
     missing = [n for n in names if str(LoggerType(n)) not in available]
     if missing:

@@ -16,13 +16,7 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import (
-    DataLoader,
-    Dataset,
-    DistributedSampler,
-    Sampler,
-    get_worker_info,
-)
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
 
 from .config import ConfigError
 

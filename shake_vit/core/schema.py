@@ -8,14 +8,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig
 
 from . import family  # noqa: F401  (its check of `task` runs before the sections' own)
-from .config import (
-    CLASSIFICATION,
-    ConfigError,
-    key,
-    register_check,
-    register_section,
-    require,
-)
+from .config import CLASSIFICATION, ConfigError, key, register_check, register_section, require
 
 SCHEDULES = ('cosine', 'multistep', 'step', 'constant')
 

@@ -6,14 +6,7 @@ from typing import List, Optional
 
 from omegaconf import DictConfig
 
-from ..core.config import (
-    DETECTION,
-    check_choice,
-    key,
-    register_check,
-    register_section,
-    require,
-)
+from ..core.config import DETECTION, check_choice, key, register_check, register_section, require
 from .losses import BALANCES, BOX_TERMS
 
 

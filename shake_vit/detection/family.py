@@ -19,14 +19,7 @@ from ..distill.teacher import fit_or_reuse, fitted_path, teacher_record, train_t
 from . import backbone, data, export
 from .evaluation import evaluate_detection, format_table
 from .health import DetectionHealth
-from .models import (
-    DETECTORS,
-    SMALL,
-    DetectionStudent,
-    build_detector,
-    check_teacher,
-    det_settings,
-)
+from .models import DETECTORS, SMALL, DetectionStudent, build_detector, check_teacher, det_settings
 from .task import DetectionTask, DetectorTask
 
 

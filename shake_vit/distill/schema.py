@@ -6,14 +6,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from ..core.config import (
-    CLASSIFICATION,
-    DETECTION,
-    key,
-    register_check,
-    register_section,
-    require,
-)
+from ..core.config import CLASSIFICATION, DETECTION, key, register_check, register_section, require
 from ..core.schema import SCHEDULES
 from . import methods
 from .losses import KL_REDUCTIONS
