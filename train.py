@@ -60,11 +60,12 @@ def print_config(cfg) -> None:
     from accelerate import PartialState
     from omegaconf import OmegaConf
 
-    from shake_vit.core import data
-    from shake_vit.core.config import derive
+    from shake_vit.core import stream
     from shake_vit.core.family import family_of
+    from shake_vit.core.stream import derive
     from shake_vit.distill import methods
     state = PartialState()
+    cfg = stream.resolve(cfg, state.num_processes)  # the global batch and this launch's accumulation, as a run has
     if state.is_main_process:
         print(OmegaConf.to_yaml(cfg, resolve=True))
         method = methods.of(cfg)
@@ -86,10 +87,11 @@ def print_config(cfg) -> None:
                    'downloads)') if cfg.data.download else f'not readable here ({err})'
             print(f'# data: {why}')
         return
-    # the sampler the run's train loader has: the batches per epoch, hence the update counts, are the run's
-    sampler = data.train_sampler(cfg, splits.train, state.num_processes, state.process_index,
-                                 family.train_repeats(cfg))
-    derived = derive(cfg, state.num_processes, len(sampler) // cfg.train.batch_size)
+    # the stream the run's train loader walks: its updates per epoch are the run's
+    layout = stream.layout_of(cfg, state.num_processes, state.process_index)
+    derived = derive(cfg, state.num_processes, stream.Stream(
+        len(splits.train), family.train_repeats(cfg), cfg.train.seed, layout.micro_batch, layout.global_batch,
+        cfg.train.max_updates_per_epoch).updates_per_epoch)
     if state.is_main_process:
         print(f'# derived: {derived.describe()}')
         print(f'# data: {cfg.data.name}, {len(splits.train)} train / {len(splits.val)} val images, '

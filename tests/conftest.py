@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -39,12 +41,27 @@ def reference(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def two_process_reference(tmp_path_factory):
-    """The reference run in two processes (`accelerate launch --multi_gpu`, gloo), shared by the resume and the
-    teacher-cache tests."""
-    from helpers import RUN, launch
-    out = tmp_path_factory.mktemp('two_processes')
-    launch([*RUN, f'train.output_dir={out}'], num_processes=2)
+def two_machines(teacher_file, tmp_path_factory):
+    """`helpers.LAYOUT` on two "machines" of one process each (machine ranks 0 and 1 over 127.0.0.1, gloo): a global
+    batch of 64, one micro-batch of 32 per process per update. Its trace (`SHAKE_VIT_TRACE`) lists the micro-batches
+    each process trained. Shared by the layout, elastic-resume and two-process resume tests."""
+    from helpers import LAYOUT, launch_machines
+    out = tmp_path_factory.mktemp('two_machines')
+    out.joinpath('machines').write_text(json.dumps([
+        {'stdout': p.stdout, 'stderr': p.stderr} for p in launch_machines(
+            [*LAYOUT, f'teacher.checkpoint={teacher_file}', f'train.output_dir={out}'],
+            env={'SHAKE_VIT_TRACE': str(out / 'trace')})]))
+    return out
+
+
+@pytest.fixture(scope='session')
+def accumulating(teacher_file, tmp_path_factory):
+    """`helpers.LAYOUT` in one process accumulating two micro-batches of 32 per update: the same global batch and
+    stream as `two_machines`, in this process, traced likewise."""
+    from helpers import LAYOUT, main, traced
+    out = tmp_path_factory.mktemp('accumulating')
+    with traced(out / 'trace'):
+        main([*LAYOUT, f'teacher.checkpoint={teacher_file}', 'train.grad_accum=2', f'train.output_dir={out}'])
     return out
 
 

@@ -28,6 +28,27 @@ RUN = [*TINY, 'train.epochs=2', 'train.max_updates_per_epoch=4', 'aug.mixup=0.8'
        'ckpt.interval_updates=3', 'ckpt.keep_last=10', 'train.batch_size=32']
 
 
+# The layout tests' runs (tests/test_stream.py): `RUN` with one CPU thread per process, so that a layout changes
+# nothing but the order in which gradients are summed.
+LAYOUT = [*RUN, 'train.cpu_threads=1']
+
+
+@contextlib.contextmanager
+def traced(path: Path):
+    """Runs in this process append the micro-batches they train to PATH.0 (engine.trace_hook)."""
+    os.environ['SHAKE_VIT_TRACE'] = str(path)
+    try:
+        yield
+    finally:
+        del os.environ['SHAKE_VIT_TRACE']
+
+
+def trace(path: Path) -> List[tuple]:
+    """Every (epoch, micro-batch, update before it) a traced run's processes trained, sorted."""
+    return sorted(tuple(map(int, line.split())) for f in path.parent.glob(f'{path.name}.*')
+                  for line in f.read_text().splitlines())
+
+
 def free_port() -> int:
     """A port nobody listens on, for the launcher's rendezvous: each launch gets its own instead of the default
     29500, which the previous launch may still hold."""
@@ -62,6 +83,34 @@ def launch(args: Sequence[str], num_processes: int = 1, timeout: int = 600, chec
     if check and proc.returncode != 0:
         raise AssertionError(failure(cmd, proc))
     return proc
+
+
+def launch_machines(args: Sequence[str], machines: int = 2, timeout: int = 600, env: Dict[str, str] = None
+                    ) -> List[subprocess.CompletedProcess]:
+    """`accelerate launch --num_machines N --machine_rank R --main_process_ip 127.0.0.1 ... train.py ARGS` for every
+    machine rank R at once, one process per "machine", all on this host (gloo): what N nodes of one GPU run.
+    Returns each machine's CompletedProcess, machine 0 first."""
+    port = str(free_port())
+    cmds = [[sys.executable, '-m', 'accelerate.commands.launch', '--num_machines', str(machines), '--machine_rank',
+             str(rank), '--main_process_ip', '127.0.0.1', '--main_process_port', port, '--num_processes',
+             str(machines), '--multi_gpu', '--mixed_precision', 'no', '--dynamo_backend', 'no', 'train.py', *args]
+            for rank in range(machines)]
+    full_env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1', **(env or {}))
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+             for cmd in cmds]
+    done = []
+    for cmd, proc in zip(cmds, procs):
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess(cmd, proc.returncode, out, err))
+    for cmd, proc in zip(cmds, done):
+        if proc.returncode != 0:
+            raise AssertionError(failure(cmd, proc))
+    return done
 
 
 def python_train(args: Sequence[str], timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -23,7 +23,7 @@ def main(out_path: str, *overrides: str) -> None:
     pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)), cfg.aug.repeated_aug)
     epochs = []
     for epoch in range(2):
-        pipe.train_loader.sampler.set_epoch(epoch)
+        pipe.train_loader.batch_sampler.set_epoch(epoch)
         keys = [key for batch in pipe.train_loader.batch_sampler for key in batch]
         epochs.append(gather_object([{'rank': acc.process_index, 'keys': keys}]))
     if acc.is_main_process:

@@ -1,7 +1,7 @@
 """Checkpoints you can trust: exact resume (1 and 2 processes, mid-epoch), SIGTERM, interrupted saves, --eval.
 
-The reference run (`helpers.RUN`, checkpoints at updates 3, 4, 6, 8) and its two-process twin are session fixtures
-in conftest.py."""
+The reference run (`helpers.RUN`, checkpoints at updates 3, 4, 6, 8) and a two-machine run are session fixtures in
+conftest.py; resuming on another process count is tests/test_stream.py."""
 import json
 import os
 import shutil
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import ROOT, RUN, assert_same_weights, launch, main, results
+from helpers import LAYOUT, ROOT, RUN, assert_same_weights, launch, main, results
 
 
 def resume_copy(source: Path, target: Path, update: int) -> None:
@@ -22,14 +22,15 @@ def resume_copy(source: Path, target: Path, update: int) -> None:
     name = f'update_{update:08d}'
     shutil.copytree(source / 'checkpoints' / name, target / 'checkpoints' / name)
     for f in ('teacher.safetensors', 'teacher.json'):
-        shutil.copy(source / f, target / f)
+        if (source / f).exists():  # a run that fitted its teacher
+            shutil.copy(source / f, target / f)
 
 
 def test_checkpoints_every_epoch_and_every_n_updates(reference):
     names = sorted(p.name for p in (reference / 'checkpoints').iterdir())
     assert names == ['update_00000003', 'update_00000004', 'update_00000006', 'update_00000008']
     state = json.loads((reference / 'checkpoints' / 'update_00000003' / 'trainer_state.json').read_text())
-    assert (state['epoch'], state['batches_done'], state['update']) == (0, 3, 3)
+    assert (state['epoch'], state['micro_batches_done'], state['update']) == (0, 3, 3)
     assert state['best_of'] == 'top1_cls'  # SHAKE's model is its cls head
     files = {p.name for p in (reference / 'checkpoints' / 'update_00000008').iterdir()}
     assert {'model.safetensors', 'optimizer.bin', 'random_states_0.pkl', 'ema.safetensors',
@@ -46,23 +47,14 @@ def test_resume_gives_identical_weights_in_one_process(reference, tmp_path, upda
     assert_same_weights(reference / last, tmp_path / last)
 
 
-def test_resume_mid_epoch_gives_identical_weights_in_two_processes(two_process_reference, tmp_path):
-    full, resumed = two_process_reference, tmp_path / 'resumed'
+def test_resume_mid_epoch_gives_identical_weights_in_two_processes(two_machines, teacher_file, tmp_path):
+    """Written on two machines of one process, resumed on one machine with two: the same layout, bit for bit."""
+    full, resumed = two_machines, tmp_path / 'resumed'
     resume_copy(full, resumed, 3)
-    proc = launch([*RUN, f'train.output_dir={resumed}', '--resume', 'auto'], num_processes=2)
-    assert 'resumed from' in proc.stdout and (full / 'checkpoints/update_00000003/random_states_1.pkl').exists()
+    proc = launch([*LAYOUT, f'teacher.checkpoint={teacher_file}', f'train.output_dir={resumed}', '--resume', 'auto'],
+                  num_processes=2)
+    assert 'resumed from' in proc.stdout and 'elastic resume' not in proc.stdout
     assert_same_weights(full / 'student.safetensors', resumed / 'student.safetensors')
-
-
-def test_resume_with_another_number_of_processes_is_refused(two_process_reference, tmp_path):
-    """A checkpoint written by two processes, resumed by one: the data position, the RNG streams and the global
-    batch depend on the process count, so the run refuses and says how to go on."""
-    resume_copy(two_process_reference, tmp_path, 3)
-    proc = main([*RUN, f'train.output_dir={tmp_path}', '--resume', 'auto'], check=False)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert 'was written by 2 processes and this run has 1' in proc.stderr
-    assert 'model.pretrained=' in proc.stderr
-    assert not (tmp_path / 'results.json').exists()
 
 
 def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(tmp_path):
@@ -85,7 +77,7 @@ def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(tmp_pat
     assert not (out / 'results.json').exists()
     newest = sorted((out / 'checkpoints').glob('update_*'))[-1]
     stopped_at = json.loads((newest / 'trainer_state.json').read_text())
-    assert stopped_at['epoch'] == 1 and 0 < stopped_at['batches_done'] < 40, stopped_at
+    assert stopped_at['epoch'] == 1 and 0 < stopped_at['micro_batches_done'] < 40, stopped_at
     main([*long_run, f'train.output_dir={out}', '--resume', 'auto'])
     assert results(out)['epochs'] == 3
     assert_same_weights(uninterrupted / 'student.safetensors', out / 'student.safetensors')

@@ -3,7 +3,8 @@ import pytest
 import yaml
 from helpers import ROOT
 
-from shake_vit.core.config import ConfigError, derive, flat_hparams, load_config
+from shake_vit.core.config import ConfigError, flat_hparams, load_config
+from shake_vit.core.stream import Stream, derive
 
 
 def test_defaults_are_the_deit_recipe():
@@ -51,9 +52,10 @@ def test_odd_batch_with_mixup_is_refused():
 def test_deit_lr_rule_and_update_counts():
     cfg = load_config(None, ['train.batch_size=128', 'train.grad_accum=2', 'optim.warmup_epochs=5',
                              'train.epochs=300'])
-    d = derive(cfg, num_processes=4, batches_per_epoch=1001)
+    d = derive(cfg, 4, Stream(1_281_167, 3, 0, 128, 1024).updates_per_epoch)  # ImageNet, DeiT's 3 repeats
     assert d.global_batch == 1024 and d.lr == pytest.approx(5e-4 * 1024 / 512)
-    assert d.updates_per_epoch == 500 and d.total_updates == 150_000 and d.warmup_updates == 2500
+    # RASampler's epoch: 1,281,024 samples (a multiple of 256), 1,251 whole updates of 1,024
+    assert d.updates_per_epoch == 1251 and d.total_updates == 375_300 and d.warmup_updates == 6255
     fixed = derive(load_config(None, ['optim.lr=0.01']), 1, 10)
     assert fixed.lr == 0.01
 

@@ -66,9 +66,8 @@ def test_loader_order_and_augmentation_do_not_depend_on_worker_count():
     batches = []
     for workers in (0, 2):
         cfg.data.num_workers = workers
-        loader = data.train_loader(cfg, splits.train, train_tf, num_replicas=1, rank=0,
-                                       repeats=cfg.aug.repeated_aug)
-        loader.sampler.set_epoch(3)
+        loader = data.train_loader(cfg, splits.train, train_tf, world=1, rank=0, repeats=cfg.aug.repeated_aug)
+        loader.batch_sampler.set_epoch(3)
         batches.append([x for x, _ in zip(loader, range(3))])
     for (x0, y0), (x2, y2) in zip(*batches):
         assert torch.equal(x0, x2) and torch.equal(y0, y2)

@@ -297,7 +297,7 @@ def test_the_coco_recipe_builds_its_detectors_transforms_and_schedule(coco):
     assert type(teacher.roi_heads.box_head).__name__ == 'FastRCNNConvFCHead'  # the v2 box head
     check_teacher(teacher, student, cfg.teacher.name)
     assert len(student.shadow_predictors) == 1 and len(student.shadow_box_heads) == 0
-    optimizer, schedule, d = build_optimization(cfg, student, num_processes=8, batches_per_epoch=7330)
+    optimizer, schedule, d = build_optimization(cfg, student, 8, 7330)
     assert d.global_batch == 16 and d.lr == pytest.approx(0.02) and d.total_updates == 24 * 7330
     assert type(optimizer).__name__ == 'SGD' and optimizer.defaults['momentum'] == 0.9
     assert {g['weight_decay'] for g in optimizer.param_groups} == {1e-4}

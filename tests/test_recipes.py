@@ -11,7 +11,9 @@ from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
+from shake_vit.core import stream
 from shake_vit.core.config import load_config
+from shake_vit.core.stream import Stream
 
 RECIPES = sorted(p.name for p in (ROOT / 'configs').glob('*.yaml') if not p.name.startswith('smoke'))
 IMAGENET_SHAKE = 'configs/deit_tiny_shake_in1k.yaml'
@@ -157,9 +159,9 @@ def test_imagenet_recipe_builds_the_deit_pipeline(imagefolder):
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.mix_prob, mixup.switch_prob, mixup.label_smoothing) == \
         (0.8, 1.0, 1.0, 0.5, 0.1)
 
-    # The lr on the recipe's own scale: 8 processes x 128, 1,281,167 images, DeiT's RA epoch of 160,128 per process.
-    batches = (1_281_167 // 256 * 256 // 8) // 128
-    optimizer, schedule, d = build_optimization(cfg, student, num_processes=8, batches_per_epoch=batches)
+    # The lr on the recipe's own scale: 8 processes x 128, 1,281,167 images, DeiT's RA epoch of 1,281,024 samples.
+    updates = Stream(1_281_167, 3, 0, 128, 1024).updates_per_epoch
+    optimizer, schedule, d = build_optimization(stream.resolve(cfg, 8), student, 8, updates)
     assert d.global_batch == 1024 and d.lr == pytest.approx(1e-3)
     assert d.updates_per_epoch == 1251 and d.warmup_updates == 5 * 1251 and d.total_updates == 300 * 1251
 
@@ -263,7 +265,6 @@ def test_print_config_counts_the_updates_the_run_makes(capsys):
     from accelerate import Accelerator
 
     import train
-    from shake_vit.core.config import derive
     from shake_vit.core.family import family_of
     cfg = load_config([str(ROOT / IMAGENET_SHAKE), str(ROOT / 'configs' / 'smoke.yaml')],
                       ['data.name=fake', 'data.num_classes=10', 'data.fake_size=[1000,32]',
@@ -273,5 +274,4 @@ def test_print_config_counts_the_updates_the_run_makes(capsys):
     family = family_of(cfg)
     splits = family.build_splits(cfg)
     pipe = family.build_pipeline(cfg, Accelerator(cpu=True), splits, family.build_student(cfg, len(splits.classes)))
-    run = derive(cfg, 1, len(pipe.train_loader))
-    assert f'{run.updates_per_epoch} updates/epoch' in capsys.readouterr().out
+    assert f'{pipe.updates_per_epoch} updates/epoch' in capsys.readouterr().out

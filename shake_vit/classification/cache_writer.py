@@ -1,9 +1,10 @@
 """`train.py --cache-teacher DIR`: the teachers' outputs on the exact input stream of the run a config describes,
-written once for every epoch (the format and the reader: shake_vit/distill/cache.py).
+written once for every epoch (the store and the reader: shake_vit/distill/cache.py). It walks the training stream
+(shake_vit/core/stream.py) through the run's own loader and mixup (`data.mixed`), shard by shard, the shards shared
+out over however many processes run it.
 """
 import json
 import time
-from itertools import islice
 from pathlib import Path
 from typing import Any, Dict
 
@@ -12,7 +13,8 @@ from accelerate.utils import send_to_device
 from omegaconf import DictConfig
 
 from ..core import data
-from ..core.config import ConfigError, derive
+from ..core.config import ConfigError
+from ..core.stream import resolve
 from ..distill import methods
 from ..distill.cache import (
     MANIFEST,
@@ -22,23 +24,24 @@ from ..distill.cache import (
     _differences,
     _flat,
     _manifest,
+    block_size,
+    blocks,
     identity,
     shard_name,
-    weights_hash,
 )
 from ..distill.cache_format import choose_format, encode
 from .health import ClassificationHealth
 from .tasks import DistillationTask
-from .teacher import teacher_options
+from .teacher import cache_claims, teacher_options
 
 
 def write(cfg: DictConfig, root: str, family) -> Dict[str, Any]:
-    """`train.py --cache-teacher DIR`: the teachers' outputs for every epoch of the run `cfg` describes. Resumable:
-    finished shards are kept, a half-written one is written again. `family`: classification's, whose data,
-    teachers and pipeline the run would have. Returns the manifest."""
+    """`train.py --cache-teacher DIR`: the teachers' outputs for every epoch of the run `cfg` describes. Resumable,
+    by any process count: finished shards are kept, a half-written one is written again. `family`: classification's,
+    whose data, teachers and pipeline the run would have. Returns the manifest."""
     from accelerate.utils import set_seed
 
-    from ..core.build import log, make_accelerator
+    from ..core.build import log, make_accelerator, process_state
     from ..core.engine import evaluate, progress
 
     if not methods.of(cfg).needs_teacher:
@@ -48,6 +51,7 @@ def write(cfg: DictConfig, root: str, family) -> Dict[str, Any]:
         raise ConfigError(f'--cache-teacher writes a cache, and teacher.cache={cfg.teacher.cache} reads one: drop '
                           'teacher.cache.')
     out = Path(root)
+    cfg = resolve(cfg, process_state().num_processes)  # the global batch the run of this config has
     acc = make_accelerator(cfg, trackers=False)
     if acc.is_main_process:  # a teacher fitted first is saved in the run's folder, as a training run would
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
@@ -61,13 +65,15 @@ def write(cfg: DictConfig, root: str, family) -> Dict[str, Any]:
     # the teacher checks of a training run, before hours of writing: a broken teacher stops here (HealthError)
     health = ClassificationHealth(cfg, acc, splits.classes, 1, lambda m: log(acc, m))
     health.check_teachers(task, teachers, pipe.val_loader)
-    d = derive(cfg, acc.num_processes, len(pipe.train_loader))
-    num_batches = d.updates_per_epoch * cfg.train.grad_accum
-    samples = cfg.train.epochs * num_batches * cfg.train.batch_size * acc.num_processes
+    sampler = pipe.train_loader.batch_sampler  # this process's loader; the writer gives it the micro-batches to load
+    stream, b = sampler.stream, cfg.train.batch_size
+    per_epoch = stream.micro_batches_per_epoch
+    samples = cfg.train.epochs * per_epoch * b
     fmt = choose_format(cfg, pipe.num_classes, samples, len(teachers))
-    manifest = {'version': VERSION, 'identity': identity(cfg, pipe.mean, pipe.std, acc.num_processes),
-                'teacher_weights': [weights_hash(t.model) for t in teachers], 'classes': list(splits.classes),
-                'format': fmt.__dict__, 'epochs': cfg.train.epochs, 'batches_per_epoch': num_batches,
+    manifest = {'version': VERSION, 'identity': identity(cfg, pipe.mean, pipe.std),
+                'teachers': cache_claims(cfg, pipe, teachers), 'classes': list(splits.classes),
+                'format': fmt.__dict__, 'epochs': cfg.train.epochs, 'micro_batches_per_epoch': per_epoch,
+                'block': block_size(b, per_epoch),
                 'teacher_recorded_top1': [getattr(t, 'recorded_top1', None) for t in teachers]}
     existing = _manifest(out)
     if existing is not None:
@@ -91,29 +97,32 @@ def write(cfg: DictConfig, root: str, family) -> Dict[str, Any]:
             out.mkdir(parents=True, exist_ok=True)
             (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     acc.wait_for_everyone()
-    log(acc, f'teacher cache {out}: {fmt.describe()}, {cfg.train.epochs} epochs x {num_batches} batches x '
-             f'{acc.num_processes} processes, about {samples * fmt.bytes_per_sample(len(teachers)) / 2 ** 30:.3f} GiB')
+    # every process lists the same missing shards (checked before any is written) and takes its share of them
+    missing = [unit for unit in blocks(manifest) if not (out / shard_name(*unit[:2])).is_dir()]
+    acc.wait_for_everyone()
+    mine = missing[acc.process_index::acc.num_processes]
+    log(acc, f'teacher cache {out}: {fmt.describe()}, {cfg.train.epochs} epochs x {per_epoch} micro-batches of {b}, '
+             f'about {samples * fmt.bytes_per_sample(len(teachers)) / 2 ** 30:.3f} GiB; {len(missing)} of '
+             f'{len(blocks(manifest))} shards to write, over {acc.num_processes} process'
+             f"{'es' if acc.num_processes > 1 else ''}")
     mixup = family.mixup(cfg, pipe)
-    rank, loader = acc.process_index, pipe.train_loader
+    sampler.set_plan([(epoch, m) for epoch, _, micro_batches in mine for m in micro_batches])
+    batches = iter(pipe.train_loader)
     written, begin = 0, time.perf_counter()
-    for epoch in range(cfg.train.epochs):
-        if (out / shard_name(epoch, rank)).is_dir():
-            continue  # written by an earlier, interrupted invocation
-        writer = ShardWriter(out, epoch, rank, num_batches, cfg.train.batch_size)
-        loader.sampler.set_epoch(epoch)
-        with progress(total=num_batches, desc=f'cache epoch {epoch}', disable=not acc.is_local_main_process) as bar:
-            for index, (x, y) in enumerate(islice(loader, num_batches)):
+    with progress(total=sum(len(r) for *_, r in mine), desc='cache', disable=not acc.is_local_main_process) as bar:
+        for epoch, block, micro_batches in mine:
+            writer = ShardWriter(out, epoch, block, micro_batches, b)
+            for m in micro_batches:
+                x, y = next(batches)
                 x = send_to_device(x, acc.device, non_blocking=True)
-                if mixup is not None:  # as Trainer.step mixes, with the same per-batch seed
-                    with data.seeded_mixup(data.batch_seed(cfg.train.seed, epoch, rank, index)):
-                        x, _ = mixup(x, send_to_device(y, acc.device))
+                x, _ = data.mixed(mixup, x, send_to_device(y, acc.device), cfg.train.seed, epoch, m)  # as Trainer.step
                 with acc.autocast():
                     logits, _ = task.teacher_outputs(x)
                 logits = logits if isinstance(logits, tuple) else (logits,)
                 writer.add(y.numpy(), [encode(t.float().cpu(), fmt) for t in logits])
                 written += len(y)
                 bar.update()
-        writer.finish()
+            writer.finish()
     seconds = time.perf_counter() - begin
     acc.wait_for_everyone()
     log(acc, f'teacher cache complete: {out} (read it with teacher.cache={out}); this process wrote {written} '

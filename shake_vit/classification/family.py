@@ -15,7 +15,7 @@ from .health import ClassificationHealth
 from .models import Student, build_student, student_kwargs
 from .pretrained import load_pretrained, load_student, student_keys
 from .tasks import DistillationTask
-from .teacher import get_teachers, teacher_options
+from .teacher import cache_claims, get_teachers, teacher_options
 
 
 class ClassificationFamily(Family):
@@ -40,10 +40,10 @@ class ClassificationFamily(Family):
             notes = load_pretrained(student, cfg.model.pretrained, cfg.train.trust_pickled_files)
             log(f'fine-tuning from {cfg.model.pretrained}' + ''.join(f'\n    {note}' for note in notes))
 
-    def run_identity(self, cfg: DictConfig, student: Student, num_processes: int) -> Dict[str, Any]:
+    def run_identity(self, cfg: DictConfig, student: Student) -> Dict[str, Any]:
         return {'model': cfg.model.name, 'model_kwargs': student_kwargs(cfg), 'shadow_head': cfg.model.shadow_head,
                 'shadow_on': student.placement, 'num_shadow': student.num_shadow, 'cifar_stem': cfg.model.cifar_stem,
-                'num_classes': student.num_classes, 'num_processes': num_processes}
+                'num_classes': student.num_classes}
 
     def train_repeats(self, cfg: DictConfig) -> int:
         return cfg.aug.repeated_aug
@@ -63,7 +63,8 @@ class ClassificationFamily(Family):
         health.check_teachers(task, teachers, pipe.val_loader, getattr(task, 'cache', None))
 
     def make_task(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module], pipe) -> DistillationTask:
-        cache = teacher_cache.open_reader(cfg, pipe, log=lambda m: print(f'[shake-vit] {m}') if
+        cache = teacher_cache.open_reader(cfg, pipe, cache_claims(cfg, pipe),
+                                          log=lambda m: print(f'[shake-vit] {m}') if
                                           PartialState().is_main_process else None) \
             if teacher_cache.in_use(cfg) else None
         return DistillationTask(student, teachers, loss_fn(cfg), data.criterion(cfg.aug), pipe.mean, pipe.std,

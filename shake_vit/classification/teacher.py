@@ -21,7 +21,7 @@ from safetensors import safe_open
 from timm.models import get_pretrained_cfg
 from timm.task import ClassificationTask, DistillationTeacher
 
-from ..core.build import Pipeline, log
+from ..core.build import Pipeline, downloads_first, log
 from ..core.config import ConfigError
 from ..core.engine import evaluate
 from ..core.weights import offline_unless_reachable, read_state_dict
@@ -216,7 +216,7 @@ def fit_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, pi
 
     def fit() -> nn.Module:
         log(acc, f'fitting the teacher {t.name} on the training split for {t.fit.epochs} epochs (from {start})')
-        with acc.main_process_first():
+        with downloads_first(acc):
             model = build_teacher_model(t, pipe.num_classes, pretrained=t.pretrained, new_head=True)
         task = ClassificationTask(model, criterion=data.criterion(cfg.aug), verbose=False)
         return train_teacher(cfg, t, index, acc, pipe, task, mixup=data.build_mixup(cfg.aug, pipe.num_classes))
@@ -302,6 +302,45 @@ def speed_up(teacher: DistillationTeacher, t: DictConfig) -> DistillationTeacher
     return teacher
 
 
+def _source(cfg: DictConfig, t: DictConfig, index: int, num_classes: int) -> str:
+    """Where `get_teachers` takes teacher `t` from: 'checkpoint', 'hub', or 'fit' (fitted here, or reused)."""
+    if t.checkpoint:
+        return 'checkpoint'
+    return 'hub' if t.pretrained and (t.class_map or _hub_head_fits(t, num_classes)) else 'fit'
+
+
+def cache_claims(cfg: DictConfig, pipe: Pipeline, teachers: Optional[List[DistillationTeacher]] = None
+                 ) -> List[Dict[str, Any]]:
+    """How this run identifies each teacher to a teacher-output cache (shake_vit/distill/cache.py).
+
+    The writer (`teachers` given) records every teacher's weights' sha256, with the hub name or the fit settings it
+    came from. A reader builds no teacher: a teacher whose weights are at hand without fitting (a file, or one fitted
+    earlier in the run folder) is hashed as loaded; a hub teacher is named; a teacher still to be fitted is known by
+    its fit settings alone.
+    """
+    from ..distill.cache import weights_hash
+    claims = []
+    for index, t in enumerate(teacher_configs(cfg)):
+        source = _source(cfg, t, index, pipe.num_classes)
+        fitted = fitted_path(cfg, index)
+        if teachers is not None:
+            claim = {'sha256': weights_hash(teachers[index].model)}
+            if source != 'checkpoint':
+                claim[source] = t.name if source == 'hub' else teacher_record(cfg, t)
+        elif source == 'hub':
+            claim = {'hub': t.name}
+        elif source == 'fit' and not (fitted.with_suffix('.safetensors').is_file() and fitted.with_suffix(
+                '.json').is_file() and json.loads(fitted.with_suffix('.json').read_text()).get('record')
+                == teacher_record(cfg, t)):
+            claim = {'fit': teacher_record(cfg, t)}
+        else:  # the weights are here: the ones the run would load, at the precision it would run them
+            path = t.checkpoint or str(fitted.with_suffix('.safetensors'))
+            model = load_teacher(t, pipe.num_classes, (pipe.mean, pipe.std), path, cfg.train.trust_pickled_files)
+            claim = {'sha256': weights_hash(speed_up(model, OmegaConf.merge(t, {'compile': False})).model)}
+        claims.append(claim)
+    return claims
+
+
 def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = True) -> List[DistillationTeacher]:
     """Every teacher the config asks for, each from, in this order: its `checkpoint`; timm's pretrained weights when
     their head fits the classes; a teacher fitted earlier in the run directory; a new fit (only when `fit`; without
@@ -314,7 +353,7 @@ def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = 
             teacher, source = load_teacher(t, pipe.num_classes, data_norm, trusted=cfg.train.trust_pickled_files), \
                 t.checkpoint
         elif t.pretrained and (t.class_map or _hub_head_fits(t, pipe.num_classes)):
-            with acc.main_process_first():  # one hub download per machine
+            with downloads_first(acc):
                 teacher = load_teacher(t, pipe.num_classes, data_norm)
         elif fit:
             if t.class_map:

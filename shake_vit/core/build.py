@@ -1,9 +1,10 @@
 """Builders shared by training, evaluation and export: the Accelerator and its trackers, the log, the data pipeline's
 shape, the optimiser."""
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Tuple
+from typing import Iterator, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,8 +15,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import data
-from .config import ConfigError, derive, flat_hparams, save_config
+from .config import ConfigError, flat_hparams, save_config
 from .optim import build_optimizer, build_schedule
+from .stream import derive
 
 
 def _cpu_group() -> bool:
@@ -107,12 +109,21 @@ def finish(acc: Accelerator, keep_process_group: bool = False) -> None:
     GradientState._reset_state()
 
 
+@contextmanager
+def downloads_first(acc: Accelerator) -> Iterator[None]:
+    """Run a block that may download (a data set, pretrained weights) on the main process first, then on each
+    machine's local main process, then on the rest: one download per disk, whether the machines share a filesystem
+    (the others find the files in place) or each has its own. Accelerate's two contexts, nested."""
+    with acc.main_process_first(), acc.local_main_process_first():
+        yield
+
+
 @dataclass
 class Pipeline:
     """Everything the data side gives the loops."""
 
     splits: data.Splits
-    train_loader: DataLoader  # this process's share, never prepared (see data.train_sampler)
+    train_loader: DataLoader  # this process's micro-batches of the global stream, never prepared (data.train_loader)
     val_loader: DataLoader  # prepared: sharded over processes
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
@@ -121,9 +132,13 @@ class Pipeline:
     def num_classes(self) -> int:
         return len(self.splits.classes)
 
+    @property
+    def updates_per_epoch(self) -> int:
+        return self.train_loader.batch_sampler.stream.updates_per_epoch
 
-def build_optimization(cfg: DictConfig, student: nn.Module, num_processes: int, batches_per_epoch: int):
+
+def build_optimization(cfg: DictConfig, student: nn.Module, num_processes: int, updates_per_epoch: int):
     """The optimizer and the per-update lr schedule of the student, with the derived update counts."""
-    d = derive(cfg, num_processes, batches_per_epoch)
+    d = derive(cfg, num_processes, updates_per_epoch)
     optimizer = build_optimizer(cfg.optim, student, lr=d.lr)
     return optimizer, build_schedule(cfg.optim, optimizer, cfg.train.epochs, d.updates_per_epoch), d

@@ -30,10 +30,11 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class Progress:
-    """Where a run is: the next batch to train is batch `batches_done` of epoch `epoch`."""
+    """Where a run is: the next micro-batch to train is global micro-batch `micro_batches_done` of epoch `epoch`
+    (a whole number of updates: shake_vit/core/stream.py)."""
 
     epoch: int = 0
-    batches_done: int = 0  # per process, in the current epoch
+    micro_batches_done: int = 0  # of the global stream, in the current epoch
     update: int = 0  # optimizer updates so far
     metrics: Dict[str, float] = field(default_factory=dict)  # the latest evaluation
     best: Optional[float] = None  # best value of the tracked metric so far
@@ -61,7 +62,10 @@ def _fsync_dir(path: Path) -> None:
 
 
 def read_progress(path: Path) -> Progress:
-    return Progress(**json.loads((Path(path) / STATE_FILE).read_text()))
+    state = json.loads((Path(path) / STATE_FILE).read_text())
+    if 'batches_done' in state:  # written before the global stream: per-process batches, each one micro-batch
+        state['micro_batches_done'] = state.pop('batches_done') * state.get('run', {}).get('num_processes', 1)
+    return Progress(**state)
 
 
 def complete_checkpoints(root: Path) -> List[Path]:
@@ -161,12 +165,13 @@ class Checkpointer:
         """Restore student, optimizer, scaler, RNG states and EMA; returns where to continue."""
         path = Path(path)
         progress = read_progress(path)
-        # The process count was checked before (runner.check_resumable, from the state file): a missing RNG file
-        # is an incomplete copy of a checkpoint.
-        if not (path / f'random_states_{self.acc.process_index}.pkl').exists():
-            raise CheckpointError(f'Checkpoint {path} holds no RNG state for process {self.acc.process_index}: an '
-                                  'incomplete copy? Resume from a complete checkpoint folder.')
+        # Every random draw of training is seeded from the stream (shake_vit/core/stream.py), so the RNG states
+        # Accelerate restores do not decide what comes next: a run resumed on more processes than wrote the
+        # checkpoint finds no RNG file for the new ones, and Accelerate leaves their RNGs as they are.
         self.acc.load_state(str(path))
+        # Accelerate restores its count of accumulated micro-batches, which is the writing layout's; a checkpoint is
+        # at an update boundary, so this layout's accumulation starts afresh.
+        self.acc.step = 0
         if self.ema is not None:
             if not (path / EMA_FILE).exists():
                 raise CheckpointError(f'{path} holds no EMA weights but train.ema is on; resume with train.ema=false.')

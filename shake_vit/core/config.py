@@ -11,8 +11,7 @@ that name the key and the nearest valid one.
 """
 import dataclasses
 import difflib
-import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -258,46 +257,6 @@ def validate(cfg: DictConfig) -> None:
     for family, check in _CHECKS:
         if family == cfg.task:
             check(cfg)
-
-
-@dataclass(frozen=True)
-class Derived:
-    """Values that follow from the config, the process count and (the update counts) the data set size."""
-
-    num_processes: int
-    global_batch: int
-    lr: float
-    updates_per_epoch: Optional[int] = None  # None: the data set size is not known
-    total_updates: Optional[int] = None
-    warmup_updates: Optional[int] = None
-
-    def describe(self) -> str:
-        counts = (f'{self.updates_per_epoch} updates/epoch, {self.total_updates} updates, {self.warmup_updates} warmup '
-                  'updates' if self.updates_per_epoch else 'updates per epoch, total and warmup updates need the data')
-        return f'processes {self.num_processes}, global batch {self.global_batch}, lr {self.lr:.3g}, {counts}'
-
-
-def derive(cfg: DictConfig, num_processes: int, batches_per_epoch: Optional[int]) -> Derived:
-    """Global batch, the DeiT learning-rate rule and the update counts.
-
-    Args:
-        num_processes: data-parallel processes.
-        batches_per_epoch: batches each process draws per epoch (the sampler's share, drop_last); None when the data
-            is not at hand, which leaves the update counts out.
-    """
-    t, o = cfg.train, cfg.optim
-    global_batch = t.batch_size * num_processes * t.grad_accum
-    lr = o.lr if o.lr is not None else o.base_lr * global_batch / o.lr_base_size
-    if batches_per_epoch is None:
-        return Derived(num_processes, global_batch, lr)
-    updates = batches_per_epoch // t.grad_accum
-    if t.max_updates_per_epoch > 0:
-        updates = min(updates, t.max_updates_per_epoch)
-    if updates < 1:
-        raise ConfigError(
-            f'An epoch holds {batches_per_epoch} batches per process, fewer than one update of train.grad_accum='
-            f'{t.grad_accum} x train.batch_size={t.batch_size}: lower the batch size or use more data.')
-    return Derived(num_processes, global_batch, lr, updates, updates * t.epochs, math.floor(o.warmup_epochs * updates))
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:

@@ -2,9 +2,9 @@
 
 The data sets and transforms are each family's (shake_vit/classification/data.py, shake_vit/detection/data.py).
 
-Every training sample's augmentation is drawn from its own seed, a pure function of (run seed, epoch, process,
-position in the epoch), so the augmented stream does not depend on the number of loader workers and a run resumed
-mid-epoch sees exactly the images an uninterrupted run would have seen.
+Every training sample's augmentation is drawn from its own seed, a pure function of (run seed, epoch, position in the
+global stream, shake_vit/core/stream.py), so the augmented stream depends neither on the number of loader workers nor
+on the number of processes, and a resumed run sees exactly the images an uninterrupted run would have seen.
 """
 import random
 from contextlib import contextmanager
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from . import stream
 from .config import ConfigError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
@@ -110,25 +110,13 @@ def _seeded(seed: int) -> Iterator[None]:
             torch.default_generator.set_state(states[2])
 
 
-def batch_seed(seed: int, epoch: int, rank: int, batch: int) -> int:
-    """The seed of one batch's mixup/cutmix draws: a pure function of (run seed, epoch, process, batch index), so a
-    resumed run and the teacher-output cache (shake_vit/distill/cache.py) replay the same mixing."""
-    # SeedSequence hashes any non-negative integers (a product of them would overflow 64 bits for large seeds)
-    return int(np.random.SeedSequence([seed, epoch, rank, batch, MIXUP_TAG]).generate_state(1, np.uint64)[0] >> 2)
-
-
-MIXUP_TAG = 0x6D6978  # keeps the mixup streams apart from any other use of (seed, epoch, rank, batch)
-
-
-@contextmanager
-def seeded_mixup(seed: Optional[int]) -> Iterator[None]:
-    """Run timm's Mixup (which draws from numpy's global RNG) with its draws seeded by `seed`; None leaves the
-    RNGs alone."""
-    if seed is None:
-        yield
-    else:
-        with _seeded(seed):
-            yield
+def mixed(mixup: Optional[Callable], x, y, seed: int, epoch: int, micro_batch: int):
+    """timm's Mixup (which draws from numpy's global RNG) on one global micro-batch, its draws seeded by (run seed,
+    epoch, micro-batch): what the trainer and the teacher-output cache writer both apply. No mixup: (x, y) as given."""
+    if mixup is None:
+        return x, y
+    with _seeded(stream.mix_seed(seed, epoch, micro_batch)):
+        return mixup(x, y)
 
 
 class Transformed(Dataset):
@@ -156,56 +144,22 @@ class Transformed(Dataset):
         return self._apply(*self.dataset[key])
 
 
-class SeededSampler(Sampler):
-    """Wraps a per-process sampler and pairs each index with a seed for that sample's augmentation.
+def train_loader(cfg: DictConfig, dataset: Dataset, transform: Callable, world: int, rank: int, repeats: int,
+                 joint: bool = False, collate_fn: Optional[Callable] = None) -> DataLoader:
+    """This process's train loader: its micro-batches of the global stream (shake_vit/core/stream.py), in order.
 
-    The seed depends on (seed, epoch, rank, position), so two copies of an image under repeated augmentation get
-    different augmentations, and skipping the first batches of an epoch leaves the rest unchanged.
+    Built here rather than by `accelerator.prepare`, which would shard it again. `repeats`: repeated augmentation's
+    copies of each image per epoch (`Family.train_repeats`); `joint` and `collate_fn` as detection needs them.
     """
-
-    def __init__(self, sampler: Sampler, seed: int, rank: int):
-        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        # RepeatAugSampler seeds its shuffle with the epoch alone; offsetting by the run seed makes seeds differ.
-        self.sampler.set_epoch(epoch + 100_003 * self.seed)
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1_009 + self.rank)
-        seeds = torch.randint(0, 2 ** 62, (len(self.sampler),), generator=g).tolist()
-        return iter(zip(self.sampler, seeds))
-
-
-def train_sampler(cfg: DictConfig, dataset: Dataset, num_replicas: int, rank: int, repeats: int) -> SeededSampler:
-    """This process's share of every epoch, built here rather than by `accelerator.prepare`.
-
-    Accelerate shards whatever sampler a prepared DataLoader has, so a distributed or repeated-augmentation sampler
-    under `prepare` would be sharded twice; the train loader is therefore never prepared. With repeated augmentation
-    the copies of one image land on different processes (timm's RepeatAugSampler, DeiT's RASampler epoch length).
-    `repeats`: copies of each image per epoch, the family's (`Family.train_repeats`).
-    """
-    if repeats > 1:
-        base = RepeatAugSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, num_repeats=repeats)
-    else:
-        base = DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=cfg.train.seed)
-    return SeededSampler(base, seed=cfg.train.seed, rank=rank)
-
-
-def train_loader(cfg: DictConfig, dataset: Dataset, transform: Callable, num_replicas: int, rank: int, repeats: int,
-                 batch_size: Optional[int] = None, joint: bool = False, collate_fn: Optional[Callable] = None
-                 ) -> DataLoader:
-    """This process's train loader (see `train_sampler`); `joint` and `collate_fn` as detection needs them."""
+    layout = stream.layout_of(cfg, world, rank)
+    sampler = stream.MicroBatchSampler(stream.Stream(len(dataset), repeats, cfg.train.seed, layout.micro_batch,
+                                                     layout.global_batch, cfg.train.max_updates_per_epoch), layout)
     workers = cfg.data.num_workers
-    return DataLoader(
-        Transformed(dataset, transform, joint), batch_size=batch_size or cfg.train.batch_size, collate_fn=collate_fn,
-        sampler=train_sampler(cfg, dataset, num_replicas, rank, repeats), drop_last=True, num_workers=workers,
-        pin_memory=cfg.data.pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
-        # A private generator: creating the iterator must not draw from the global RNG (resume equality).
-        generator=torch.Generator())
+    return DataLoader(Transformed(dataset, transform, joint), batch_sampler=sampler, collate_fn=collate_fn,
+                      num_workers=workers, pin_memory=cfg.data.pin_memory and torch.cuda.is_available(),
+                      persistent_workers=workers > 0,
+                      # A private generator: creating the iterator must not draw from the global RNG.
+                      generator=torch.Generator())
 
 
 def eval_loader(cfg: DictConfig, dataset: Dataset, transform: Callable, joint: bool = False,

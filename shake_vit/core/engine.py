@@ -1,5 +1,6 @@
 """The training and evaluation loops on Accelerate. Method-agnostic: a step is whatever the TrainingTask returns."""
 import contextlib
+import os
 import sys
 import time
 from itertools import islice
@@ -7,7 +8,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, skip_first_batches
+from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from einops import rearrange
 from timm.data import Mixup
@@ -17,7 +18,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, stream
 from .optim import current_lr
 
 
@@ -31,7 +32,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
-    """Runs optimizer updates of a `TrainingTask`.
+    """Runs optimizer updates of a `TrainingTask`: each is `accum` micro-batches on every process (Accelerate's
+    gradient accumulation), the global stream's k micro-batches of one update.
 
     Loss terms are summed on the device between log points, so no step waits on the host; every `log_interval`
     updates the sums are averaged over processes and logged under their names with the lr and images/s.
@@ -46,7 +48,8 @@ class Trainer:
         clip_grad: max gradient norm, or None.
         log_interval: updates between log points.
         tag: prefix of the logged names ('train', 'teacher_fit').
-        seed: the run seed; each batch's mixup draws are seeded by (seed, epoch, process, batch index).
+        seed: the run seed; each micro-batch's mixup and the student's own draws are seeded by (seed, epoch,
+            global micro-batch), shake_vit/core/stream.py.
     """
 
     def __init__(self, accelerator: Accelerator, task: TrainingTask, optimizer: torch.optim.Optimizer,
@@ -106,19 +109,23 @@ class Trainer:
         self.on_log(values, self.update)
         return values
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, mix_seed: Optional[int] = None) -> bool:
-        """One batch on the device: mixup, forward, backward, and every `grad_accum` batches an optimizer update.
+    def step(self, x: torch.Tensor, y: torch.Tensor, epoch: Optional[int] = None,
+             micro_batch: Optional[int] = None) -> bool:
+        """One micro-batch on the device: mixup, forward, backward, and every `accum` micro-batches an update.
 
         Args:
-            mix_seed: seeds this batch's mixup draws (data.batch_seed); None draws from the global RNGs.
+            epoch, micro_batch: where the micro-batch is in the global stream (shake_vit/core/stream.py); its mixup
+                and the student's own random draws are seeded from them. None draws from the global RNGs.
 
         Returns:
             whether an update happened (then the lr, the EMA and the update count have moved).
         """
         acc, task = self.accelerator, self.task
-        if self.mixup is not None:
-            with data.seeded_mixup(mix_seed):
-                x, y = self.mixup(x, y)
+        if micro_batch is not None:
+            x, y = data.mixed(self.mixup, x, y, self.seed, epoch, micro_batch)
+            torch.manual_seed(stream.student_seed(self.seed, epoch, micro_batch))  # every device's generator
+        elif self.mixup is not None:
+            x, y = self.mixup(x, y)
         task.update = self.update  # for terms whose weight follows the schedule (detection's ramps)
         with acc.accumulate(task.trainable_module):
             with acc.autocast():
@@ -138,35 +145,40 @@ class Trainer:
             self.ema.update(acc.unwrap_model(task.trainable_module), step=self.update)
         return True
 
-    def train_epoch(self, loader: DataLoader, epoch: int, num_updates: int, skip_batches: int = 0) -> Dict[str, float]:
-        """Run `num_updates` updates of one epoch (minus `skip_batches` batches already done before a resume).
+    def train_epoch(self, loader: DataLoader, epoch: int, num_updates: int, skip_updates: int = 0) -> Dict[str, float]:
+        """Run updates `skip_updates` ... `num_updates - 1` of one epoch (the first ones were done before a resume).
+
+        `loader`: this process's train loader, whose `batch_sampler` is a `stream.MicroBatchSampler`.
 
         Returns:
             the last log point's values, or {} when `after_update` stopped the epoch early.
         """
         acc, task = self.accelerator, self.task
         task.train()
-        loader.sampler.set_epoch(epoch)
-        num_batches = num_updates * acc.gradient_accumulation_steps  # whole updates only: the lr stays exact
-        if skip_batches:
-            loader = skip_first_batches(loader, skip_batches)
-        cache = getattr(task, 'cache', None)  # a teacher-output cache reads this epoch's batches from here on
+        sampler: stream.MicroBatchSampler = loader.batch_sampler
+        layout = sampler.layout
+        if layout.accum != acc.gradient_accumulation_steps:  # the runner resolves both from one config
+            raise RuntimeError(f'The loader accumulates {layout.accum} micro-batches per update and the Accelerator '
+                               f'{acc.gradient_accumulation_steps}.')
+        first, steps = skip_updates * layout.accum, num_updates * layout.accum  # whole updates: the lr stays exact
+        sampler.set_epoch(epoch, first)
+        cache = getattr(task, 'cache', None)  # a teacher-output cache reads this epoch's micro-batches from here on
         if cache is not None:
-            cache.start_epoch(epoch, skip_batches)
+            cache.start_epoch(epoch, [layout.micro_batch_of(s) for s in range(first, steps)])
         last: Dict[str, float] = {}
         # The bar is cleared however the epoch ends, an error included, so the error is not printed onto its line;
         # the cache's reading thread is stopped likewise.
-        with progress(total=num_batches, initial=skip_batches, desc=f'{self.tag} epoch {epoch}',
+        with progress(total=steps, initial=first, desc=f'{self.tag} epoch {epoch}',
                       disable=not acc.is_local_main_process) as bar, contextlib.ExitStack() as stack:
             if cache is not None:
                 stack.callback(cache.close)
-            for index, (x, y) in enumerate(islice(loader, num_batches - skip_batches), start=skip_batches):
+            for step, (x, y) in enumerate(islice(loader, steps - first), start=first):
+                m = layout.micro_batch_of(step)
+                trace_hook(epoch, m, self.update)
                 if cache is not None:
-                    cache.next_batch(y)  # checks the batch's labels against the cache's
+                    cache.next_batch(y)  # checks the micro-batch's labels against the cache's
                 updated = self.step(send_to_device(x, acc.device, non_blocking=True),
-                                    send_to_device(y, acc.device, non_blocking=True),
-                                    None if self.mixup is None else
-                                    data.batch_seed(self.seed, epoch, acc.process_index, index))
+                                    send_to_device(y, acc.device, non_blocking=True), epoch, m)
                 bar.update()
                 if not updated:
                     continue
@@ -176,6 +188,16 @@ class Trainer:
                 if self.after_update():
                     return {}
         return self.flush() or last
+
+
+def trace_hook(epoch: int, micro_batch: int, update: int) -> None:
+    """For tests/test_stream.py: SHAKE_VIT_TRACE=PATH appends 'epoch micro_batch update' of every micro-batch this
+    process trains to PATH.RANK (which samples a run saw, across a resume). Unset (always, outside those tests) it
+    does nothing."""
+    path = os.environ.get('SHAKE_VIT_TRACE')
+    if path:
+        with open(f"{path}.{os.environ.get('RANK', '0')}", 'a') as f:
+            f.write(f'{epoch} {micro_batch} {update}\n')
 
 
 # Pairs of heads whose top-1 agreement is reported.

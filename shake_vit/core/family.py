@@ -53,8 +53,8 @@ class Family:
     def start_from_teachers(self, cfg: DictConfig, student: nn.Module, teachers: List[nn.Module]) -> None:
         """A new run's student parts that begin as a copy of the teacher's (not on resume, not for --eval)."""
 
-    def run_identity(self, cfg: DictConfig, student: nn.Module, num_processes: int) -> Dict[str, Any]:
-        """What a checkpoint must share with the run resuming it (`num_processes` included)."""
+    def run_identity(self, cfg: DictConfig, student: nn.Module) -> Dict[str, Any]:
+        """What a checkpoint must share with the run resuming it, beside the config (the process count may differ)."""
         raise NotImplementedError
 
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module):

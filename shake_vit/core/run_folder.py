@@ -24,7 +24,7 @@ RUN_FILES = ('checkpoints', 'results.json', 'student.safetensors', 'health.json'
 # config keys a resume may change: where things are, how often to log, save and evaluate, how fast to load; a
 # moved teacher file. Everything else is the run's identity.
 RESUME_MAY_CHANGE = ('train.output_dir', 'train.epochs', 'train.log_interval', 'train.log_with', 'train.cpu_threads',
-                     'train.trust_pickled_files', 'train.overwrite', 'data.root', 'data.num_workers',
+                     'train.grad_accum', 'train.trust_pickled_files', 'train.overwrite', 'data.root', 'data.num_workers',
                      'data.pin_memory', 'data.download', 'ckpt.', 'eval.', 'health.', 'teacher.checkpoint',
                      'teacher.cache', 'teacher_cache.')  # (model.pretrained and det.backbone_weights decide the
 # detectors' BatchNorm and which layers train: they stay)

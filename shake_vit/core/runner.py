@@ -2,15 +2,15 @@
 import json
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from accelerate.utils import set_seed
 from omegaconf import DictConfig
 from safetensors.torch import save_file
 from timm.utils import ModelEmaV3
 
-from . import run_folder
-from .build import build_optimization, finish, log, make_accelerator, process_state
+from . import run_folder, stream
+from .build import build_optimization, downloads_first, finish, log, make_accelerator, process_state
 from .checkpoint import (
     STATE_FILE,
     Checkpointer,
@@ -28,22 +28,45 @@ from .weights import read_weights
 
 
 def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) -> None:
-    """Refuse, before anything expensive (a teacher fit) starts, a checkpoint of another run: another student,
-    process count or config identity (run_folder.identity)."""
-    if saved.get('num_processes', current['num_processes']) != current['num_processes']:
-        raise CheckpointError(
-            f"Checkpoint {path} was written by {saved['num_processes']} processes and this run has "
-            f"{current['num_processes']}: resume with the same number of processes (the data position, the RNG "
-            'streams and the global batch depend on it), or start a new run from its weights with '
-            f'model.pretrained={path / "model.safetensors"}.')
+    """Refuse, before anything expensive (a teacher fit) starts, a checkpoint of another run: another student or
+    config identity (run_folder.identity). The process count may differ (`resume_layout`)."""
     diffs = [f'{k}: checkpoint {saved.get(k)!r}, config {v!r}' for k, v in current.items()
-             if k not in ('num_processes', 'config') and saved.get(k) != v]
+             if k not in ('layout', 'config') and saved.get(k) != v]
     if diffs:
         raise CheckpointError(f'Checkpoint {path} does not match the configuration ({"; ".join(diffs)}). Resume with '
                               'the config the run was started with, or start a new run with model.pretrained='
                               f'{path / "model.safetensors"}.')
     if 'config' in saved:  # checkpoints written before the identity was recorded: their architecture alone
         run_folder.check_same_run(saved['config'], current['config'], path)
+
+
+def saved_layout(run: Dict[str, Any], micro_batch: int) -> Dict[str, int]:
+    """The layout a checkpoint was written with: its global batch, processes and accumulation. Checkpoints written
+    before the global stream record their process count alone (and their config its accumulation)."""
+    if 'layout' in run:
+        return run['layout']
+    processes = run.get('num_processes', 1)
+    accum = run.get('config', {}).get('train.grad_accum', 1)
+    return {'global_batch': micro_batch * processes * accum, 'processes': processes, 'accum': accum}
+
+
+def resume_layout(cfg: DictConfig, start: Optional[Path], world: int) -> Tuple[DictConfig, Optional[str]]:
+    """This launch's config with its global batch and accumulation filled in (shake_vit/core/stream.py); resuming,
+    the checkpoint's global batch is kept whatever the process count (elastic resume), and the returned note says
+    what changed (None when nothing did)."""
+    if start is None:
+        return stream.resolve(cfg, world), None
+    saved = saved_layout(read_progress(start).run, cfg.train.batch_size)
+    try:
+        cfg = stream.resolve(cfg, world, saved['global_batch'])
+    except ConfigError as err:
+        raise CheckpointError(f'Cannot resume {start} here: {err}') from None
+    if (saved['processes'], saved['accum']) == (world, cfg.train.grad_accum):
+        return cfg, None
+    return cfg, (f"elastic resume: the checkpoint was written by {saved['processes']} process"
+                 f"{'es' if saved['processes'] > 1 else ''} x {saved['accum']} accumulation, this run has {world} x "
+                 f'{cfg.train.grad_accum}; the global batch ({cfg.train.global_batch}), the lr schedule and the data '
+                 'stream are unchanged')
 
 
 def resolve_resume(resume: Optional[str], root: Path) -> Optional[Path]:
@@ -80,15 +103,19 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
     # e.g. a detector's backbone pretrained on classification, by this same function (resumed if it was stopped)
     if not family.before_run(cfg, lambda run: train(run, resume='auto', before=True)):
         return {}
+    cfg, elastic = resume_layout(cfg, start, process_state().num_processes)
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed, device_specific=True)
-    splits = family.build_splits(cfg)
+    with downloads_first(acc):  # a data set with data.download=true: one download per disk
+        splits = family.build_splits(cfg)
     student = family.build_student(cfg, len(splits.classes))
-    identity = {**family.run_identity(cfg, student, acc.num_processes), 'config': run_folder.identity(cfg)}
+    layout = {'global_batch': cfg.train.global_batch, 'processes': acc.num_processes, 'accum': cfg.train.grad_accum}
+    identity = {**family.run_identity(cfg, student), 'layout': layout, 'config': run_folder.identity(cfg)}
     if start is not None:
         check_resumable(read_progress(start).run, identity, start)
     else:  # a resumed run has its weights in the checkpoint
-        family.init_student(cfg, student, lambda message: log(acc, message))
+        with downloads_first(acc):  # model.pretrained may name hub weights
+            family.init_student(cfg, student, lambda message: log(acc, message))
     pipe = family.build_pipeline(cfg, acc, splits, student)
     teachers = family.get_teachers(cfg, acc, pipe)
     if start is None:
@@ -96,7 +123,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
     set_seed(cfg.train.seed + 1, device_specific=True)  # training draws the same numbers whether the teacher was
     # fitted in this invocation or loaded
 
-    optimizer, schedule, d = build_optimization(cfg, student, acc.num_processes, len(pipe.train_loader))
+    optimizer, schedule, d = build_optimization(cfg, student, acc.num_processes, pipe.updates_per_epoch)
     log(acc, f'{cfg.loss.method}: {cfg.model.name} student, {len(splits.train)} train / {len(splits.val)} val images, '
              f'{pipe.num_classes} classes; {d.describe()}')
     prepared, optimizer = acc.prepare(student, optimizer)
@@ -117,13 +144,14 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
             progress.best, progress.best_of, progress.best_epoch = None, metric, 0
         trainer.update = progress.update
         schedule.step_update(num_updates=progress.update)
-        log(acc, f'resumed from {start}: epoch {progress.epoch}, batch {progress.batches_done}, '
-                 f'update {progress.update}')
+        progress.run = identity  # this launch's layout from here on
+        log(acc, f'resumed from {start}: epoch {progress.epoch}, update {progress.update} (micro-batch '
+                 f'{progress.micro_batches_done} of the epoch)' + (f'; {elastic}' if elastic else ''))
     elif resume == 'auto':
         log(acc, f'--resume auto: no checkpoint in {ckpt.root} yet, starting from scratch')
 
     stop = StopRequest(acc, cfg.ckpt.stop_check_every)
-    accum = cfg.train.grad_accum
+    per_update = cfg.train.global_batch // cfg.train.batch_size  # micro-batches per update
     epoch_start_update = 0
 
     def after_update() -> bool:
@@ -133,7 +161,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
         stopping = stop.should_stop(trainer.update)
         interval = cfg.ckpt.interval_updates and trainer.update % cfg.ckpt.interval_updates == 0
         if (stopping or interval) and done < d.updates_per_epoch:  # an epoch's last update is saved after its eval
-            progress.batches_done, progress.update = done * accum, trainer.update
+            progress.micro_batches_done, progress.update = done * per_update, trainer.update
             trainer.flush()  # raises on a NaN/inf loss term: a checkpoint is never written from broken weights
             ckpt.save(progress)
         return stopping
@@ -142,11 +170,11 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
     train_time, stopped, first_update = 0.0, False, trainer.update
     try:
         for epoch in range(progress.epoch, cfg.train.epochs):
-            skip = progress.batches_done if epoch == progress.epoch else 0
-            epoch_start_update = trainer.update - skip // accum
+            skip = progress.micro_batches_done // per_update if epoch == progress.epoch else 0  # updates done
+            epoch_start_update = trainer.update - skip
             progress.epoch = epoch
             begin = time.perf_counter()
-            stats = trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch, skip_batches=skip)
+            stats = trainer.train_epoch(pipe.train_loader, epoch, d.updates_per_epoch, skip_updates=skip)
             train_time += time.perf_counter() - begin
             if trainer.update - epoch_start_update < d.updates_per_epoch:  # stopped by a signal, checkpoint written
                 stopped = True
@@ -160,7 +188,7 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
                     progress.best, progress.best_epoch = value, epoch + 1
                 log(acc, f"epoch {epoch + 1}/{cfg.train.epochs}: loss {stats.get('loss', float('nan')):.4f}, "
                          f'{family.headline(progress.metrics)}')
-            progress.epoch, progress.batches_done, progress.update = epoch + 1, 0, trainer.update
+            progress.epoch, progress.micro_batches_done, progress.update = epoch + 1, 0, trainer.update
             ckpt.save(progress)
             if stop.should_stop(0):  # a signal during the evaluation or the save
                 stopped = epoch + 1 < cfg.train.epochs
@@ -193,6 +221,7 @@ def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, Any]:
     """`train.py --eval PATH` with its run's config (`weights.config_for`): the configured validation set, every head,
     the EMA and the teachers, through the family's hooks; a table and eval.json beside the weights."""
     family = family_of(cfg)
+    cfg = stream.for_evaluation(cfg, process_state().num_processes)
     acc = make_accelerator(cfg, trackers=False)
     set_seed(cfg.train.seed)
     splits = family.build_splits(cfg)

@@ -86,8 +86,11 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 300
-    batch_size: int = 128  # per process
-    grad_accum: int = 1
+    batch_size: int = 128  # the micro-batch: what one process computes in one forward
+    grad_accum: int = 1  # accumulation steps per update on this launch's processes (when global_batch is null)
+    # images per optimizer update; null: batch_size x processes x grad_accum. Set it to keep the stream (and a
+    # teacher cache) across process counts; a resumed run keeps its checkpoint's (shake_vit/core/stream.py)
+    global_batch: Optional[int] = None
     mixed_precision: str = key('no', choices=('no', 'bf16', 'fp16'))  # no | bf16 | fp16
     seed: int = 0
     output_dir: str = 'runs/default'
@@ -133,6 +136,8 @@ def check_spine(cfg: DictConfig) -> None:
     require(t.epochs >= 1, 'train.epochs', t.epochs, 'at least 1')
     require(t.batch_size >= 1, 'train.batch_size', t.batch_size, 'at least 1')
     require(t.grad_accum >= 1, 'train.grad_accum', t.grad_accum, 'at least 1')
+    require(t.global_batch is None or (t.global_batch >= t.batch_size and t.global_batch % t.batch_size == 0),
+            'train.global_batch', t.global_batch, f'null or a multiple of train.batch_size={t.batch_size}')
     require(t.log_interval >= 1, 'train.log_interval', t.log_interval, 'at least 1')
     require(cfg.ckpt.interval_updates >= 0, 'ckpt.interval_updates', cfg.ckpt.interval_updates, '0 (off) or positive')
     require(cfg.ckpt.keep_last >= 1, 'ckpt.keep_last', cfg.ckpt.keep_last, 'at least 1')

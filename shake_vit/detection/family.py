@@ -10,9 +10,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from ..core import data as shared_data
-from ..core.build import Pipeline, log
-from ..core.config import ConfigError, derive
+from ..core.build import Pipeline, downloads_first, log
+from ..core.config import ConfigError
 from ..core.family import Family, Metrics, register
+from ..core.stream import derive
 from ..core.weights import WEIGHT_SUFFIXES, read_state_dict
 from ..distill import methods
 from ..distill.teacher import fit_or_reuse, fitted_path, teacher_record, train_teacher
@@ -187,11 +188,11 @@ class DetectionFamily(Family):
             notes.append('new shadow predictor')
         log(f'fine-tuning from {source}' + ''.join(f'\n    {note}' for note in notes))
 
-    def run_identity(self, cfg: DictConfig, student: DetectionStudent, num_processes: int) -> Dict[str, Any]:
+    def run_identity(self, cfg: DictConfig, student: DetectionStudent) -> Dict[str, Any]:
         return {'model': cfg.model.name, 'model_kwargs': OmegaConf.to_container(cfg.model.kwargs),
                 'num_shadow': student.num_shadow, 'shadow_box_head': cfg.det.shadow_box_head,
                 'shadow_on': cfg.det.shadow_on, 'det': {k: OmegaConf.to_container(cfg.det)[k] for k in GEOMETRY},
-                'num_classes': student.num_classes, 'num_processes': num_processes}
+                'num_classes': student.num_classes}
 
     def build_pipeline(self, cfg: DictConfig, acc: Accelerator, splits, student: nn.Module) -> Pipeline:
         train_tf, val_tf = data.build_transforms(cfg)
@@ -215,7 +216,7 @@ class DetectionFamily(Family):
                 raise ConfigError(f"The teacher checkpoint '{t.checkpoint}' does not fit teacher.name='{t.name}' "
                                   f'({str(err).splitlines()[0]} ...): check teacher.name and teacher.kwargs.') from None
         elif t.pretrained:
-            with acc.main_process_first():  # one download per machine
+            with downloads_first(acc):
                 teacher = teacher_detector(cfg, k, weights='DEFAULT')
         elif fit:
             teacher = self.fit_teacher(cfg, acc, pipe)
@@ -282,7 +283,7 @@ class DetectionFamily(Family):
         for teacher in teachers:
             check_teacher(teacher, inner, cfg.teacher.name)
         transform = inner.detector.transform
-        ramp = derive(cfg, 1, len(pipe.train_loader)).warmup_updates  # the batches of this process's share
+        ramp = derive(cfg, 1, pipe.updates_per_epoch).warmup_updates
         return DetectionTask(student, teachers[0] if teachers else None, methods.loss_fn(cfg), transform.image_mean,
                              transform.image_std, ramp_updates=ramp)
 

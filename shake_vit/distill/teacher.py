@@ -12,9 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
 from ..core.build import Pipeline, log
-from ..core.config import derive
 from ..core.engine import Trainer
 from ..core.optim import build_optimizer, build_schedule
+from ..core.stream import derive
 
 
 def fitted_path(cfg: DictConfig, index: int) -> Path:
@@ -42,7 +42,7 @@ def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, 
     schedule (`t.fit`) and `cfg.optim`'s optimizer; returns it unwrapped, in eval mode, with process 0's weights on
     every process."""
     f = t.fit
-    d = derive(cfg, acc.num_processes, len(pipe.train_loader))
+    d = derive(cfg, acc.num_processes, pipe.updates_per_epoch)
     optimizer = build_optimizer(cfg.optim, task.trainable_module, lr=f.lr, weight_decay=f.weight_decay)
     schedule = build_schedule(cfg.optim, optimizer, f.epochs, d.updates_per_epoch, warmup_epochs=f.warmup_epochs,
                               sched=f.sched)
