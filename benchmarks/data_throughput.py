@@ -66,7 +66,7 @@ def main() -> None:
         splits = data.build_splits(cfg)
         pipe = data.build_pipeline(cfg, acc, splits, build_student(cfg, len(splits.classes)), cfg.aug.repeated_aug)
         loader = pipe.train_loader
-        loader.sampler.set_epoch(0)
+        loader.batch_sampler.set_epoch(0)
         seen, start, count = 0, None, 0
         for x, _ in loader:  # one epoch (a --root smaller than the batches asked for ends it early)
             seen += 1

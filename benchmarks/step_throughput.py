@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Dict, List
 
 import torch
@@ -114,7 +115,7 @@ def synthetic_cache(cfg: DictConfig, acc: Accelerator):
     atexit.register(shutil.rmtree, root, True)
     fmt = cf.choose_format(cfg, NUM_CLASSES, 1_281_167 * 300, 1)
     g = torch.Generator().manual_seed(0)
-    writer = tc.ShardWriter(root, 0, 0, CACHE_BATCHES, cfg.train.batch_size)
+    writer = tc.ShardWriter(root, 0, 0, range(CACHE_BATCHES), cfg.train.batch_size)
     for _ in range(CACHE_BATCHES):
         logits = torch.randn(cfg.train.batch_size, NUM_CLASSES, generator=g) * 3
         if fmt.precision == 'bf16':
@@ -122,11 +123,12 @@ def synthetic_cache(cfg: DictConfig, acc: Accelerator):
         writer.add(y_labels(cfg).numpy(), [cf.encode(logits, fmt)])
     writer.finish()
     (root / tc.MANIFEST).write_text(json.dumps({
-        'version': tc.VERSION, 'identity': tc.identity(cfg, MEAN, STD, acc.num_processes), 'teacher_weights': ['-'],
+        'version': tc.VERSION, 'identity': tc.identity(cfg, MEAN, STD), 'teachers': [{'sha256': '-'}],
         'classes': [str(i) for i in range(NUM_CLASSES)], 'format': fmt.__dict__, 'epochs': cfg.train.epochs,
-        'batches_per_epoch': CACHE_BATCHES}))
-    reader = tc.Reader(str(root), cfg, MEAN, STD, NUM_CLASSES, CACHE_BATCHES, log=lambda m: None)
-    reader.start_epoch(0, 0)
+        'micro_batches_per_epoch': CACHE_BATCHES, 'block': CACHE_BATCHES}))
+    epoch = SimpleNamespace(micro_batch=cfg.train.batch_size, micro_batches_per_epoch=CACHE_BATCHES)  # a Stream's
+    reader = tc.Reader(str(root), cfg, MEAN, STD, NUM_CLASSES, epoch, [{'sha256': '-'}], log=lambda m: None)
+    reader.start_epoch(0, list(range(CACHE_BATCHES)))
     reader.fed = 0
     return reader
 
@@ -141,7 +143,7 @@ def feed(trainer: Trainer, y_cpu: torch.Tensor) -> None:
     if cache is None:
         return
     if cache.fed == CACHE_BATCHES:  # the shard is used up: start it again
-        cache.start_epoch(0, 0)
+        cache.start_epoch(0, list(range(CACHE_BATCHES)))
         cache.fed = 0
     cache.next_batch(y_cpu)
     cache.fed += 1

@@ -57,6 +57,7 @@ def stream_key(overrides: List[str], study: List[str], base: Union[str, List[str
     from shake_vit.classification import data
     from shake_vit.classification.models import build_student
     from shake_vit.core.config import ConfigError
+    from shake_vit.core.stream import resolve
     from shake_vit.distill import cache as teacher_cache
     try:  # a run that cannot read a cache (a proxy-teacher head, detection) is refused here
         cfg = _config([*overrides, 'teacher.cache=/probe'], Path('/tmp'), study, base, 'probe')
@@ -67,7 +68,7 @@ def stream_key(overrides: List[str], study: List[str], base: Union[str, List[str
     student = build_student(cfg, len(data.build_splits(cfg).classes))
     model_cfg = resolve_model_data_config(student.model)
     mean, std = cfg.data.mean or model_cfg['mean'], cfg.data.std or model_cfg['std']
-    ident = teacher_cache.identity(cfg, mean, std, 1)
+    ident = teacher_cache.identity(resolve(cfg, 1), mean, std)  # studies run in one process
     # what is written: every epoch's batches for this schedule
     ident['epochs'], ident['max_updates'] = cfg.train.epochs, cfg.train.max_updates_per_epoch
     ident['grad_accum'] = cfg.train.grad_accum

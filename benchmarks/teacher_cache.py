@@ -47,7 +47,7 @@ def sizes() -> None:
 
 def _shard(root: Path, fmt: cf.Format, batches: int, batch: int) -> None:
     g = torch.Generator().manual_seed(0)
-    writer = tc.ShardWriter(root, 0, 0, batches, batch)
+    writer = tc.ShardWriter(root, 0, 0, range(batches), batch)
     for _ in range(batches):
         logits = torch.randn(batch, fmt.num_classes, generator=g) * 3
         if fmt.precision == 'bf16':
@@ -69,11 +69,12 @@ def reader(batches: int) -> None:
             _shard(root, fmt, batches, batch)
             r = tc.Reader.__new__(tc.Reader)  # the reader without a run to check against: its thread is timed
             r.root, r.rank, r.fmt, r.num_teachers, r.temperature = root, 0, fmt, 1, 4.0
+            r.block, r.micro_batch = batches, batch
             r._thread, r._staged, r._where = None, None, (0, 0)
-            os.system(f'cat {root}/e0000_r00/*.npy > /dev/null')  # in the page cache, as a shard read before
+            os.system(f'cat {root}/{tc.shard_name(0, 0)}/*.npy > /dev/null')  # in the page cache, as a shard read
             labels = torch.zeros(batch, dtype=torch.long)
             start = time.perf_counter()
-            r.start_epoch(0, 0)
+            r.start_epoch(0, list(range(batches)))
             for _ in range(batches):
                 r.next_batch(labels)
                 r.take(torch.device('cpu'))

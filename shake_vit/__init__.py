@@ -3,9 +3,9 @@
 The packages, from the bottom up; a package imports only from the layers below its own (LAYERS, checked by
 tests/test_layout.py), and nothing outside a family package branches on the task family:
 
-    core/            the spine: config loading and the shared sections, the engine (Trainer), checkpoints,
-                     preemption, optimizer and schedule, the run folder, the runner, the Family interface and its
-                     registry
+    core/            the spine: config loading and the shared sections, the input stream in global terms, the
+                     engine (Trainer), checkpoints, preemption, optimizer and schedule, the run folder, the runner,
+                     the Family interface and its registry
     distill/         what every family shares about distillation: the method registry, the logit losses, teacher
                      fitting and records, the health checks' base, the teacher-output cache's format and store
     zoo/             architectures timm lacks (CRD's CIFAR networks, adapters), registered in timm's registry

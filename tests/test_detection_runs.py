@@ -133,7 +133,7 @@ def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(det_run
     assert proc.returncode == 0, stdout[-3000:]
     assert 'SIGTERM received' in stdout and not (killed / 'results.json').exists()
     stopped = json.loads((sorted((killed / 'checkpoints').glob('update_*'))[-1] / 'trainer_state.json').read_text())
-    assert stopped['epoch'] == 1 and 0 < stopped['batches_done'] < 12, stopped
+    assert stopped['epoch'] == 1 and 0 < stopped['micro_batches_done'] < 12, stopped
     main([*long_run, f'train.output_dir={killed}', '--resume', 'auto'])
     a, b = load_file(str(uninterrupted / 'student.safetensors')), load_file(str(killed / 'student.safetensors'))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -189,8 +189,8 @@ def test_print_config_shows_the_derived_values_and_trains_nothing(imagefolder, t
                  f'train.output_dir={out}', '--print-config'])
     assert 'name: regnety_160.deit_in1k' in proc.stdout and 'auto_augment: rand-m9-mstd0.5-inc1' in proc.stdout
     # 48 images, one process: 6 batches of 8; lr = 5e-4 * 8 / 512; 5 of 300 epochs of warmup.
-    assert '# derived: processes 1, global batch 8, lr 7.81e-06, 6 updates/epoch, 1800 updates, 30 warmup updates' \
-        in proc.stdout
+    assert ('# derived: processes 1, global batch 8 (1 micro-batch of 8, 1 per process per update), lr 7.81e-06, '
+            '6 updates/epoch, 1800 updates, 30 warmup updates') in proc.stdout
     assert '# method: shake' in proc.stdout and 'predicts with the cls head' in proc.stdout
     assert not out.exists()
 
@@ -211,8 +211,8 @@ def test_print_config_works_before_the_data_is_mounted(tmp_path, monkeypatch):
     proc = main(['train.batch_size=8', '--config', IMAGENET_SHAKE, '--print-config',
                  f'data.root={tmp_path / "not_mounted"}'])
     assert 'batch_size: 8' in proc.stdout and f'root: {tmp_path / "not_mounted"}' in proc.stdout
-    assert ('# derived: processes 1, global batch 8, lr 7.81e-06, updates per epoch, total and warmup updates need '
-            'the data') in proc.stdout
+    assert ('# derived: processes 1, global batch 8 (1 micro-batch of 8, 1 per process per update), lr 7.81e-06, '
+            'updates per epoch, total and warmup updates need the data') in proc.stdout
     assert "# data: not readable here (data.root" in proc.stdout and "has no 'train/' folder" in proc.stdout
 
 

@@ -15,8 +15,10 @@ fixtures in conftest.py.
 """
 import collections
 import json
+import os
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -117,7 +119,8 @@ def test_the_process_count_must_divide_the_micro_batches_of_an_update(accumulati
     from shake_vit.core.runner import resume_layout
     run = load_config([QUICKSTART], LAYOUT)
     start = accumulating / 'checkpoints' / 'update_00000003'
-    with pytest.raises(CheckpointError, match=r'3 processes cannot share the global batch 64 .* Launch 1, 2 '):
+    with pytest.raises(CheckpointError, match=r'3 processes cannot share the global batch 64 .* Launch 1, 2 '
+                                              r'processes\.$'):
         resume_layout(run, start, 3)
     resumed, note = resume_layout(run, start, 2)
     assert (resumed.train.global_batch, resumed.train.grad_accum) == (64, 1)
@@ -141,9 +144,10 @@ def test_one_process_accumulating_and_two_machines_train_alike(two_machines, acc
 
 
 def test_a_cnn_student_trains_alike_in_two_processes(teacher_file, tmp_path):
-    """A BatchNorm student with the authors' proxy-teacher shadow head (the CNN recipe): each micro-batch is normalised with its own statistics in every layout, so the parameters
-    agree up to summation order. The running statistics do not: DDP copies process 0's buffers to the others at every
-    forward (as in every DDP trainer), so they follow process 0's micro-batches alone; they are left out here."""
+    """A BatchNorm student with the authors' proxy-teacher shadow head (the CNN recipe): each micro-batch is
+    normalised with its own statistics in every layout, so the parameters agree up to summation order. The running
+    statistics do not: DDP copies process 0's buffers to the others at every forward (as in every DDP trainer), so
+    they follow process 0's micro-batches alone; they are left out here."""
     cnn = ['--config', 'configs/cnn_resnet34_resnet18_in1k.yaml', '--config', 'configs/smoke_cnn.yaml',
            'data.name=digits', 'teacher.name=test_byobnet', f'teacher.checkpoint={teacher_file}', 'train.epochs=1',
            'train.batch_size=32', 'train.max_updates_per_epoch=4', 'train.cpu_threads=1', 'eval.batch_size=100']
@@ -263,3 +267,29 @@ def test_only_global_rank_zero_writes_files():
                 if not any(a in line for a in allowed):
                     found.append(f'{path.relative_to(ROOT)}: {line.strip()}')
     assert not found, found
+
+
+def test_the_slurm_script_launches_one_machine_rank_per_node(tmp_path):
+    """configs/slurm/train.sbatch under stand-ins for SLURM's `scontrol` and `srun` (one task per node, SLURM_NODEID
+    set) and for `accelerate` (which prints its arguments): each node gets its rank and the first node's address."""
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    stand_ins = {
+        'scontrol': 'printf "gpu-node-17\\ngpu-node-18\\n"',
+        'srun': 'shift; for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@"; done',
+        'accelerate': 'echo "accelerate $*"',
+    }
+    for name, body in stand_ins.items():
+        (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_NNODES='2', SLURM_GPUS_ON_NODE='8',
+               SLURM_JOB_NODELIST='gpu-node-[17-18]')
+    proc = subprocess.run(['bash', 'configs/slurm/train.sbatch', 'configs/deit_base_shake_in1k.yaml',
+                           'train.output_dir=runs/deit_b'], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2
+    for rank, line in enumerate(lines):
+        assert (f'--num_machines 2 --machine_rank {rank} --num_processes 16 --main_process_ip gpu-node-17 '
+                '--main_process_port 29500 train.py --config configs/deit_base_shake_in1k.yaml '
+                'train.output_dir=runs/deit_b --resume auto') in line, line

@@ -47,9 +47,11 @@ def fault_hook(point: str, update: int) -> None:
     """Fault injection for tests/test_reliability.py: SHAKE_VIT_KILL=point:update SIGKILLs this process there.
 
     'save:N' dies inside the save of update N, after every file is written and before the rename; 'update:N' dies
-    right after update N. Unset (always, outside those tests) it does nothing.
+    right after update N. Only in a launcher's first attempt: workers that torchrun restarts (`--max_restarts`) run
+    on. Unset (always, outside those tests) it does nothing.
     """
-    if os.environ.get('SHAKE_VIT_KILL') == f'{point}:{update}':
+    first_attempt = os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0'
+    if first_attempt and os.environ.get('SHAKE_VIT_KILL') == f'{point}:{update}':
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -22,12 +22,13 @@ from .config import ConfigError
 RUN_FILES = ('checkpoints', 'results.json', 'student.safetensors', 'health.json', 'tensorboard', 'config.yaml')
 
 # config keys a resume may change: where things are, how often to log, save and evaluate, how fast to load; a
-# moved teacher file. Everything else is the run's identity.
+# moved teacher file; the accumulation (it follows the process count while train.global_batch stays:
+# shake_vit/core/stream.py). Everything else is the run's identity.
 RESUME_MAY_CHANGE = ('train.output_dir', 'train.epochs', 'train.log_interval', 'train.log_with', 'train.cpu_threads',
-                     'train.grad_accum', 'train.trust_pickled_files', 'train.overwrite', 'data.root', 'data.num_workers',
-                     'data.pin_memory', 'data.download', 'ckpt.', 'eval.', 'health.', 'teacher.checkpoint',
-                     'teacher.cache', 'teacher_cache.')  # (model.pretrained and det.backbone_weights decide the
-# detectors' BatchNorm and which layers train: they stay)
+                     'train.grad_accum', 'train.trust_pickled_files', 'train.overwrite', 'data.root',
+                     'data.num_workers', 'data.pin_memory', 'data.download', 'ckpt.', 'eval.', 'health.',
+                     'teacher.checkpoint', 'teacher.cache', 'teacher_cache.')  # (model.pretrained and
+# det.backbone_weights decide the detectors' BatchNorm and which layers train: they stay)
 
 
 def previous_run(out: Path) -> List[str]:

@@ -113,9 +113,10 @@ def resolve(cfg: DictConfig, world: int, saved_global_batch: Optional[int] = Non
     k = global_batch // b
     if k % world:
         fits = ', '.join(map(str, divisors(k)))
+        how = ('' if saved_global_batch is not None else ', or change train.batch_size (the micro-batch) or '
+               'train.global_batch so that the process count divides the micro-batches of an update')
         raise ConfigError(f'{world} processes cannot share the global batch {global_batch} = {k} micro-batches of '
-                          f'{b}: the process count must divide {k}. Launch {fits} processes, or change '
-                          'train.batch_size (the micro-batch) so that the processes divide the micro-batch count.')
+                          f'{b}: the process count must divide {k}. Launch {fits} processes{how}.')
     accum = k // world
     if saved_global_batch is None and t.global_batch is not None and t.grad_accum not in (1, accum):
         raise ConfigError(f'train.grad_accum={t.grad_accum} disagrees with train.global_batch={t.global_batch}, which '
@@ -162,13 +163,22 @@ class Stream:
         else:
             self.epoch_samples = num_samples
         self.full_updates = self.epoch_samples // global_batch
+        self.max_updates = max_updates
+        self._epoch: Optional[int] = None
+
+    @property
+    def updates_per_epoch(self) -> int:
+        """Whole updates per epoch (a ConfigError when the data holds not even one: raised where a run needs the
+        count, so that building the loaders for `--eval` of a small data set does not fail)."""
         if self.full_updates < 1:
             raise ConfigError(f'An epoch holds {self.epoch_samples} samples, fewer than one update of the global '
-                              f'batch {global_batch} (train.batch_size x processes x train.grad_accum, or '
+                              f'batch {self.global_batch} (train.batch_size x processes x train.grad_accum, or '
                               'train.global_batch): lower the batch size or use more data.')
-        self.updates_per_epoch = min(self.full_updates, max_updates) if max_updates > 0 else self.full_updates
-        self.micro_batches_per_epoch = self.updates_per_epoch * (global_batch // micro_batch)
-        self._epoch: Optional[int] = None
+        return min(self.full_updates, self.max_updates) if self.max_updates > 0 else self.full_updates
+
+    @property
+    def micro_batches_per_epoch(self) -> int:
+        return self.updates_per_epoch * (self.global_batch // self.micro_batch)
 
     def _draw(self, epoch: int) -> None:
         if self._epoch == epoch:
@@ -202,8 +212,7 @@ class MicroBatchSampler(Sampler):
 
     def __init__(self, stream: Stream, layout: Layout):
         self.stream, self.layout = stream, layout
-        self.plan: List[Tuple[int, int]] = []
-        self.set_epoch(0)
+        self.plan: List[Tuple[int, int]] = []  # set_epoch or set_plan fills it
 
     @property
     def steps_per_epoch(self) -> int:
@@ -239,8 +248,9 @@ class Derived:
         counts = (f'{self.updates_per_epoch} updates/epoch, {self.total_updates} updates, {self.warmup_updates} warmup '
                   'updates' if self.updates_per_epoch else 'updates per epoch, total and warmup updates need the data')
         k = self.global_batch // self.micro_batch
-        return (f'processes {self.num_processes}, global batch {self.global_batch} ({k} micro-batches of '
-                f'{self.micro_batch}, {k // self.num_processes} per process per update), lr {self.lr:.3g}, {counts}')
+        return (f'processes {self.num_processes}, global batch {self.global_batch} ({k} micro-batch'
+                f"{'es' if k > 1 else ''} of {self.micro_batch}, {k // self.num_processes} per process per update), "
+                f'lr {self.lr:.3g}, {counts}')
 
 
 def derive(cfg: DictConfig, num_processes: int, updates_per_epoch: Optional[int] = None) -> Derived:
