@@ -293,3 +293,21 @@ def test_the_slurm_script_launches_one_machine_rank_per_node(tmp_path):
         assert (f'--num_machines 2 --machine_rank {rank} --num_processes 16 --main_process_ip gpu-node-17 '
                 '--main_process_port 29500 train.py --config configs/deit_base_shake_in1k.yaml '
                 'train.output_dir=runs/deit_b --resume auto') in line, line
+
+
+def test_a_checkpoint_written_before_the_global_stream_still_resumes(accumulating, teacher_file, tmp_path):
+    """A trainer_state.json of the previous format (per-process `batches_done`, `num_processes`, no layout, no
+    train.global_batch in its config identity) resumes: its global batch is batch size x processes x accumulation."""
+    name = 'update_00000003'
+    shutil.copytree(accumulating / 'checkpoints' / name, tmp_path / 'checkpoints' / name)
+    state_file = tmp_path / 'checkpoints' / name / 'trainer_state.json'
+    state = json.loads(state_file.read_text())
+    state['batches_done'] = state.pop('micro_batches_done')  # one process: its batches are the micro-batches
+    del state['run']['layout']
+    state['run']['num_processes'] = 1
+    del state['run']['config']['train.global_batch']
+    state_file.write_text(json.dumps(state))
+    proc = main([*LAYOUT, f'teacher.checkpoint={teacher_file}', 'train.grad_accum=2', f'train.output_dir={tmp_path}',
+                 '--resume', 'auto'])
+    assert 'update 3 (micro-batch 6 of the epoch)' in proc.stdout and 'elastic' not in proc.stdout
+    assert_same_weights(accumulating / 'student.safetensors', tmp_path / 'student.safetensors')

@@ -37,7 +37,10 @@ def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) 
                               'the config the run was started with, or start a new run with model.pretrained='
                               f'{path / "model.safetensors"}.')
     if 'config' in saved:  # checkpoints written before the identity was recorded: their architecture alone
-        run_folder.check_same_run(saved['config'], current['config'], path)
+        config = dict(saved['config'])
+        # written before train.global_batch existed: its global batch is the one `resume_layout` took from it
+        config.setdefault('train.global_batch', current['config'].get('train.global_batch'))
+        run_folder.check_same_run(config, current['config'], path)
 
 
 def saved_layout(run: Dict[str, Any], micro_batch: int) -> Dict[str, int]:
