@@ -57,7 +57,7 @@ def main() -> None:
         # The first workers x prefetch_factor batches are made while the loader starts up and come out back to back:
         # timing them measures the buffer, not the workers. They are skipped, then `batches` batches are timed.
         skip = max(1, args.workers) * 2 + 1
-        if not args.root:  # RepeatAugSampler rounds an epoch down to a multiple of 256 samples
+        if not args.root:  # repeated augmentation rounds an epoch down to a multiple of 256 samples (DeiT's RASampler)
             make_imagefolder(root, -(-(skip + args.batches + 1) * args.batch_size // 256) * 256, args.workers)
         cfg = load_config([str(ROOT / 'configs/deit_tiny_shake_in1k.yaml')],
                           [f'data.root={root}', f'data.num_workers={args.workers}',

@@ -1,7 +1,8 @@
 """Checkpoints you can trust: exact resume (1 and 2 processes, mid-epoch), SIGTERM, interrupted saves, --eval.
 
-The reference run (`helpers.RUN`, checkpoints at updates 3, 4, 6, 8) and a two-machine run are session fixtures in
-conftest.py; resuming on another process count is tests/test_stream.py."""
+The reference run (`helpers.RUN`, checkpoints at updates 3, 4, 6, 8) is a session fixture in conftest.py. Resuming in
+two processes, mid-epoch, with the uninterrupted run's weights bit for bit, and resuming on another process count are
+tests/test_stream.py::test_elastic_resume_keeps_the_stream_and_the_weights."""
 import json
 import os
 import shutil
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import LAYOUT, ROOT, RUN, assert_same_weights, launch, main, results
+from helpers import ROOT, RUN, assert_same_weights, launch, main, results
 
 
 def resume_copy(source: Path, target: Path, update: int) -> None:
@@ -45,16 +46,6 @@ def test_resume_gives_identical_weights_in_one_process(reference, tmp_path, upda
     assert_same_weights(reference / 'student.safetensors', tmp_path / 'student.safetensors')
     last = 'checkpoints/update_00000008/ema.safetensors'
     assert_same_weights(reference / last, tmp_path / last)
-
-
-def test_resume_mid_epoch_gives_identical_weights_in_two_processes(two_machines, teacher_file, tmp_path):
-    """Written on two machines of one process, resumed on one machine with two: the same layout, bit for bit."""
-    full, resumed = two_machines, tmp_path / 'resumed'
-    resume_copy(full, resumed, 3)
-    proc = launch([*LAYOUT, f'teacher.checkpoint={teacher_file}', f'train.output_dir={resumed}', '--resume', 'auto'],
-                  num_processes=2)
-    assert 'resumed from' in proc.stdout and 'elastic resume' not in proc.stdout
-    assert_same_weights(full / 'student.safetensors', resumed / 'student.safetensors')
 
 
 def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(tmp_path):

@@ -1,46 +1,11 @@
-"""Data sets, the seeded augmentation stream, and repeated augmentation as two real processes see it."""
-import json
-import os
-import subprocess
-from collections import defaultdict
+"""Data sets and the seeded per-sample augmentation (the stream across processes: tests/test_stream.py)."""
 
 import pytest
 import torch
-from helpers import ROOT, failure, launcher
 
 from shake_vit.classification import data
 from shake_vit.core import data as shared_data
 from shake_vit.core.config import ConfigError, load_config
-
-
-def test_repeated_augmentation_loader_in_two_processes(tmp_path):
-    out = tmp_path / 'ra.json'
-    cmd = [*launcher(2), 'tests/ra_probe.py', str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, CUDA_VISIBLE_DEVICES='', PYTHONPATH=str(ROOT)))
-    assert proc.returncode == 0, failure(cmd, proc)
-    probe = json.loads(out.read_text())
-    assert probe['num_processes'] == 2
-    n = probe['train_size']  # 1,437 digits
-    deit_per_process = n // 256 * 256 // 2  # DeiT's RASampler epoch: 640 samples per process
-    orders = []
-    for epoch in probe['epochs']:
-        by_rank = {entry['rank']: entry['keys'] for entry in epoch}
-        assert sorted(by_rank) == [0, 1]
-        ranks_of = defaultdict(set)
-        for rank, keys in by_rank.items():
-            assert len(keys) == deit_per_process // 16 * 16  # whole batches of 16 (drop_last)
-            for index, _ in keys:
-                ranks_of[index].add(rank)
-            seeds = [seed for _, seed in keys]
-            assert len(set(seeds)) == len(seeds)  # every copy gets its own augmentation
-        # The three copies of an image are interleaved over the processes: both see nearly every drawn image.
-        shared = sum(len(r) == 2 for r in ranks_of.values()) / len(ranks_of)
-        assert shared > 0.95, shared
-        # The two processes' streams are not the same stream sharded twice: together they cover ~640/3*2 images.
-        assert len(ranks_of) == pytest.approx(2 * deit_per_process / 3, rel=0.05)
-        orders.append([index for index, _ in by_rank[0]])
-    assert orders[0] != orders[1]  # a new order every epoch
 
 
 def test_seeded_augmentation_is_a_function_of_the_key_not_of_call_order():

@@ -335,7 +335,7 @@ def test_a_detector_resumes_on_another_process_count_with_the_same_weights(det_r
     backbone trains from scratch, so they are not frozen) follow process 0's micro-batches under DDP and all of them
     in one process: they are left out."""
     out, _ = det_run
-    args = [*SMOKE, 'train.batch_size=2', 'train.cpu_threads=1', 'ckpt.interval_updates=2', 'ckpt.keep_last=10',
+    args = [*SMOKE, 'train.batch_size=2', 'train.epochs=1', 'train.cpu_threads=1', 'ckpt.interval_updates=2',
             f'teacher.checkpoint={out / "teacher.safetensors"}']
     two, one = tmp_path / 'two', tmp_path / 'one'
     launch([*args, f'train.output_dir={two}'], num_processes=2)

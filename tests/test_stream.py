@@ -18,7 +18,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -110,8 +112,10 @@ def test_the_process_count_must_divide_the_micro_batches_of_an_update(accumulati
     with pytest.raises(ConfigError, match='3 processes cannot share the global batch 128 = 4 micro-batches of 32: '
                                           'the process count must divide 4. Launch 1, 2, 4 processes'):
         stream.resolve(cfg, 3)
-    with pytest.raises(ConfigError, match='train.grad_accum=3 disagrees with train.global_batch=128'):
-        stream.resolve(load_config(None, ['train.batch_size=32', 'train.global_batch=128', 'train.grad_accum=3']), 1)
+    # with the global batch set, the accumulation follows from it: a run's config.yaml (which records both) serves
+    # another process count
+    both = load_config(None, ['train.batch_size=32', 'train.global_batch=128', 'train.grad_accum=3'])
+    assert stream.resolve(both, 1).train.grad_accum == 4 and stream.resolve(both, 2).train.grad_accum == 2
     with pytest.raises(ConfigError, match="'train.global_batch' is 100"):
         load_config(None, ['train.batch_size=32', 'train.global_batch=100'])
     # resuming: a checkpoint of 2 micro-batches per update on 3 processes names the counts that can resume it
@@ -209,6 +213,9 @@ def test_a_cache_written_on_two_machines_serves_one_process(tmp_path):
     main([*one, f'train.output_dir={tmp_path / "live"}'])
     proc = main([*one, f'teacher.cache={cache}', f'train.output_dir={tmp_path / "cached"}'])
     assert 'no teacher is built' in proc.stdout
+    other = main([*LAYOUT, f'teacher.checkpoint={fitted}', f'teacher.cache={cache}', 'train.epochs=1',
+                  f'train.output_dir={tmp_path / "other"}'], check=False)  # one process without accumulation: 32
+    assert other.returncode == 2 and 'global_batch: cache 64, this run 32' in other.stderr
     assert_same_weights(tmp_path / 'live' / 'student.safetensors', tmp_path / 'cached' / 'student.safetensors')
     assert_cached_outputs_are_the_teachers(load_config([QUICKSTART], [*one, f'teacher.cache={cache}']), cache)
     # half a cache (a shard lost, a writer preempted) finished by another process count
@@ -269,23 +276,33 @@ def test_only_global_rank_zero_writes_files():
     assert not found, found
 
 
-def test_the_slurm_script_launches_one_machine_rank_per_node(tmp_path):
-    """configs/slurm/train.sbatch under stand-ins for SLURM's `scontrol` and `srun` (one task per node, SLURM_NODEID
-    set) and for `accelerate` (which prints its arguments): each node gets its rank and the first node's address."""
+def slurm_stand_ins(tmp_path, srun: str) -> dict:
+    """Stand-ins for SLURM's `scontrol`, `scancel` and `srun` and for `accelerate` (which prints its arguments) on
+    PATH; each call of scontrol and scancel is logged to tmp_path/calls."""
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
+    calls = tmp_path / 'calls'
     stand_ins = {
-        'scontrol': 'printf "gpu-node-17\\ngpu-node-18\\n"',
-        'srun': 'shift; for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@"; done',
+        'scontrol': f'echo "scontrol $*" >> {calls}; [ "$1" = show ] && printf "gpu-node-17\\ngpu-node-18\\n"; true',
+        'scancel': f'echo "scancel $*" >> {calls}',
+        'srun': srun,
         'accelerate': 'echo "accelerate $*"',
     }
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f'#!/bin/bash\n{body}\n')
         (bin_dir / name).chmod(0o755)
-    env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_NNODES='2', SLURM_GPUS_ON_NODE='8',
-               SLURM_JOB_NODELIST='gpu-node-[17-18]')
-    proc = subprocess.run(['bash', 'configs/slurm/train.sbatch', 'configs/deit_base_shake_in1k.yaml',
-                           'train.output_dir=runs/deit_b'], cwd=ROOT, capture_output=True, text=True, env=env)
+    return dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_NNODES='2', SLURM_GPUS_ON_NODE='8',
+                SLURM_JOB_NODELIST='gpu-node-[17-18]', SLURM_JOB_ID='4242')
+
+
+SBATCH = ['bash', 'configs/slurm/train.sbatch', 'configs/deit_base_shake_in1k.yaml', 'train.output_dir=runs/deit_b']
+
+
+def test_the_slurm_script_launches_one_machine_rank_per_node(tmp_path):
+    """configs/slurm/train.sbatch under stand-ins (srun: one task per node, SLURM_NODEID set): each node gets its
+    rank and the first node's address; a job that ends by itself is not requeued."""
+    env = slurm_stand_ins(tmp_path, 'shift; for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@"; done')
+    proc = subprocess.run(SBATCH, cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert len(lines) == 2
@@ -293,6 +310,28 @@ def test_the_slurm_script_launches_one_machine_rank_per_node(tmp_path):
         assert (f'--num_machines 2 --machine_rank {rank} --num_processes 16 --main_process_ip gpu-node-17 '
                 '--main_process_port 29500 train.py --config configs/deit_base_shake_in1k.yaml '
                 'train.output_dir=runs/deit_b --resume auto') in line, line
+    assert 'requeue' not in (tmp_path / 'calls').read_text()
+
+
+def test_the_slurm_script_stops_the_run_then_requeues_near_the_time_limit(tmp_path):
+    """SLURM's USR1 before the time limit: the script sends SIGTERM to the run's step, waits for the run to save and
+    exit, then requeues the job."""
+    env = slurm_stand_ins(tmp_path, f'trap "echo saved > {tmp_path}/saved; exit 0" TERM; '
+                                    f'echo $$ > {tmp_path}/running; while true; do sleep 0.1; done')
+    proc = subprocess.Popen(SBATCH, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 30
+    while not (tmp_path / 'running').exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)  # what `--signal=B:USR1@300` sends
+    while 'scancel' not in (tmp_path / 'calls').read_text() and time.time() < deadline:
+        time.sleep(0.05)
+    # the stand-in scancel only logs: deliver the SIGTERM it asked for to the stand-in srun
+    assert 'scancel --signal=TERM 4242.0' in (tmp_path / 'calls').read_text()
+    os.kill(int((tmp_path / 'running').read_text()), signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert (tmp_path / 'saved').exists() and 'the job is requeued' in out
+    assert (tmp_path / 'calls').read_text().splitlines()[-1] == 'scontrol requeue 4242'
 
 
 def test_a_checkpoint_written_before_the_global_stream_still_resumes(accumulating, teacher_file, tmp_path):
@@ -306,6 +345,7 @@ def test_a_checkpoint_written_before_the_global_stream_still_resumes(accumulatin
     del state['run']['layout']
     state['run']['num_processes'] = 1
     del state['run']['config']['train.global_batch']
+    state['run']['config']['train.grad_accum'] = 2  # the identity then held the accumulation
     state_file.write_text(json.dumps(state))
     proc = main([*LAYOUT, f'teacher.checkpoint={teacher_file}', 'train.grad_accum=2', f'train.output_dir={tmp_path}',
                  '--resume', 'auto'])

@@ -41,7 +41,7 @@ def write(cfg: DictConfig, root: str, family) -> Dict[str, Any]:
     whose data, teachers and pipeline the run would have. Returns the manifest."""
     from accelerate.utils import set_seed
 
-    from ..core.build import log, make_accelerator, process_state
+    from ..core.build import downloads_first, log, make_accelerator, process_state
     from ..core.engine import evaluate, progress
 
     if not methods.of(cfg).needs_teacher:
@@ -56,8 +56,10 @@ def write(cfg: DictConfig, root: str, family) -> Dict[str, Any]:
     if acc.is_main_process:  # a teacher fitted first is saved in the run's folder, as a training run would
         Path(cfg.train.output_dir).mkdir(parents=True, exist_ok=True)
     set_seed(cfg.train.seed, device_specific=True)
-    splits = family.build_splits(cfg)
-    pipe = family.build_pipeline(cfg, acc, splits, family.build_student(cfg, len(splits.classes)))
+    with downloads_first(acc):
+        splits = family.build_splits(cfg)
+        student = family.build_student(cfg, len(splits.classes))
+    pipe = family.build_pipeline(cfg, acc, splits, student)
     teachers = family.get_teachers(cfg, acc, pipe)
     task = DistillationTask(torch.nn.Identity(), teachers, None, None, pipe.mean, pipe.std,
                             **teacher_options(cfg)).to(acc.device)

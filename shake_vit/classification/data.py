@@ -153,7 +153,8 @@ def build_mixup(a: DictConfig, num_classes: int) -> Optional[Mixup]:
 
 
 def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: Splits, student: nn.Module, repeats: int) -> Pipeline:
-    """The loaders: this process's train share (`repeats`: repeated augmentation's copies) and the val loader."""
+    """The loaders: this process's micro-batches of the global stream (`repeats`: repeated augmentation's copies)
+    and the val loader."""
     model_cfg = resolve_model_data_config(getattr(student, 'model', student))  # a Student wraps its timm model
     mean, std = tuple(cfg.data.mean or model_cfg['mean']), tuple(cfg.data.std or model_cfg['std'])
     train_tf, val_tf = build_transforms(cfg.aug, cfg.data.img_size, mean, std)

@@ -160,6 +160,10 @@ class Trainer:
         if layout.accum != acc.gradient_accumulation_steps:  # the runner resolves both from one config
             raise RuntimeError(f'The loader accumulates {layout.accum} micro-batches per update and the Accelerator '
                                f'{acc.gradient_accumulation_steps}.')
+        if skip_updates > num_updates:
+            raise RuntimeError(f'The checkpoint is at update {skip_updates} of epoch {epoch}, which has {num_updates} '
+                               'updates here: resume with the epoch length it was written with '
+                               '(train.max_updates_per_epoch and the data).')
         first, steps = skip_updates * layout.accum, num_updates * layout.accum  # whole updates: the lr stays exact
         sampler.set_epoch(epoch, first)
         cache = getattr(task, 'cache', None)  # a teacher-output cache reads this epoch's micro-batches from here on

@@ -79,7 +79,12 @@ def _leaves(node: Any, prefix: str = '') -> Dict[str, Any]:
 
 def identity(cfg: DictConfig) -> Dict[str, Any]:
     """The config a resume must keep, as flat `section.key` leaves (lists whole)."""
-    leaves = _leaves(OmegaConf.to_container(cfg, resolve=True))
+    return kept(_leaves(OmegaConf.to_container(cfg, resolve=True)))
+
+
+def kept(leaves: Dict[str, Any]) -> Dict[str, Any]:
+    """Flat `section.key` leaves without those a resume may change (a checkpoint's identity recorded when the list
+    was shorter is compared on what it is now)."""
     return {k: v for k, v in leaves.items() if not any(k == m or (m.endswith('.') and k.startswith(m))
                                                         for m in RESUME_MAY_CHANGE)}
 

@@ -37,7 +37,7 @@ def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) 
                               'the config the run was started with, or start a new run with model.pretrained='
                               f'{path / "model.safetensors"}.')
     if 'config' in saved:  # checkpoints written before the identity was recorded: their architecture alone
-        config = dict(saved['config'])
+        config = run_folder.kept(saved['config'])
         # written before train.global_batch existed: its global batch is the one `resume_layout` took from it
         config.setdefault('train.global_batch', current['config'].get('train.global_batch'))
         run_folder.check_same_run(config, current['config'], path)
@@ -109,9 +109,9 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
     cfg, elastic = resume_layout(cfg, start, process_state().num_processes)
     acc = make_accelerator(cfg)
     set_seed(cfg.train.seed, device_specific=True)
-    with downloads_first(acc):  # a data set with data.download=true: one download per disk
+    with downloads_first(acc):  # a data set with data.download=true, a detector's torchvision weights
         splits = family.build_splits(cfg)
-    student = family.build_student(cfg, len(splits.classes))
+        student = family.build_student(cfg, len(splits.classes))
     layout = {'global_batch': cfg.train.global_batch, 'processes': acc.num_processes, 'accum': cfg.train.grad_accum}
     identity = {**family.run_identity(cfg, student), 'layout': layout, 'config': run_folder.identity(cfg)}
     if start is not None:
@@ -227,8 +227,9 @@ def evaluate_checkpoint(path: str, cfg: DictConfig) -> Dict[str, Any]:
     cfg = stream.for_evaluation(cfg, process_state().num_processes)
     acc = make_accelerator(cfg, trackers=False)
     set_seed(cfg.train.seed)
-    splits = family.build_splits(cfg)
-    student = family.build_student(cfg, len(splits.classes))
+    with downloads_first(acc):
+        splits = family.build_splits(cfg)
+        student = family.build_student(cfg, len(splits.classes))
     weights, ema_weights, where = read_weights(Path(path), cfg.train.trust_pickled_files, family.student_keys)
     with_shadow = family.load_weights(student, weights, path, cfg)
     ema = None

@@ -87,7 +87,7 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = 300
     batch_size: int = 128  # the micro-batch: what one process computes in one forward
-    grad_accum: int = 1  # accumulation steps per update on this launch's processes (when global_batch is null)
+    grad_accum: int = 1  # accumulation steps per update when global_batch is null; set, global_batch decides it
     # images per optimizer update; null: batch_size x processes x grad_accum. Set it to keep the stream (and a
     # teacher cache) across process counts; a resumed run keeps its checkpoint's (shake_vit/core/stream.py)
     global_batch: Optional[int] = None

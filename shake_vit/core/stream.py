@@ -7,8 +7,8 @@ consumes k = B / b micro-batches of the global batch B (`train.global_batch`; nu
 Every epoch is a pure function of (seed, epoch):
 - the order: a permutation of the training set (repeated augmentation: each image `repeats` times, the first
   `epoch_samples` of those positions, as DeiT's RASampler selects), cut to whole updates; within one update the
-  positions are dealt to its k micro-batches by stride, so that the copies of one image land in different
-  micro-batches, as DeiT's sampler spreads them over GPUs;
+  positions are dealt to its k micro-batches by stride, as DeiT's sampler deals them to its GPUs, so that the copies
+  of one image land in different micro-batches when k is at least the number of copies;
 - micro-batch m: positions m*b ... m*b+b-1 of that order;
 - every sample's augmentation seed: a function of (seed, epoch, position);
 - mixup/cutmix and the student's own randomness (drop path, dropout, a detector's box sampling): seeded per
@@ -117,11 +117,8 @@ def resolve(cfg: DictConfig, world: int, saved_global_batch: Optional[int] = Non
                'train.global_batch so that the process count divides the micro-batches of an update')
         raise ConfigError(f'{world} processes cannot share the global batch {global_batch} = {k} micro-batches of '
                           f'{b}: the process count must divide {k}. Launch {fits} processes{how}.')
-    accum = k // world
-    if saved_global_batch is None and t.global_batch is not None and t.grad_accum not in (1, accum):
-        raise ConfigError(f'train.grad_accum={t.grad_accum} disagrees with train.global_batch={t.global_batch}, which '
-                          f'on {world} process{"es" if world > 1 else ""} of train.batch_size={b} needs {accum} '
-                          'accumulation steps: set one of the two (train.global_batch decides the accumulation).')
+    accum = k // world  # with train.global_batch set, train.grad_accum follows from it: a run's config.yaml records
+    # both, and stays usable on another process count
     out = cfg.copy()
     out.train.global_batch, out.train.grad_accum = global_batch, accum
     return out

@@ -79,7 +79,12 @@ def prerequisites(cfg: DictConfig, arches: List[str]) -> List[DictConfig]:
 def record_of(run: DictConfig) -> Dict:
     """What a pretraining's weights depend on: its config but where it is written and how it runs."""
     from ..core.run_folder import identity
-    return {**identity(run), 'train.epochs': run.train.epochs}  # (a resume may extend a run; a record may not)
+    record = {**identity(run), 'train.epochs': run.train.epochs}  # (a resume may extend a run; a record may not)
+    # as records were before train.global_batch existed, so that a pretraining done then is still reused
+    if run.train.global_batch is None:
+        del record['train.global_batch']
+    record['train.grad_accum'] = run.train.grad_accum
+    return record
 
 
 def record_done(run: DictConfig, results: Dict) -> None:

@@ -283,7 +283,9 @@ class DetectionFamily(Family):
         for teacher in teachers:
             check_teacher(teacher, inner, cfg.teacher.name)
         transform = inner.detector.transform
-        ramp = derive(cfg, 1, pipe.updates_per_epoch).warmup_updates
+        # the ramps' length, in updates; --eval (which trains nothing) may have a training split too small for one
+        stream = pipe.train_loader.batch_sampler.stream
+        ramp = derive(cfg, 1, pipe.updates_per_epoch).warmup_updates if stream.full_updates else 0
         return DetectionTask(student, teachers[0] if teachers else None, methods.loss_fn(cfg), transform.image_mean,
                              transform.image_std, ramp_updates=ramp)
 

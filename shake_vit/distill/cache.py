@@ -58,7 +58,9 @@ def in_use(cfg: DictConfig) -> bool:
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """sha256 of a model's parameters and buffers, names and bytes in order."""
+    """sha256 of a model's parameters and buffers, names and bytes in order (a torch.compile'd model: its original's,
+    whose state dict keys carry no `_orig_mod.` prefix)."""
+    model = getattr(model, '_orig_mod', model)
     h = hashlib.sha256()
     for name, tensor in model.state_dict().items():
         h.update(name.encode())

@@ -32,6 +32,8 @@ def teacher_record(cfg: DictConfig, t: DictConfig, **family: Any) -> Dict[str, A
             'aug': cfg.aug,
             'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory')},
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
+    if cfg.train.global_batch not in (None, cfg.train.batch_size):  # (left out otherwise: older records still match)
+        keep['global_batch'] = cfg.train.global_batch
     keep.update(family)
     return OmegaConf.to_container(OmegaConf.create(keep), resolve=True)
 
