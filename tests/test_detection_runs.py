@@ -107,13 +107,29 @@ def test_fine_tuning_on_other_classes_starts_a_new_box_predictor(det_run, coco, 
     assert wrong.returncode != 0 and 'does not fit fasterrcnn_resnet18_fpn as configured' in wrong.stderr
 
 
-def test_two_processes_on_coco_format_data_count_every_image_once(coco, tmp_path):
-    out = tmp_path / 'ddp'
-    proc = launch([*SMOKE, 'data.name=coco', f'data.root={coco}', 'train.batch_size=2', 'eval.batch_size=1',
-                   f'train.output_dir={out}'], num_processes=2)
-    assert 'processes 2, global batch 4' in proc.stdout
-    r = results(out)
+def test_two_processes_on_coco_format_data_count_every_image_once_and_resume_on_one(coco, tmp_path):
+    """Two processes of one image each (a global batch of 2, two updates an epoch) on COCO-format data count every
+    validation image once. Stopped after update 1 of epoch 0 (the checkpoint alone copied to a new folder) and finished
+    by one process accumulating two micro-batches, the detector ends with the uninterrupted run's parameters bit for
+    bit: the RPN's and the RoI heads' sampling is seeded per global micro-batch, BatchNorm normalises each
+    micro-batch by its own statistics, and the sum of two micro-batches' gradients (g0 / 2 + g1 / 2) has one order
+    (tests/test_stream.py). The BatchNorm running statistics (this backbone trains from scratch, so they are not
+    frozen) follow process 0's micro-batches under DDP and all of them in one process: they are left out."""
+    args = [*SMOKE, 'data.name=coco', f'data.root={coco}', 'train.batch_size=1', 'eval.batch_size=1',
+            'train.cpu_threads=1', 'ckpt.interval_updates=1', 'ckpt.keep_last=10']
+    two, one = tmp_path / 'two', tmp_path / 'one'
+    proc = launch([*args, f'train.output_dir={two}'], num_processes=2)
+    assert 'processes 2, global batch 2' in proc.stdout
+    r = results(two)
     assert r['num_samples'] == 3 and 'shadow_ap' in r and 'teacher_ap' in r  # 3 val images on 2 processes
+    shutil.copytree(two / 'checkpoints' / 'update_00000001', one / 'checkpoints' / 'update_00000001')
+    for f in ('teacher.safetensors', 'teacher.json'):
+        shutil.copy(two / f, one / f)
+    proc = main([*args, f'train.output_dir={one}', '--resume', 'auto'])
+    assert 'written by 2 processes x 1 accumulation, this run has 1 x 2' in proc.stdout
+    a, b = load_file(str(two / 'student.safetensors')), load_file(str(one / 'student.safetensors'))
+    parameters = [k for k in a if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
+    assert len(parameters) > 50 and all(torch.equal(a[k], b[k]) for k in parameters)
 
 
 def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(det_run, tmp_path):
@@ -324,24 +340,3 @@ def test_ramped_mutual_weights_start_at_zero_and_grow_over_the_warmup(tmp_path):
     # the teacher term is not ramped: logged at full weight from update 0, and it moves once the shadow does
     assert set(values['train/kl_shadow_teacher']) == set(values['train/kl_cls_shadow'])
     assert values['train/kl_shadow_teacher'][4] > 0
-
-
-def test_a_detector_resumes_on_another_process_count_with_the_same_weights(det_run, tmp_path):
-    """Two processes of two scenes each (a global batch of 4), stopped after update 2 of epoch 0's 3 (the checkpoint
-    alone copied to a new folder), finished by one process accumulating two micro-batches: the uninterrupted run's
-    parameters bit for bit. The RPN's and the RoI heads' sampling is seeded per global micro-batch, and BatchNorm
-    normalises each micro-batch by its own statistics, so only the order of the gradient sums could differ, and with
-    two micro-batches (g0 / 2 + g1 / 2) it does not (tests/test_stream.py). The BatchNorm running statistics (this
-    backbone trains from scratch, so they are not frozen) follow process 0's micro-batches under DDP and all of them
-    in one process: they are left out."""
-    out, _ = det_run
-    args = [*SMOKE, 'train.batch_size=2', 'train.epochs=1', 'train.cpu_threads=1', 'ckpt.interval_updates=2',
-            f'teacher.checkpoint={out / "teacher.safetensors"}']
-    two, one = tmp_path / 'two', tmp_path / 'one'
-    launch([*args, f'train.output_dir={two}'], num_processes=2)
-    shutil.copytree(two / 'checkpoints' / 'update_00000002', one / 'checkpoints' / 'update_00000002')
-    proc = main([*args, f'train.output_dir={one}', '--resume', 'auto'])
-    assert 'written by 2 processes x 1 accumulation, this run has 1 x 2' in proc.stdout
-    a, b = load_file(str(two / 'student.safetensors')), load_file(str(one / 'student.safetensors'))
-    parameters = [k for k in a if not k.endswith(('running_mean', 'running_var', 'num_batches_tracked'))]
-    assert len(parameters) > 50 and all(torch.equal(a[k], b[k]) for k in parameters)
