@@ -323,7 +323,8 @@ def main() -> None:
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
     folds_run = [0] if args.smoke else list(range(args.folds))
     ctx = mp.get_context('spawn')
-    with ctx.Pool(args.workers, maxtasksperchild=1) as pool:
+    # a new process per run, but in a smoke run (the tests), whose workers run job after job (study.runs_pool)
+    with ctx.Pool(args.workers, maxtasksperchild=None if args.smoke else 1) as pool:
         teachers = pool.starmap(teacher_job, [(f, args.folds, inner, out, args.teacher_epochs, study) for f in folds_run
                                               for inner in ((False, True) if args.sens_seeds else (False,))])
         paths = dict(teachers)

@@ -85,7 +85,8 @@ def main() -> None:
     seeds, teacher_epochs = (1, 1) if args.smoke else (args.seeds, TEACHER_EPOCHS)
     out = Path(args.out).resolve()
     begin = time.perf_counter()
-    teacher, records = teacher_then_methods(out, study, BASE, teacher_epochs, METHODS, seeds, args.teacher_cache)
+    teacher, records = teacher_then_methods(out, study, BASE, teacher_epochs, METHODS, seeds, args.teacher_cache,
+                                            smoke=args.smoke)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     print(f'[cnn_shadow] {len(records)} runs, {elapsed / 60:.1f} min of study time; records in {out}/runs.json')
     if args.smoke:

@@ -18,7 +18,6 @@ finished run) and, unless --smoke, docs/results/detection.md with its data besid
 """
 import json
 import math
-import multiprocessing as mp
 import os
 import statistics
 import sys
@@ -26,7 +25,7 @@ import time
 from datetime import date
 from pathlib import Path
 
-from benchmarks.study import ROOT, _cpu_name, _run, add_elapsed, job, paired, study_args, write_report
+from benchmarks.study import ROOT, _cpu_name, _run, add_elapsed, job, paired, runs_pool, study_args, write_report
 
 BASE = str(ROOT / 'configs' / 'det_quickstart.yaml')
 STUDENT_EPOCHS = 6
@@ -65,12 +64,13 @@ HEADS = ('ap', 'ap50', 'ap75')
 SMOKE_ROWS = ('none', 'kd', 'shake_ms0')  # --smoke: each method once, SHAKE at its default
 
 
-def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, seeds: dict, only=None) -> tuple:
+def run_rows(out: Path, study: list, base, groups: list, teacher_epochs: int, seeds: dict, only=None,
+             smoke: bool = False) -> tuple:
     """The shared backbone and teacher (a 1-epoch kd run of the quick start pretrains the backbone on the digits,
     fits the teacher and saves both), then every row of `groups` on its seeds (`only`: those rows alone), two runs at
     a time."""
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
-    with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
+    with runs_pool(smoke) as pool:
         pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
                                                f'teacher.fit.epochs={teacher_epochs}'], out, study, base))
         shared = out / 'runs' / 'teacher'
@@ -200,7 +200,7 @@ def main() -> None:
         teacher, records = shared_records(out), {}
     else:
         teacher, records = run_rows(out, study, base, groups, 1 if args.smoke else TEACHER_EPOCHS, seeds,
-                                    only=SMOKE_ROWS if args.smoke else None)
+                                    only=SMOKE_ROWS if args.smoke else None, smoke=args.smoke)
     elapsed = add_elapsed(out, time.perf_counter() - begin)
     everything = {json.loads(p.read_text())['name']: json.loads(p.read_text())
                   for p in (out / 'records').glob('*.json')}  # earlier calls' rows too

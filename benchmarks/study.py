@@ -23,8 +23,13 @@ def job(name: str, overrides: List[str], out: Path, study: List[str], base: Unio
     record_path = out / 'records' / f'{name}.json'
     if record_path.is_file():
         return json.loads(record_path.read_text())
+    from accelerate.state import AcceleratorState, GradientState
+
     from shake_vit.core.engine import NonFiniteLoss
     from shake_vit.core.runner import train
+    # a worker that ran another job before (`runs_pool(smoke=True)`) starts as a new interpreter would
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
     cfg = _config(overrides, out, study, base, name)
     start = time.perf_counter()
     try:
@@ -114,6 +119,12 @@ def _run(args) -> dict:
     return job(*args)
 
 
+def runs_pool(smoke: bool = False):
+    """Two worker processes for a study's runs. A study starts a new process for every run, so that no run inherits
+    another's state; a smoke run (the tests) reuses the two, which saves an interpreter start per run."""
+    return mp.get_context('spawn').Pool(2, maxtasksperchild=None if smoke else 1)
+
+
 def study_args(doc: str, seeds: int, out: str, teacher_cache: bool = False, groups: str = '',
                report_only: bool = False) -> argparse.Namespace:
     """The command line every seeded study takes: --seeds, --out, --docs, --smoke (and --teacher-cache, for a study
@@ -145,13 +156,13 @@ def write_report(docs: str, name: str, text: str, data: dict) -> None:
 
 
 def teacher_then_methods(out: Path, study: List[str], base, teacher_epochs: int, methods: Dict[str, tuple],
-                         seeds: int, teacher_cache: bool = False) -> tuple:
+                         seeds: int, teacher_cache: bool = False, smoke: bool = False) -> tuple:
     """A study's runs, two at a time with one thread each: a teacher fitted once (by a one-epoch kd run) and shared,
     then every method (`{name: (label, overrides)}`) on every seed (with `teacher_cache`, from shared teacher-output
     caches where a method can read one). Returns the teacher's record and the runs' records by name (also written to
     OUT/runs.json)."""
     os.environ['OMP_NUM_THREADS'] = os.environ['MKL_NUM_THREADS'] = '1'
-    with mp.get_context('spawn').Pool(2, maxtasksperchild=1) as pool:
+    with runs_pool(smoke) as pool:
         teacher = pool.apply(job, ('teacher', ['loss.method=kd', 'train.epochs=1', 'eval.interval=1',
                                                f'teacher.fit.epochs={teacher_epochs}'], out, study, base))
         checkpoint = f"teacher.checkpoint={out / 'runs' / 'teacher' / 'teacher.safetensors'}"
