@@ -202,6 +202,8 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
     if stopped:
         log(acc, f'stopped by {stop.signal or "a peer process"} at epoch {progress.epoch}, update {trainer.update}; '
                  f'checkpoint {ckpt.latest()}. Continue with the same command plus --resume auto.')
+        trainer.task = task = prepared = None  # the DDP module (and its reducer) goes before the process group
+        acc.free_memory()
         finish(acc, keep_process_group=before)
         return {}
     if not progress.metrics:  # resumed from a finished run's last checkpoint: nothing left to train
@@ -216,6 +218,10 @@ def train(cfg: DictConfig, resume: Optional[str] = None, before: bool = False) -
         state = {k: v.contiguous() for k, v in acc.unwrap_model(prepared).state_dict().items()}
         save_file(state, str(out / 'student.safetensors'))
     log(acc, f'final evaluation ({out}/results.json):\n' + family.format_table(results, student))
+    # The DDP module (and its reducer) goes before the process group: left to the interpreter's exit, a gloo group's
+    # threads were once torn down after it ("terminate called without an active exception", 1 suite run in ~5).
+    trainer.task = task = prepared = None
+    acc.free_memory()
     finish(acc, keep_process_group=before)
     return results
 
