@@ -57,14 +57,14 @@ def parse_args(argv):
 def print_config(cfg) -> None:
     """The resolved config, then what follows from it; the values that need the data are named when it is absent
     (e.g. before the cluster's data set is mounted)."""
-    from accelerate import PartialState
     from omegaconf import OmegaConf
 
     from shake_vit.core import stream
+    from shake_vit.core.build import process_state
     from shake_vit.core.family import family_of
     from shake_vit.core.stream import derive
     from shake_vit.distill import methods
-    state = PartialState()
+    state = process_state()  # joined as a run joins them (on a CPU-only machine too)
     cfg = stream.resolve(cfg, state.num_processes)  # the global batch and this launch's accumulation, as a run has
     if state.is_main_process:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -149,10 +149,10 @@ def main(argv=None) -> int:
                 export(args.export, cfg, args.export_head, args.export_dir, args.export_ema, args.export_format)
             return 0
         cfg = load_config(args.config or [str(QUICKSTART)], args.overrides)
-        said_once = False
-        if args.print_config:
+        if args.print_config:  # what it refuses, every process refuses alike: one says it
             print_config(cfg)
             return 0
+        said_once = False
         if args.check_data:
             return check_data(cfg)
         if args.cache_teacher:

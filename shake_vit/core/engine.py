@@ -161,7 +161,8 @@ class Trainer:
             raise RuntimeError(f'The loader accumulates {layout.accum} micro-batches per update and the Accelerator '
                                f'{acc.gradient_accumulation_steps}.')
         if skip_updates > num_updates:
-            raise RuntimeError(f'The checkpoint is at update {skip_updates} of epoch {epoch}, which has {num_updates} '
+            from .checkpoint import CheckpointError
+            raise CheckpointError(f'The checkpoint is at update {skip_updates} of epoch {epoch}, which has {num_updates} '
                                'updates here: resume with the epoch length it was written with '
                                '(train.max_updates_per_epoch and the data).')
         first, steps = skip_updates * layout.accum, num_updates * layout.accum  # whole updates: the lr stays exact
