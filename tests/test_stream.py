@@ -70,7 +70,9 @@ def epoch_of(cfg, world: int, rank: int, epoch: int, splits, train_tf, mixup):
 def test_the_stream_is_the_same_in_every_layout():
     """1 x 4, 2 x 2 and 4 x 1: every micro-batch of an epoch has the same (sample index, augmentation seed) pairs,
     the same augmented images and the same mixup/cutmix draw. Repeated augmentation (DeiT's 3 copies), random erasing,
-    mixup and cutmix all on."""
+    mixup and cutmix all on. What a micro-batch holds is a function of (seed, epoch, m) by construction; what a layout
+    can get wrong, and what fails here if it does, is which process loads which micro-batch: every one exactly once,
+    none on two processes, and the loader's own output for it."""
     cfg = load_config(None, ['data.name=digits', 'data.img_size=16', 'data.num_workers=0', 'aug.repeated_aug=3',
                              'aug.mixup=0.8', 'aug.cutmix=1.0', 'aug.re_prob=0.25', 'train.batch_size=8',
                              'train.global_batch=32', 'train.seed=5'])

@@ -26,7 +26,7 @@ from ..core.config import ConfigError
 from ..core.engine import evaluate
 from ..core.weights import offline_unless_reachable, read_state_dict
 from ..distill import methods
-from ..distill.teacher import fit_or_reuse, fitted_path, teacher_record, train_teacher
+from ..distill.teacher import fit_or_reuse, fitted_earlier, fitted_path, teacher_record, train_teacher
 from ..zoo.crd import CRD_NAMES
 from . import data
 from .models import build_teacher_architecture, cifar_stem, unknown_model_error
@@ -302,7 +302,7 @@ def speed_up(teacher: DistillationTeacher, t: DictConfig) -> DistillationTeacher
     return teacher
 
 
-def _source(cfg: DictConfig, t: DictConfig, index: int, num_classes: int) -> str:
+def _source(t: DictConfig, num_classes: int) -> str:
     """Where `get_teachers` takes teacher `t` from: 'checkpoint', 'hub', or 'fit' (fitted here, or reused)."""
     if t.checkpoint:
         return 'checkpoint'
@@ -321,22 +321,20 @@ def cache_claims(cfg: DictConfig, pipe: Pipeline, teachers: Optional[List[Distil
     from ..distill.cache import weights_hash
     claims = []
     for index, t in enumerate(teacher_configs(cfg)):
-        source = _source(cfg, t, index, pipe.num_classes)
-        fitted = fitted_path(cfg, index)
+        source = _source(t, pipe.num_classes)
+        fitted = fitted_earlier(cfg, index, teacher_record(cfg, t)) if source == 'fit' else None
         if teachers is not None:
             claim = {'sha256': weights_hash(teachers[index].model)}
             if source != 'checkpoint':
                 claim[source] = t.name if source == 'hub' else teacher_record(cfg, t)
         elif source == 'hub':
             claim = {'hub': t.name}
-        elif source == 'fit' and not (fitted.with_suffix('.safetensors').is_file() and fitted.with_suffix(
-                '.json').is_file() and json.loads(fitted.with_suffix('.json').read_text()).get('record')
-                == teacher_record(cfg, t)):
+        elif source == 'fit' and fitted is None:
             claim = {'fit': teacher_record(cfg, t)}
         else:  # the weights are here: the ones the run would load, at the precision it would run them
-            path = t.checkpoint or str(fitted.with_suffix('.safetensors'))
-            model = load_teacher(t, pipe.num_classes, (pipe.mean, pipe.std), path, cfg.train.trust_pickled_files)
-            claim = {'sha256': weights_hash(speed_up(model, OmegaConf.merge(t, {'compile': False})).model)}
+            model = load_teacher(t, pipe.num_classes, (pipe.mean, pipe.std), str(t.checkpoint or fitted),
+                                 cfg.train.trust_pickled_files)
+            claim = {'sha256': weights_hash(speed_up(model, t).model)}  # (the hash looks through torch.compile)
         claims.append(claim)
     return claims
 
@@ -352,7 +350,7 @@ def get_teachers(cfg: DictConfig, acc: Accelerator, pipe: Pipeline, fit: bool = 
         if t.checkpoint:
             teacher, source = load_teacher(t, pipe.num_classes, data_norm, trusted=cfg.train.trust_pickled_files), \
                 t.checkpoint
-        elif t.pretrained and (t.class_map or _hub_head_fits(t, pipe.num_classes)):
+        elif _source(t, pipe.num_classes) == 'hub':
             with downloads_first(acc):
                 teacher = load_teacher(t, pipe.num_classes, data_norm)
         elif fit:

@@ -3,7 +3,6 @@ import contextlib
 import os
 import sys
 import time
-from itertools import islice
 from typing import Callable, Dict, Optional
 
 import torch
@@ -162,14 +161,16 @@ class Trainer:
                                f'{acc.gradient_accumulation_steps}.')
         if skip_updates > num_updates:
             from .checkpoint import CheckpointError
-            raise CheckpointError(f'The checkpoint is at update {skip_updates} of epoch {epoch}, which has {num_updates} '
-                               'updates here: resume with the epoch length it was written with '
-                               '(train.max_updates_per_epoch and the data).')
+            raise CheckpointError(f'The checkpoint is at update {skip_updates} of epoch {epoch}, which has '
+                                  f'{num_updates} updates here: resume with the epoch length it was written with '
+                                  '(train.max_updates_per_epoch and the data).')
         first, steps = skip_updates * layout.accum, num_updates * layout.accum  # whole updates: the lr stays exact
-        sampler.set_epoch(epoch, first)
+        # the global micro-batches this process trains, in order: what the loader loads and the cache reads
+        plan = [(epoch, layout.micro_batch_of(step)) for step in range(first, steps)]
+        sampler.set_plan(plan)
         cache = getattr(task, 'cache', None)  # a teacher-output cache reads this epoch's micro-batches from here on
         if cache is not None:
-            cache.start_epoch(epoch, [layout.micro_batch_of(s) for s in range(first, steps)])
+            cache.start_epoch(epoch, [m for _, m in plan])
         last: Dict[str, float] = {}
         # The bar is cleared however the epoch ends, an error included, so the error is not printed onto its line;
         # the cache's reading thread is stopped likewise.
@@ -177,8 +178,7 @@ class Trainer:
                       disable=not acc.is_local_main_process) as bar, contextlib.ExitStack() as stack:
             if cache is not None:
                 stack.callback(cache.close)
-            for step, (x, y) in enumerate(islice(loader, steps - first), start=first):
-                m = layout.micro_batch_of(step)
+            for (x, y), (_, m) in zip(loader, plan):
                 trace_hook(epoch, m, self.update)
                 if cache is not None:
                     cache.next_batch(y)  # checks the micro-batch's labels against the cache's

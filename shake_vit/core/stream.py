@@ -82,11 +82,6 @@ class Layout:
         update, a = divmod(step, self.accum)
         return update * self.per_update + a * self.world + self.rank
 
-    def describe(self) -> str:
-        return (f'global batch {self.global_batch} = {self.per_update} micro-batches of {self.micro_batch}: '
-                f'{self.world} process{"es" if self.world > 1 else ""} x {self.accum} accumulation '
-                f'step{"s" if self.accum > 1 else ""}')
-
 
 def resolve(cfg: DictConfig, world: int, saved_global_batch: Optional[int] = None) -> DictConfig:
     """The config with `train.global_batch` and `train.grad_accum` (this launch's accumulation) filled in for `world`

@@ -3,7 +3,7 @@ is reused, and the fit itself (the task family supplies the model and its traini
 """
 import json
 from pathlib import Path
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import torch.nn as nn
 from accelerate import Accelerator
@@ -63,6 +63,15 @@ def train_teacher(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, 
     return model.eval()
 
 
+def fitted_earlier(cfg: DictConfig, index: int, record: Dict[str, Any]) -> Optional[Path]:
+    """Teacher `index`'s file fitted earlier in the run folder, when its record matches `record` (else None)."""
+    stem = fitted_path(cfg, index)
+    path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
+    if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
+        return path
+    return None
+
+
 def fit_or_reuse(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, record: Dict[str, Any],
                  load: Callable[[Path], Any], fit: Callable[[], nn.Module], measure: Callable[[nn.Module], Dict],
                  describe: Callable[[Dict], str], metadata: Callable[[Dict], Dict[str, Any]] = lambda m: {}) -> Any:
@@ -83,7 +92,7 @@ def fit_or_reuse(cfg: DictConfig, t: DictConfig, index: int, acc: Accelerator, r
     """
     stem = fitted_path(cfg, index)
     path, record_path = stem.with_suffix('.safetensors'), stem.with_suffix('.json')
-    if path.is_file() and record_path.is_file() and json.loads(record_path.read_text()).get('record') == record:
+    if fitted_earlier(cfg, index, record):
         log(acc, f'reusing the teacher fitted earlier: {path}')
         return load(path)
     model = fit()
