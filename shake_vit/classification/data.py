@@ -16,7 +16,7 @@ from timm.loss import create_classification_loss
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from ..core.build import Pipeline
+from ..core.build import Pipeline, log
 from ..core.config import ConfigError
 from ..core.data import IMAGE_SUFFIXES, Splits, eval_loader, read_image, train_loader
 from .config import mixup_active
@@ -158,8 +158,13 @@ def build_pipeline(cfg: DictConfig, acc: Accelerator, splits: Splits, student: n
     model_cfg = resolve_model_data_config(getattr(student, 'model', student))  # a Student wraps its timm model
     mean, std = tuple(cfg.data.mean or model_cfg['mean']), tuple(cfg.data.std or model_cfg['std'])
     train_tf, val_tf = build_transforms(cfg.aug, cfg.data.img_size, mean, std)
-    train = train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, repeats)
-    val = acc.prepare(eval_loader(cfg, splits.val, val_tf))
+    if cfg.data.loader == 'dali':
+        from . import dali
+        train, val = dali.loaders(cfg, acc, splits, train_tf, val_tf, repeats)
+        log(acc, f'data loader: {train.describe}')
+    else:
+        train = train_loader(cfg, splits.train, train_tf, acc.num_processes, acc.process_index, repeats)
+        val = acc.prepare(eval_loader(cfg, splits.val, val_tf))
     return Pipeline(splits, train, val, mean, std)
 
 

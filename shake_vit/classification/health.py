@@ -47,8 +47,11 @@ class ClassificationHealth(Health):
         n = min(self.h.teacher_images, len(dataset))
         # evenly strided: an image folder's validation split is sorted by class, so its first images are few classes
         index = [round(i * len(dataset) / n) for i in range(n)]
-        loader = self.acc.prepare(DataLoader(Subset(dataset, index), batch_size=self.cfg.eval.batch_size,
-                                             generator=torch.Generator()))
+        if hasattr(val_loader, 'subset'):  # the DALI loader (shake_vit/classification/dali.py): its own records
+            loader = val_loader.subset(index, self.acc.prepare)
+        else:
+            loader = self.acc.prepare(DataLoader(Subset(dataset, index), batch_size=self.cfg.eval.batch_size,
+                                                 generator=torch.Generator()))
 
         def predict(x):
             t, _ = task.teacher_outputs(x)

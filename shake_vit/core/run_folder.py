@@ -26,7 +26,8 @@ RUN_FILES = ('checkpoints', 'results.json', 'student.safetensors', 'health.json'
 # shake_vit/core/stream.py). Everything else is the run's identity.
 RESUME_MAY_CHANGE = ('train.output_dir', 'train.epochs', 'train.log_interval', 'train.log_with', 'train.cpu_threads',
                      'train.grad_accum', 'train.trust_pickled_files', 'train.overwrite', 'data.root',
-                     'data.num_workers', 'data.pin_memory', 'data.download', 'ckpt.', 'eval.', 'health.',
+                     'data.num_workers', 'data.pin_memory', 'data.download', 'data.dali_threads',
+                     'data.dali_prefetch', 'ckpt.', 'eval.', 'health.',
                      'teacher.checkpoint', 'teacher.cache', 'teacher_cache.')  # (model.pretrained and
 # det.backbone_weights decide the detectors' BatchNorm and which layers train: they stay)
 

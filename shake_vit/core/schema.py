@@ -34,6 +34,11 @@ class DataConfig:
     split_seed: int = 0  # digits: seeds the split, so teacher and students see the same one
     num_workers: int = 8
     pin_memory: bool = True
+    # pil: timm's transforms in the loader workers | dali: NVIDIA DALI decodes and augments, on the GPU when there is
+    # one, from parameters the workers draw (pip install -r requirements-dali.txt; docs/data_loading.md)
+    loader: str = key('pil', choices=('pil', 'dali'), family=CLASSIFICATION)
+    dali_threads: int = key(4, family=CLASSIFICATION)  # DALI's CPU threads per process
+    dali_prefetch: int = key(2, family=CLASSIFICATION)  # train batches DALI prepares ahead
 
 
 @dataclass
