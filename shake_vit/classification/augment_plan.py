@@ -7,8 +7,8 @@ choice of ops, skip draws, magnitude noise and sign flips, and random erasing's 
 the RNGs exactly as on the PIL path, so the parameters are the PIL path's (tests/test_dali.py compares a whole epoch).
 The DALI loader (shake_vit/classification/dali.py) then applies them on the device; it draws nothing itself.
 
-A plan is a `Plan`: the crop window and output size, the flip, one (code, [2, 3] parameters) entry per RandAugment layer, and
-the erasing boxes with their values. It is data only (numbers and small tensors) so that loader workers return it.
+A plan is a `Plan`: the crop window and output size, the flip, one (code, [2, 3] parameters) entry per RandAugment
+layer, and the erasing boxes with their values: data only (numbers and small tensors), which loader workers return.
 """
 import copy
 import math

@@ -14,7 +14,7 @@ and by how much, is stated in tests/test_dali.py.
 import collections
 import functools
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Tuple
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..core.config import ConfigError
-from ..core.data import BadImage, eval_loader, read_image, train_loader
+from ..core.data import eval_loader, read_image, train_loader
 from . import augment_plan as ap
 
 INSTALL = 'pip install -r requirements-dali.txt'
@@ -37,7 +37,8 @@ def require():
         import nvidia.dali.plugin.pytorch  # noqa: F401
     except ImportError as err:
         raise ConfigError(f'data.loader=dali needs NVIDIA DALI, which is not installed ({err}). Install it with '
-                          f'`{INSTALL}` (the build for CUDA 13, as torch==2.14.1 is), or use data.loader=pil.') from None
+                          f'`{INSTALL}` (the build for CUDA 13, as torch==2.14.1 is), or use data.loader=pil.'
+                          ) from None
     return dali
 
 
@@ -306,7 +307,8 @@ def loaders(cfg: DictConfig, acc, splits, train_tf: Callable, val_tf: Callable, 
     train_sources, val_sources = Sources(splits.train), Sources(splits.val)
     records = train_loader(cfg, train_sources, Planned(train_plan), acc.num_processes, acc.process_index, repeats,
                            collate_fn=functools.partial(collate, layers=layers))
-    val_records = acc.prepare(eval_loader(cfg, val_sources, Planned(val_plan), collate_fn=functools.partial(collate, layers=0)))
+    val_records = acc.prepare(eval_loader(cfg, val_sources, Planned(val_plan),
+                                          collate_fn=functools.partial(collate, layers=0)))
     train = DaliLoader(records, train_plan, acc.device, train_sources.files is not None, cfg.train.batch_size,
                        d.dali_threads, d.dali_prefetch)
     val = DaliLoader(val_records, val_plan, acc.device, val_sources.files is not None, cfg.eval.batch_size,

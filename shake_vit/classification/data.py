@@ -139,7 +139,9 @@ def build_transforms(a: DictConfig, img_size: int, mean: Sequence[float], std: S
         size = img_size  # (CIFAR's 32 px) and brings other images to it, as the crop needs
         train.transforms[0:1] = [T.Resize(size, interpolation=str_to_interp_mode(a.interpolation)),
                                  T.RandomCrop(size, padding=a.crop_padding)]
-    val = create_transform(img_size, is_training=False, interpolation=a.interpolation, mean=mean, std=std,
+    # 'random' (a per-image filter) is a train-time choice, as in timm's train.py; eval resizes bicubically
+    val = create_transform(img_size, is_training=False, mean=mean, std=std,
+                           interpolation='bicubic' if a.interpolation == 'random' else a.interpolation,
                            crop_pct=a.crop_pct)
     return train, val
 

@@ -40,6 +40,7 @@ def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) 
         config = run_folder.kept(saved['config'])
         # written before train.global_batch existed: its global batch is the one `resume_layout` took from it
         config.setdefault('train.global_batch', current['config'].get('train.global_batch'))
+        config.setdefault('data.loader', 'pil')  # written before data.loader existed: timm's PIL transforms
         run_folder.check_same_run(config, current['config'], path)
 
 

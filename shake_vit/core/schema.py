@@ -3,7 +3,7 @@
 A key that one family alone reads is marked `family=` (shake_vit/core/config.py refuses it under the other task).
 """
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -39,6 +39,13 @@ class DataConfig:
     loader: str = key('pil', choices=('pil', 'dali'), family=CLASSIFICATION)
     dali_threads: int = key(4, family=CLASSIFICATION)  # DALI's CPU threads per process
     dali_prefetch: int = key(2, family=CLASSIFICATION)  # train batches DALI prepares ahead
+
+
+def data_record(data: DictConfig, leave_out: Sequence[str]) -> Dict[str, Any]:
+    """The `data` section as a teacher record or a cache identity keeps it: without `leave_out` and DALI's speed
+    settings, and with `loader` only when it is not the default PIL (records written before it existed still match)."""
+    return {k: v for k, v in data.items() if k not in (*leave_out, 'dali_threads', 'dali_prefetch')
+            and not (k == 'loader' and v == 'pil')}
 
 
 @dataclass

@@ -39,6 +39,7 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
+from ..core.schema import data_record
 from ..core.stream import Stream
 from . import methods
 from .cache_format import CacheError, Format, _output_precision, decode
@@ -75,7 +76,7 @@ def identity(cfg: DictConfig, mean: Sequence[float], std: Sequence[float]) -> Di
     the loader's workers, the process count. The teachers' weights are compared in the manifest's `teachers`."""
     teachers = [cfg.teacher, *cfg.extra_teachers] if methods.of(cfg).needs_teacher else []
     keep = {
-        'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory', 'download', 'dali_threads', 'dali_prefetch')},
+        'data': data_record(cfg.data, ('num_workers', 'pin_memory', 'download')),
         'aug': {k: v for k, v in cfg.aug.items() if k not in AUG_TRAIN_ONLY}, 'seed': cfg.train.seed,
         'micro_batch': cfg.train.batch_size, 'global_batch': cfg.train.global_batch, 'input_mean': list(mean),
         'input_std': list(std), 'versions': _versions(),

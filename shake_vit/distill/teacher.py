@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from ..core.build import Pipeline, log
 from ..core.engine import Trainer
 from ..core.optim import build_optimizer, build_schedule
+from ..core.schema import data_record
 from ..core.stream import derive
 
 
@@ -30,7 +31,7 @@ def teacher_record(cfg: DictConfig, t: DictConfig, **family: Any) -> Dict[str, A
     keep = {'teacher': {k: v for k, v in t.items()
                         if k not in ('checkpoint', 'mean', 'std', 'cache', 'class_map', 'class_names')},
             'aug': cfg.aug,
-            'data': {k: v for k, v in cfg.data.items() if k not in ('num_workers', 'pin_memory', 'dali_threads', 'dali_prefetch')},
+            'data': data_record(cfg.data, ('num_workers', 'pin_memory')),
             'seed': cfg.train.seed, 'batch_size': cfg.train.batch_size}
     if cfg.train.global_batch not in (None, cfg.train.batch_size):  # (left out otherwise: older records still match)
         keep['global_batch'] = cfg.train.global_batch
