@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One prepared GPU run, about 6 minutes on an H200: the training-step table of docs/benchmarks.md on the DeiT setting
-# (DeiT-S student, RegNetY-16GF teacher, 224 px, bf16, batch 256) with model FLOPs utilisation, each fast-path switch,
-# the step from a teacher-output cache (DeiT-Ti), torch.compile, and the loader's images/s on the machine's cores. Writes the tables to $OUT (default benchmarks/out).
-#   bash benchmarks/gpu.sh
+# One prepared GPU run: the training-step table of docs/benchmarks.md on the DeiT setting (DeiT-S student, RegNetY-16GF
+# teacher, 224 px, bf16, batch 256) with model FLOPs utilisation, each fast-path switch, the step from a teacher-output
+# cache (DeiT-Ti), torch.compile, the loaders' images/s on the machine's cores (PIL, and DALI on the GPU), and a DeiT-Ti
+# SHAKE run end to end. About 6 minutes on an H200 without the DALI stages, 14 with them. Writes the tables to $OUT
+# (default benchmarks/out).
+#   bash benchmarks/gpu.sh                                  # every stage
+#   STAGES="dali_loader end_to_end" bash benchmarks/gpu.sh  # those alone
 # The lent GPU machines hold PyTorch but may lack this project's pins (timm>=1.0.31 for timm.task, omegaconf): put
 # their wheels in .whl/ (see docs/benchmarks.md) and carry that folder; they are installed to /tmp/site first.
 set -uo pipefail  # not -e: a stage that fails is reported and the others still run
@@ -25,6 +28,7 @@ export PYTHONUNBUFFERED=1
 bench() { python3 -m benchmarks.step_throughput --preset gpu --steps 10 --warmup 5 --repeats 5 "$@"; }
 stage() {  # stage NAME COMMAND...: its output to $OUT/NAME.md, its failure reported without stopping the others
   local name=$1; shift
+  if [ -n "${STAGES:-}" ] && [[ " $STAGES " != *" $name "* ]]; then return; fi  # STAGES="a b": those alone
   echo "## $name ($(date -u +%T))"
   "$@" 2>&1 | tee "$OUT/$name.md" || echo "!! stage $name failed (exit ${PIPESTATUS[0]})"
 }
@@ -34,6 +38,16 @@ stage fast_path bench --methods deit_hard shake --variant teacher.inference_mode
 # the teacher-output cache: the real DeiT-Ti + RegNetY-16GF pair, live against a top-10 cache read from disk
 stage cache bench --preset gpu_tiny --methods none shake shake_cached
 stage data python3 -m benchmarks.data_throughput --workers "$(nproc)" --batch-size 256 --batches 40
+# the DALI loader (data.loader=dali) beside PIL's, then a DeiT-Ti SHAKE run end to end four ways (PIL + live teacher
+# eager; PIL + cache + compile; DALI + live + compile; DALI + cache + compile): about 8 minutes on an H100
+if python3 -c 'import nvidia.dali' 2>/dev/null; then
+  stage dali_loader python3 -m benchmarks.data_throughput --loaders pil dali --transforms train eval \
+    --workers "$(nproc)" --dali-threads 8 --batch-size 256 --batches 40
+  stage end_to_end python3 -m benchmarks.end_to_end --workers "$(nproc)" --steps 30 --batch-size 256
+else
+  echo "!! stages dali_loader and end_to_end skipped: NVIDIA DALI is not installed (pip install -r" \
+       "requirements-dali.txt; on a machine with no registry, carry its wheels: docs/benchmarks.md)"
+fi
 # last: compiling the RegNetY-16GF teacher and the DeiT-S student takes the longest
 stage compile bench --methods deit_hard shake --repeats 3 --variant train.compile=true --variant teacher.compile=true \
   --variant 'train.compile=true teacher.compile=true'

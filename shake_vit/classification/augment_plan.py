@@ -154,7 +154,7 @@ def _unsupported(what: str) -> ConfigError:
 
 class Planner:
     """Draws the plans of timm's train or eval transform (`data.build_transforms`); the caller seeds the RNGs as
-    the PIL loader does (shake_vit/core/data.py::seeded)."""
+    the PIL loader does (shake_vit/core/data.py::Transformed)."""
 
     def __init__(self, transform: T.Compose, train: bool):
         self.train = train

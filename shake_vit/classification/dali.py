@@ -135,6 +135,9 @@ def _graph(planner: ap.Planner, source: Callable, encoded: bool, gpu: bool, laye
     def on_device(x):  # a per-sample CPU parameter used in arithmetic with the image
         return x.gpu() if gpu else x
 
+    def as_float(img):
+        return fn.cast(img, dtype=types.FLOAT)
+
     def to_u8(x):  # PIL truncates a blend's float result to the uint8 range
         return fn.cast(dmath.clamp(dmath.floor(x), 0.0, 255.0), dtype=types.UINT8)
 
@@ -148,32 +151,37 @@ def _graph(planner: ap.Planner, source: Callable, encoded: bool, gpu: bool, laye
         weights = types.Constant(np.array([0.299, 0.587, 0.114], np.float32), device=device)
         return dmath.floor(fn.reductions.sum(img * weights, axes=[2], keep_dims=True) + 0.5)
 
-    def layer(img, code, p):  # (DALI constants are made where they are used: each branch traces its own)
-        f = fn.cast(img, dtype=types.FLOAT)
+    def layer(img, code, p):  # (constants and the float copy are made inside the branch that uses them: DALI
+        # traces each branch on its own samples, and the skipped layers, half of them, cost nothing)
         if code == ap.AFFINE:  # the fill colour by shifting it to 0 (DALI's fill value is one scalar)
             fill = types.Constant(fill_colour, device=device)
-            img = rounded(fn.warp_affine(f - fill, matrix=p, fill_value=0.0, interp_type=types.INTERP_LINEAR,
-                                         inverse_map=True) + fill)
+            img = rounded(fn.warp_affine(as_float(img) - fill, matrix=p, fill_value=0.0,
+                                         interp_type=types.INTERP_LINEAR, inverse_map=True) + fill)
         elif code == ap.BRIGHTNESS:
-            img = blend(0.0, f, p[0, 0])
+            img = blend(0.0, as_float(img), p[0, 0])
         elif code == ap.COLOR:
+            f = as_float(img)
             img = blend(gray(f), f, p[0, 0])
         elif code == ap.CONTRAST:  # PIL: the mean of the grey image, rounded to an integer
+            f = as_float(img)
             img = blend(dmath.floor(fn.reductions.mean(gray(f), keep_dims=True) + 0.5), f, p[0, 0])
         elif code == ap.SHARPNESS:
             smooth = types.Constant(SMOOTH, device=device)
-            img = blend(fn.cast(fn.filter(img, smooth, border='clamp'), dtype=types.FLOAT), f, p[0, 0])
+            img = blend(as_float(fn.filter(img, smooth, border='clamp')), as_float(img), p[0, 0])
         elif code == ap.POSTERIZE:
             img = img & on_device(fn.cast(p[0, 0], dtype=types.UINT8))
         elif code == ap.SOLARIZE:
+            f = as_float(img)
             img = to_u8(f + (f >= on_device(p[0, 0])) * (255.0 - 2.0 * f))
         elif code == ap.SOLARIZE_ADD:
+            f = as_float(img)
             img = to_u8(f + (f < on_device(p[0, 1])) * (dmath.min(f + on_device(p[0, 0]), 255.0) - f))
         elif code == ap.INVERT:
             img = types.Constant(255, dtype=types.UINT8, device=device) - img
         elif code == ap.EQUALIZE:
             img = fn.equalize(img)
         elif code == ap.AUTO_CONTRAST:  # per channel: stretch [min, max] to [0, 255]; a flat channel stays
+            f = as_float(img)
             lo = fn.reductions.min(f, axes=[0, 1], keep_dims=True)
             span = fn.reductions.max(f, axes=[0, 1], keep_dims=True) - lo
             flat = span <= 0.0
