@@ -233,8 +233,8 @@ def test_crop_resize_flip_and_eval_match_pil_within_bounds(scenes):
     """The train crop + bicubic resize + flip and the eval resize + centre crop, from the JPEG file, against PIL on
     the same file: the two decoders' IDCT and chroma upsampling differ and DALI's antialiased cubic resize is not
     PIL's filter, so a PSNR bound, not equality."""
-    cfg, splits, train_tf, val_tf, acc = setup(scenes, 'aug.auto_augment=null', 'aug.color_jitter=[0,0,0]', 'aug.re_prob=0',
-                                                  img_size=64)
+    cfg, splits, train_tf, val_tf, acc = setup(scenes, 'aug.auto_augment=null', 'aug.color_jitter=[0,0,0]',
+                                               'aug.re_prob=0', img_size=64)
     train, val = dali.loaders(cfg, acc, splits, train_tf, val_tf, 1)
     train.batch_sampler.set_epoch(0)
     pil = core_data.train_loader(cfg, splits.train, train_tf, 1, 0, 1)
