@@ -44,9 +44,12 @@ def test_teacher_cache_benchmark_prints_sizes_and_reader_rates():
     assert out.count('| 3 |') == 3, out
 
 
-def test_data_throughput_runs():
-    out = run('-m', 'benchmarks.data_throughput', '--batches', '1', '--batch-size', '8', '--workers', '0')
-    assert '| train pipeline |' in out
+def test_data_throughput_runs_both_loaders_side_by_side():
+    out = run('-m', 'benchmarks.data_throughput', '--batches', '1', '--batch-size', '8', '--workers', '0',
+              '--loaders', 'pil', 'dali', '--transforms', 'train', 'eval', '--dali-threads', '1')
+    rows = [line.split(' | ')[:2] for line in out.splitlines() if line.startswith(('| pil', '| dali'))]
+    assert rows == [['| pil', 'train'], ['| pil', 'eval'], ['| dali', 'train'], ['| dali', 'eval']], out
+    assert 'DALI 2.4.0: decoding on the CPU (libjpeg-turbo), augmenting on the CPU' in out
 
 
 @pytest.fixture(scope='module')
