@@ -2,7 +2,8 @@
 # One prepared GPU run: the training-step table of docs/benchmarks.md on the DeiT setting (DeiT-S student, RegNetY-16GF
 # teacher, 224 px, bf16, batch 256) with model FLOPs utilisation, each fast-path switch, the step from a teacher-output
 # cache (DeiT-Ti), torch.compile, the loaders' images/s on the machine's cores (PIL, and DALI on the GPU), and a DeiT-Ti
-# SHAKE run end to end. About 6 minutes on an H200 without the DALI stages, 14 with them. Writes the tables to $OUT
+# SHAKE run end to end. About 6 minutes on an H200 without the DALI stages (measured); they add about 8 more (an
+# estimate: not yet run on a GPU). Writes the tables to $OUT
 # (default benchmarks/out).
 #   bash benchmarks/gpu.sh                                  # every stage
 #   STAGES="dali_loader end_to_end" bash benchmarks/gpu.sh  # those alone
@@ -39,7 +40,7 @@ stage fast_path bench --methods deit_hard shake --variant teacher.inference_mode
 stage cache bench --preset gpu_tiny --methods none shake shake_cached
 stage data python3 -m benchmarks.data_throughput --workers "$(nproc)" --batch-size 256 --batches 40
 # the DALI loader (data.loader=dali) beside PIL's, then a DeiT-Ti SHAKE run end to end four ways (PIL + live teacher
-# eager; PIL + cache + compile; DALI + live + compile; DALI + cache + compile): about 8 minutes on an H100
+# eager; PIL + cache + compile; DALI + live + compile; DALI + cache + compile): about 8 minutes (estimated)
 if python3 -c 'import nvidia.dali' 2>/dev/null; then
   stage dali_loader python3 -m benchmarks.data_throughput --loaders pil dali --transforms train eval \
     --workers "$(nproc)" --dali-threads 8 --batch-size 256 --batches 40

@@ -55,11 +55,12 @@ def test_data_throughput_runs_both_loaders_side_by_side():
 @pytest.fixture(scope='module')
 def ablation_smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp('ablation')
-    return out, run('-m', 'benchmarks.ablation', '--smoke', '--out', str(out))
+    return out, run('-m', 'benchmarks.ablation', '--smoke', '--protocol', 'lowdata', '--out', str(out))
 
 
 def test_ablation_smoke_runs_every_method_on_one_fold(ablation_smoke):
-    """One fold, one seed, one epoch: every method trains through the study's own job() and leaves a record."""
+    """One fold, one seed, one epoch of the low-data protocol (trained on fold 0 of 5, tested on the other 4): every
+    method trains through the study's own job() and leaves a record."""
     tmp_path, out = ablation_smoke
     records = json.loads((tmp_path / 'runs.json').read_text())
     methods = ('none', 'deit_hard', 'deit_soft', 'kd', 'shake', 'shake_authors')
@@ -68,7 +69,7 @@ def test_ablation_smoke_runs_every_method_on_one_fold(ablation_smoke):
         r = records[f'{m}_f0_s0']
         assert 0 <= r['top1_cls'] <= 100 and r['wall_s'] > 0
         assert ('top1_avg' in r) == (m not in ('kd', 'none'))  # no shadow head: the cls head is all they have
-        assert r['num_samples'] in (449, 450)  # fold 0 of 4 over all 1,797 images is the test set
+        assert r['num_samples'] in (1437, 1438)  # folds 1-4 of 5 over all 1,797 images are the test set
     from benchmarks import study
     terms = study.loss_terms(tmp_path / 'runs' / 'shake_f0_s0')  # what the report's loss-scale table reads
     assert {'loss', 'ce_cls', 'kl_shadow_teacher', 'kl_shadow_cls', 'kl_cls_shadow'} <= set(terms), terms
@@ -113,7 +114,12 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     args = type('A', (), {'folds': 2, 'seeds': 2, 'sens_seeds': 2, 'epochs': 1, 'protocol': 'short'})()
     text = ablation.report(summary, args, 'python -m benchmarks.ablation', 60.0)
     assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text and '| shake | loss | 3.000 | 2.000 | 1.000 |' in text
-    ablation.figure({'short': summary}, tmp_path / 'a.png')
+    args.protocol, args.folds = 'lowdata', 5
+    text = ablation.report(summary, args, 'python -m benchmarks.ablation --protocol lowdata', 60.0)
+    assert 'the other 4 test, so every image is tested 4 times per seed' in text
+    assert '300 updates (50 of 1 epochs)' in text  # 359 images at batch 64: 6 updates per epoch
+    from benchmarks.ablation_figure import figure
+    figure({'short': summary}, tmp_path / 'a.png', {'short': 'short'}, ablation.GRID)
     assert (tmp_path / 'a.png').stat().st_size > 1000
 
 

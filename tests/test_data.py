@@ -57,6 +57,23 @@ def test_digits_split_is_stratified_fixed_and_kfold_covers_everything():
     assert not test_images & {img.tobytes() for img in [*inner.train.images, *inner.val.images]}
 
 
+def test_training_on_one_fold_tests_on_the_others_and_every_image_trains_once():
+    """data.train_on_fold (the low-data ablation): fold k of 5 trains (20% of the digits), the rest tests."""
+    def keys(images):
+        return [bytes(images.images[i]) + bytes([images.targets[i]]) for i in range(len(images))]
+    seen = []
+    for fold in range(5):
+        cfg = load_config(None, ['data.name=digits', 'data.num_folds=5', f'data.fold={fold}',
+                                 'data.train_on_fold=true'])
+        splits = data.digits_splits(cfg)
+        assert len(splits.train) in (359, 360) and len(splits.train) + len(splits.val) == 1797
+        seen += keys(splits.train)
+    everything = data.digits_splits(load_config(None, ['data.name=digits', 'data.val_fraction=0.5']))
+    assert sorted(seen) == sorted(keys(everything.train) + keys(everything.val))  # each image trains in one fold
+    with pytest.raises(ConfigError, match='data.train_on_fold'):
+        load_config(None, ['data.train_on_fold=true'])
+
+
 def test_imagefolder_errors_name_the_problem(tmp_path, imagefolder):
     with pytest.raises(ConfigError, match='data.root is not set'):
         data.build_splits(load_config(None, ['data.name=imagefolder']))

@@ -142,8 +142,9 @@ class _ErasedImage:
         return self.shape
 
     def __setitem__(self, key, values):
-        _, rows, cols = key
-        self.boxes.append(Erase(rows.start, cols.start, values))
+        _, rows, cols = key  # values: [C, h, w] ('pixel'), or [C, 1, 1] that timm broadcasts ('rand', 'const')
+        self.boxes.append(Erase(rows.start, cols.start,
+                                values.expand(self.shape[0], rows.stop - rows.start, cols.stop - cols.start)))
 
 
 def _unsupported(what: str) -> ConfigError:

@@ -61,6 +61,10 @@ def check_classification(cfg: DictConfig) -> None:
     require(0 <= d.inner_val_fraction < 1, 'data.inner_val_fraction', d.inner_val_fraction, 'in [0, 1)')
     require(d.num_folds == 0 or 0 <= d.fold < d.num_folds, 'data.fold', d.fold,
             f'in [0, data.num_folds={d.num_folds})')
+    require(d.dali_threads >= 1, 'data.dali_threads', d.dali_threads, 'at least 1')
+    require(d.dali_prefetch >= 1, 'data.dali_prefetch', d.dali_prefetch, 'at least 1')
+    require(not d.train_on_fold or d.num_folds >= 2, 'data.train_on_fold', d.train_on_fold,
+            'false unless data.num_folds >= 2 (it trains on fold data.fold of a k-fold split)')
     require(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, 'aug.scale', list(a.scale),
             'two fractions lo <= hi in (0, 1]')
     require(0 < a.crop_pct <= 1, 'aug.crop_pct', a.crop_pct, 'in (0, 1]')

@@ -151,8 +151,7 @@ def _graph(planner: ap.Planner, source: Callable, encoded: bool, gpu: bool, laye
         weights = types.Constant(np.array([0.299, 0.587, 0.114], np.float32), device=device)
         return dmath.floor(fn.reductions.sum(img * weights, axes=[2], keep_dims=True) + 0.5)
 
-    def layer(img, code, p):  # (constants and the float copy are made inside the branch that uses them: DALI
-        # traces each branch on its own samples, and the skipped layers, half of them, cost nothing)
+    def layer(img, code, p):  # the float copy is made inside the branches that use it, on their samples alone
         if code == ap.AFFINE:  # the fill colour by shifting it to 0 (DALI's fill value is one scalar)
             fill = types.Constant(fill_colour, device=device)
             img = rounded(fn.warp_affine(as_float(img) - fill, matrix=p, fill_value=0.0,
@@ -190,13 +189,16 @@ def _graph(planner: ap.Planner, source: Callable, encoded: bool, gpu: bool, laye
             img = img
         return img
 
+    # as PIL decodes: EXIF orientation ignored, chroma upsampled as libjpeg does (the GPU decoder's default is not)
+    decoding = dict(output_type=types.RGB, adjust_orientation=False, jpeg_fancy_upsampling=True,
+                    device='mixed' if gpu else 'cpu')
+
     def graph():
         inputs = fn.external_source(source=source, num_outputs=4 + 2 * layers, batch=True)
         data, anchor, shape, fourth = inputs[:4]
         if planner.train:
             if encoded:
-                img = fn.decoders.image_slice(data, anchor, shape, axis_names='WH', output_type=types.RGB,
-                                              adjust_orientation=False, device='mixed' if gpu else 'cpu')
+                img = fn.decoders.image_slice(data, anchor, shape, axis_names='WH', **decoding)
             else:
                 img = fn.slice(data, anchor, shape, axis_names='WH')
                 img = img.gpu() if gpu else img
@@ -207,8 +209,7 @@ def _graph(planner: ap.Planner, source: Callable, encoded: bool, gpu: bool, laye
                 img = layer(img, inputs[4 + 2 * i], inputs[5 + 2 * i])
         else:
             if encoded:
-                img = fn.decoders.image(data, output_type=types.RGB, adjust_orientation=False,
-                                        device='mixed' if gpu else 'cpu')
+                img = fn.decoders.image(data, **decoding)
             else:
                 img = data.gpu() if gpu else data
             img = fn.resize(img, resize_x=fourth[0], resize_y=fourth[1], interp_type=interp, antialias=True)
@@ -228,24 +229,31 @@ class DaliLoader:
         records: a DataLoader of `Batch`es (the train loader, or the eval loader after `accelerator.prepare`).
         prefetch: batches DALI prepares ahead; an eval loader takes 1, since Accelerate's prepared loader marks its
             last batch when it hands it out and `gather_for_metrics` must see that mark with that batch.
+        eval_loader: targets on `device`, as a prepared loader hands them out (the evaluation compares them with the
+            logits); a train loader's stay on the CPU, as the PIL train loader's do (the cache reads them there).
     """
 
     def __init__(self, records, planner: ap.Planner, device: torch.device, encoded: bool, batch_size: int,
-                 threads: int, prefetch: int):
-        dali = require()
-        from nvidia.dali import pipeline_def
-        self.records, self.device = records, device
+                 threads: int, prefetch: int, eval_loader: bool = False):
+        self.records, self.device, self.eval_loader = records, device, eval_loader
         self._rebuild = (planner, device, encoded, batch_size, threads)  # what `subset` builds another from
         self.layers = planner.randaug.num_layers if planner.train and planner.randaug is not None else 0
         self.gpu = device.type == 'cuda'
         self._pending: collections.deque = collections.deque()  # (targets, erase) of each batch fed, in order
         self._batches = iter(())
+        self._active = None  # the iteration in progress: a new one closes it first (DALI holds its batches)
+        self._build(planner, encoded, batch_size, threads, prefetch)
+
+    def _build(self, planner: ap.Planner, encoded: bool, batch_size: int, threads: int, prefetch: int) -> None:
+        dali = require()
+        from nvidia.dali import pipeline_def
+        self._spec = (planner, encoded, batch_size, threads, prefetch)
         self.pipe = pipeline_def(_graph(planner, self._next, encoded, self.gpu, self.layers), enable_conditionals=True)(
-            batch_size=batch_size, num_threads=threads, device_id=(device.index or 0) if self.gpu else None,
+            batch_size=batch_size, num_threads=threads, device_id=(self.device.index or 0) if self.gpu else None,
             prefetch_queue_depth=prefetch, exec_dynamic=True)
         self.pipe.build()
         self.describe = (f'DALI {dali.__version__}: decoding ' +
-                         ('on the GPU (nvJPEG; its hardware JPEG decoder where the GPU has one)' if encoded and self.gpu
+                         ('on the GPU (nvJPEG, "mixed")' if encoded and self.gpu
                           else 'on the CPU (libjpeg-turbo)' if encoded else 'nothing (in-memory images)') +
                          f", augmenting on the {'GPU' if self.gpu else 'CPU'}, {threads} threads, prefetch {prefetch}")
 
@@ -262,7 +270,7 @@ class DaliLoader:
         `prepare` (`accelerator.prepare`): the teacher health check's few validation images."""
         records = prepare(DataLoader(Subset(self.records.dataset, index), batch_size=self._rebuild[3],
                                      collate_fn=self.records.collate_fn, generator=torch.Generator()))
-        return DaliLoader(records, *self._rebuild, prefetch=1)
+        return DaliLoader(records, *self._rebuild, prefetch=1, eval_loader=True)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -275,6 +283,12 @@ class DaliLoader:
         return batch.inputs
 
     def __iter__(self):
+        if self._active is not None:  # an earlier iteration left open: its batches in DALI are dropped first
+            self._active.close()
+        self._active = self._epoch()
+        return self._active
+
+    def _epoch(self):
         from nvidia.dali.plugin.pytorch import feed_ndarray
         self._batches = iter(self.records)
         self._pending.clear()
@@ -293,24 +307,34 @@ class DaliLoader:
                 for i, box in erase:  # timm's erasing values, drawn on the CPU under the sample's seed
                     _, h, w = box.values.shape
                     x[i, :, box.top:box.top + h, box.left:box.left + w] = box.values.to(self.device, non_blocking=True)
-                yield x, targets.to(self.device, non_blocking=True)
+                yield x, (targets.to(self.device, non_blocking=True) if self.eval_loader else targets)
         finally:
-            if not done:  # stopped early (an error, a stop request): the batches DALI has in flight are dropped
-                self._batches = iter(())
+            self._active = None
+            self._stop(done)
+
+    def _stop(self, done: bool) -> None:
+        """End DALI's epoch. Stopped early (an error, a stop request), the batches DALI has in flight are dropped;
+        if DALI itself failed and cannot be drained, the pipeline is built again, so the next epoch starts clean."""
+        self._batches = iter(())
+        try:
+            if not done:
                 try:
                     while True:
                         self.pipe.run()
                 except StopIteration:
                     pass
             self.pipe.reset()
+        except Exception:  # (the error that stopped the epoch is the one the caller sees)
+            self._build(*self._spec)
+        self._pending.clear()
 
 
 def loaders(cfg: DictConfig, acc, splits, train_tf: Callable, val_tf: Callable, repeats: int
             ) -> Tuple[DaliLoader, DaliLoader]:
     """This process's DALI train loader (its micro-batches of the global stream) and the prepared val loader."""
-    require()
     d = cfg.data
-    train_plan, val_plan = ap.planner_of(train_tf, train=True), ap.planner_of(val_tf, train=False)
+    train_plan, val_plan = ap.planner_of(train_tf, train=True), ap.planner_of(val_tf, train=False)  # refusals first
+    require()
     layers = train_plan.randaug.num_layers if train_plan.randaug is not None else 0
     train_sources, val_sources = Sources(splits.train), Sources(splits.val)
     records = train_loader(cfg, train_sources, Planned(train_plan), acc.num_processes, acc.process_index, repeats,
@@ -320,5 +344,5 @@ def loaders(cfg: DictConfig, acc, splits, train_tf: Callable, val_tf: Callable, 
     train = DaliLoader(records, train_plan, acc.device, train_sources.files is not None, cfg.train.batch_size,
                        d.dali_threads, d.dali_prefetch)
     val = DaliLoader(val_records, val_plan, acc.device, val_sources.files is not None, cfg.eval.batch_size,
-                     d.dali_threads, 1)
+                     d.dali_threads, 1, eval_loader=True)
     return train, val

@@ -47,6 +47,8 @@ def digits_splits(cfg: DictConfig) -> Splits:
     if d.num_folds:
         folds = StratifiedKFold(n_splits=d.num_folds, shuffle=True, random_state=d.split_seed)
         train_idx, val_idx = list(folds.split(index, targets))[d.fold]
+        if d.train_on_fold:  # the low-data protocol: the fold trains, the other folds test
+            train_idx, val_idx = val_idx, train_idx
     else:
         train_idx, val_idx = train_test_split(index, test_size=d.val_fraction, stratify=targets,
                                               random_state=d.split_seed)

@@ -24,6 +24,7 @@ from .config import ConfigError
 from .engine import Trainer
 from .family import family_of
 from .preemption import StopRequest
+from .schema import DATA_ADDED
 from .weights import read_weights
 
 
@@ -40,7 +41,8 @@ def check_resumable(saved: Dict[str, Any], current: Dict[str, Any], path: Path) 
         config = run_folder.kept(saved['config'])
         # written before train.global_batch existed: its global batch is the one `resume_layout` took from it
         config.setdefault('train.global_batch', current['config'].get('train.global_batch'))
-        config.setdefault('data.loader', 'pil')  # written before data.loader existed: timm's PIL transforms
+        for added, value in DATA_ADDED.items():  # written before these keys existed: the value they had then
+            config.setdefault(f'data.{added}', value)
         run_folder.check_same_run(config, current['config'], path)
 
 

@@ -29,6 +29,9 @@ class DataConfig:
     # digits: k-fold cross-validation when > 1 (fold picks the held-out fold)
     num_folds: int = key(0, family=CLASSIFICATION)
     fold: int = key(0, family=CLASSIFICATION)
+    # digits, num_folds >= 2: train on fold `fold` alone and test on the others (1/k of the images train: the
+    # low-data protocol of benchmarks/ablation.py), instead of testing on it
+    train_on_fold: bool = key(False, family=CLASSIFICATION)
     # digits: > 0 evaluates on this share of the training split, never the test split
     inner_val_fraction: float = key(0.0, family=CLASSIFICATION)
     split_seed: int = 0  # digits: seeds the split, so teacher and students see the same one
@@ -41,11 +44,16 @@ class DataConfig:
     dali_prefetch: int = key(2, family=CLASSIFICATION)  # train batches DALI prepares ahead
 
 
+# data keys added after teacher records and caches were first written, with the value every earlier one had: left
+# out of a record at that value, so that those records still match
+DATA_ADDED = {'loader': 'pil', 'train_on_fold': False}
+
+
 def data_record(data: DictConfig, leave_out: Sequence[str]) -> Dict[str, Any]:
-    """The `data` section as a teacher record or a cache identity keeps it: without `leave_out` and DALI's speed
-    settings, and with `loader` only when it is not the default PIL (records written before it existed still match)."""
+    """The `data` section as a teacher record or a cache identity keeps it: without `leave_out`, DALI's speed
+    settings, and the `DATA_ADDED` keys at their old value."""
     return {k: v for k, v in data.items() if k not in (*leave_out, 'dali_threads', 'dali_prefetch')
-            and not (k == 'loader' and v == 'pil')}
+            and not (k in DATA_ADDED and v == DATA_ADDED[k])}
 
 
 @dataclass

@@ -79,10 +79,14 @@ def prerequisites(cfg: DictConfig, arches: List[str]) -> List[DictConfig]:
 def record_of(run: DictConfig) -> Dict:
     """What a pretraining's weights depend on: its config but where it is written and how it runs."""
     from ..core.run_folder import identity
+    from ..core.schema import DATA_ADDED
     record = {**identity(run), 'train.epochs': run.train.epochs}  # (a resume may extend a run; a record may not)
     # as records were before train.global_batch existed, so that a pretraining done then is still reused
     if run.train.global_batch is None:
         del record['train.global_batch']
+    for added, value in DATA_ADDED.items():  # likewise for data keys added since, at the value they had then
+        if record.get(f'data.{added}') == value:
+            del record[f'data.{added}']
     record['train.grad_accum'] = run.train.grad_accum
     return record
 

@@ -79,7 +79,7 @@ def identity(cfg: DictConfig, mean: Sequence[float], std: Sequence[float]) -> Di
         'data': data_record(cfg.data, ('num_workers', 'pin_memory', 'download')),
         'aug': {k: v for k, v in cfg.aug.items() if k not in AUG_TRAIN_ONLY}, 'seed': cfg.train.seed,
         'micro_batch': cfg.train.batch_size, 'global_batch': cfg.train.global_batch, 'input_mean': list(mean),
-        'input_std': list(std), 'versions': _versions(),
+        'input_std': list(std), 'versions': _versions(cfg),
         'teachers': [{**{k: t[k] for k in TEACHER_KEYS}, 'output_precision': _output_precision(cfg, t)}
                      for t in teachers],
     }
@@ -102,13 +102,18 @@ def _teacher_differences(cached: List[Dict[str, Any]], claims: List[Dict[str, An
     return out
 
 
-def _versions() -> Dict[str, str]:
-    """The libraries whose augmentation and numerics the stream depends on."""
+def _versions(cfg: DictConfig) -> Dict[str, str]:
+    """The libraries whose augmentation and numerics the stream depends on; with data.loader=dali, DALI's version and
+    where it decodes (its GPU decoder's pixels are not its CPU decoder's)."""
     import PIL
     import timm
     import torchvision
-    return {'torch': str(torch.__version__), 'torchvision': str(torchvision.__version__), 'timm': str(timm.__version__),
-            'pillow': str(PIL.__version__)}
+    versions = {'torch': str(torch.__version__), 'torchvision': str(torchvision.__version__),
+                'timm': str(timm.__version__), 'pillow': str(PIL.__version__)}
+    if cfg.data.loader == 'dali':
+        import nvidia.dali
+        versions['dali'] = f"{nvidia.dali.__version__} on the {'GPU' if torch.cuda.is_available() else 'CPU'}"
+    return versions
 
 
 def _flat(node: Any, prefix: str = '') -> Dict[str, Any]:
