@@ -124,7 +124,7 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
 
 
 def test_the_ablation_report_keeps_the_other_protocol_beside_this_one(tmp_path):
-    """The committed results (either format) and a new protocol's summary make one report with both."""
+    """The committed results (either format) and a new protocol's summary make one report with all of them."""
     import shutil
 
     from benchmarks import ablation
@@ -134,10 +134,12 @@ def test_the_ablation_report_keeps_the_other_protocol_beside_this_one(tmp_path):
     other = 'quickstart' if 'quickstart' not in protocols else 'short'
     protocols[other] = dict(protocols['quickstart' if other == 'short' else 'short'])
     text = ablation.write_both(tmp_path, protocols)
-    assert '## Protocol: the quick start' in text and '## Protocol: short' in text
-    assert 'quickstart: vs none (95% CI)' in text and 'short: stalled' in text
+    assert '## Protocol: the quick start' in text and '## Protocol: short' in text and '## Protocol: low data' in text
+    assert 'quickstart: vs none (95% CI)' in text and 'short: stalled' in text and 'lowdata: stalled' in text
+    assert text.index('## Protocol: the quick start') < text.index('## Protocol: low data') < text.index(
+        '## Protocol: short')
     assert (tmp_path / 'ablation.png').stat().st_size > 1000
-    assert set(json.loads((tmp_path / 'ablation.json').read_text())['protocols']) == {'quickstart', 'short'}
+    assert set(json.loads((tmp_path / 'ablation.json').read_text())['protocols']) == {'quickstart', 'short', 'lowdata'}
 
 
 def test_a_stalled_start_is_a_cross_entropy_that_stays_at_chance(monkeypatch):

@@ -13,6 +13,7 @@ and by how much, is stated in tests/test_dali.py.
 """
 import collections
 import functools
+import io
 from dataclasses import dataclass
 from typing import Callable, List, Tuple
 
@@ -71,7 +72,7 @@ class Sources(Dataset):
         try:
             with open(path, 'rb') as f:
                 data = f.read()
-            with Image.open(path) as image:  # the header: the size, and that PIL knows the format
+            with Image.open(io.BytesIO(data)) as image:  # the header: the size, and that PIL knows the format
                 size = image.size
         except Exception:  # the same message as the PIL loader's for an unreadable file
             read_image(path)
