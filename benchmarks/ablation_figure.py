@@ -2,6 +2,7 @@
 sensitivity grid."""
 import math
 import statistics
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -17,7 +18,7 @@ def figure(summaries: Dict[str, dict], path: Path, labels: Dict[str, str], grid:
     fig, axes = plt.subplots(rows, 3, figsize=(15, 4.4 * rows), gridspec_kw={'width_ratios': [1.4, 1.4, 1]},
                              squeeze=False)
     for (name, summary), (ax, cx, bx) in zip(summaries.items(), axes):
-        label = labels.get(name, name)
+        label = textwrap.fill(labels.get(name, name), 70)  # a long label would run off the panel
         methods = list(summary['main'])
         runs = [summary['main'][m]['cls']['runs'] for m in methods]
         floor = math.floor(statistics.median(v for r in runs for v in r) - 8)  # runs below it are drawn on it
