@@ -237,7 +237,6 @@ class DaliLoader:
     def __init__(self, records, planner: ap.Planner, device: torch.device, encoded: bool, batch_size: int,
                  threads: int, prefetch: int, eval_loader: bool = False):
         self.records, self.device, self.eval_loader = records, device, eval_loader
-        self._rebuild = (planner, device, encoded, batch_size, threads)  # what `subset` builds another from
         self.layers = planner.randaug.num_layers if planner.train and planner.randaug is not None else 0
         self.gpu = device.type == 'cuda'
         self._pending: collections.deque = collections.deque()  # (targets, erase) of each batch fed, in order
@@ -248,7 +247,7 @@ class DaliLoader:
     def _build(self, planner: ap.Planner, encoded: bool, batch_size: int, threads: int, prefetch: int) -> None:
         dali = require()
         from nvidia.dali import pipeline_def
-        self._spec = (planner, encoded, batch_size, threads, prefetch)
+        self._spec = (planner, encoded, batch_size, threads, prefetch)  # what `_stop` and `subset` build again from
         self.pipe = pipeline_def(_graph(planner, self._next, encoded, self.gpu, self.layers), enable_conditionals=True)(
             batch_size=batch_size, num_threads=threads, device_id=(self.device.index or 0) if self.gpu else None,
             prefetch_queue_depth=prefetch, exec_dynamic=True)
@@ -269,9 +268,10 @@ class DaliLoader:
     def subset(self, index: List[int], prepare: Callable) -> 'DaliLoader':
         """A loader over the images `index` of this loader's data set, in order, its record loader passed through
         `prepare` (`accelerator.prepare`): the teacher health check's few validation images."""
-        records = prepare(DataLoader(Subset(self.records.dataset, index), batch_size=self._rebuild[3],
+        planner, encoded, batch_size, threads, _ = self._spec
+        records = prepare(DataLoader(Subset(self.records.dataset, index), batch_size=batch_size,
                                      collate_fn=self.records.collate_fn, generator=torch.Generator()))
-        return DaliLoader(records, *self._rebuild, prefetch=1, eval_loader=True)
+        return DaliLoader(records, planner, self.device, encoded, batch_size, threads, 1, eval_loader=True)
 
     def __len__(self) -> int:
         return len(self.records)
