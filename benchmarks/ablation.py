@@ -2,7 +2,7 @@
 
     python -m benchmarks.ablation                 # the quick start's protocol, 4 folds x 3 seeds x 6 methods
     python -m benchmarks.ablation --protocol short --sens-seeds 1 --out runs/ablation   # 20 epochs, lambda x T (66 min)
-    python -m benchmarks.ablation --protocol lowdata --seeds 2   # trained on one fold of 5, tested on the rest
+    python -m benchmarks.ablation --protocol lowdata --seeds 6   # trained on one fold of 5, tested on the rest (96 min)
     python -m benchmarks.ablation --protocol lowdata --pilot 0 1 --seeds 2   # its pilot: learning curves, paired sd
     python -m benchmarks.ablation --smoke         # one fold, one seed, 4 updates (tests/test_benchmarks.py runs it)
     python -m benchmarks.ablation --teacher-cache # the same runs, each fold and seed's teacher outputs written once
@@ -157,9 +157,9 @@ def report(summary: dict, args, command: str, elapsed: float, when: str = '') ->
               '| method | cls head | shadow head | average | cls median [worst] | stalled starts | '
               'cls vs none (95% CI) | cls vs deit_hard (95% CI) | time vs kd |',
               '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
+    def ci(d):
+        return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], ahead {d['wins']}/{d['n']}"
     for m, r in main.items():
-        def ci(d):
-            return f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}], ahead {d['wins']}/{d['n']}"
         lines.append(f"| {m} | {r['cls']['mean']:.2f} +- {r['cls']['std']:.2f} | {r['shadow']['mean']:.2f} +- "
                      f"{r['shadow']['std']:.2f} | {r['avg']['mean']:.2f} +- {r['avg']['std']:.2f} | "
                      f"{statistics.median(r['cls']['runs']):.2f} [{min(r['cls']['runs']):.2f}] | "
@@ -174,6 +174,9 @@ def report(summary: dict, args, command: str, elapsed: float, when: str = '') ->
         lines.append(f"| {m} | {r['vs_none']['avg']['mean']:+.2f} [{r['vs_none']['avg']['ci95'][0]:+.2f}, "
                      f"{r['vs_none']['avg']['ci95'][1]:+.2f}] | {r['vs_deit_hard']['avg']['mean']:+.2f} "
                      f"[{r['vs_deit_hard']['avg']['ci95'][0]:+.2f}, {r['vs_deit_hard']['avg']['ci95'][1]:+.2f}] |")
+    pairs = (('shake', 'kd'), ('shake_authors', 'kd'), ('shake_authors', 'shake'))
+    lines += ['', 'SHAKE against `kd`, and its two forms against each other (cls head, the same pairs): ' + '; '.join(
+        f"{a} - {b} {ci(paired(main[a]['cls']['runs'], main[b]['cls']['runs']))}" for a, b in pairs) + '.', '']
     if summary['grid']:
         lines += grid_lines(summary, args)
     if summary.get('terms'):

@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 
 @pytest.fixture(autouse=True)
@@ -16,17 +15,14 @@ def fresh_accelerate_state():
 @pytest.fixture(scope='session')
 def imagefolder(tmp_path_factory):
     """A tiny ImageNet-layout folder: train/ and val/, 4 classes, 12 and 5 JPEGs each, 48x40 px."""
-    root = tmp_path_factory.mktemp('imagefolder')
+    from helpers import write_imagefolder
     rng = np.random.default_rng(0)
-    for split, count in (('train', 12), ('val', 5)):
-        for c in range(4):
-            folder = root / split / f'class_{c}'
-            folder.mkdir(parents=True)
-            for i in range(count):
-                pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
-                pixels[:, :, c % 3] = 200 + c * 10  # a class-dependent colour
-                Image.fromarray(pixels).save(folder / f'{i}.jpg', quality=90)
-    return root
+
+    def image(c: int) -> np.ndarray:
+        pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+        pixels[:, :, c % 3] = 200 + c * 10  # a class-dependent colour
+        return pixels
+    return write_imagefolder(tmp_path_factory.mktemp('imagefolder'), {'train': 12, 'val': 5}, 4, image)
 
 
 @pytest.fixture(scope='session')

@@ -166,6 +166,19 @@ def scalar_tags(out: Path) -> List[str]:
     return sorted(tags)
 
 
+def write_imagefolder(root: Path, counts: Dict[str, int], classes: int, image, quality: int = 90) -> Path:
+    """ImageNet's layout: root/SPLIT/class_C/I.jpg, `counts[SPLIT]` JPEGs per class, each `image(c)` ([h, w, 3]
+    uint8), drawn in split, class, image order."""
+    from PIL import Image
+    for split, count in counts.items():
+        for c in range(classes):
+            folder = root / split / f'class_{c}'
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(image(c)).save(folder / f'{i}.jpg', quality=quality)
+    return root
+
+
 def write_coco(root, categories=({'id': 1, 'name': 'cat'}, {'id': 3, 'name': 'dog'}), bad_category=False):
     """COCO's layout: annotations/instances_{train,val}2017.json, train2017/, val2017/. Train image 0 has a normal
     box, a crowd box, a box running out of the image and one of zero width; image 1 has no annotations."""

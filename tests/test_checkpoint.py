@@ -60,7 +60,8 @@ def test_sigterm_saves_then_resume_auto_completes_with_identical_weights(tmp_pat
     deadline = time.time() + 120
     while not list((out / 'checkpoints').glob('update_*')) and time.time() < deadline:
         time.sleep(0.05)  # the end of epoch 0 is saved: the signal lands inside epoch 1
-    time.sleep(0.3)  # a few of epoch 1's 40 updates first (a signal during the save stopped it at batch 0, 1 run in ~10)
+    # a few of epoch 1's 40 updates first (a signal during the save stopped it at batch 0, 1 run in ~10)
+    time.sleep(0.3)
     os.killpg(proc.pid, signal.SIGTERM)
     stdout, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, stdout[-3000:]

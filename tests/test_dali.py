@@ -10,7 +10,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, assert_same_weights, main, results
+from helpers import TINY, assert_same_weights, main, results, write_imagefolder
 from PIL import Image
 
 pytest.importorskip('nvidia.dali', reason='pip install -r requirements-dali.txt')
@@ -40,14 +40,9 @@ def scene(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
 @pytest.fixture(scope='module')
 def scenes(tmp_path_factory):
     """An ImageNet-layout folder of JPEGs: 2 classes, 48 train and 3 val images each, 200x150 px."""
-    root = tmp_path_factory.mktemp('scenes')
     rng = np.random.default_rng(0)
-    for split, count in (('train', 48), ('val', 3)):
-        for c in range(2):
-            (root / split / f'c{c}').mkdir(parents=True)
-            for i in range(count):
-                Image.fromarray(scene(rng, 200, 150)).save(root / split / f'c{c}' / f'{i}.jpg', quality=90)
-    return root
+    return write_imagefolder(tmp_path_factory.mktemp('scenes'), {'train': 48, 'val': 3}, 2,
+                             lambda c: scene(rng, 200, 150))
 
 
 def setup(root, *overrides, img_size=96):

@@ -327,8 +327,9 @@ def test_ramped_mutual_weights_start_at_zero_and_grow_over_the_warmup(tmp_path):
     """The trainer tells the task its update count; loss.ramp_* scale their direction by the warm-up's share done."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     out = tmp_path / 'ramp'
+    # 3 updates per epoch: a 3-update warm-up, a log point per update
     main([*SMOKE, 'loss.ramp_student=true', 'loss.ramp_shadow=true', 'loss.mutual_shadow=0.1', 'optim.warmup_epochs=1',
-          'train.epochs=2', f'train.output_dir={out}'])  # 3 updates per epoch: a 3-update warm-up, a log point per update
+          'train.epochs=2', f'train.output_dir={out}'])
     values = {}
     for events in out.rglob('events.out.tfevents.*'):
         acc = EventAccumulator(str(events))

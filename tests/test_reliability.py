@@ -239,11 +239,12 @@ def test_under_accelerate_launch_an_error_is_one_paragraph():
 def test_offline_a_hub_teacher_fails_at_once_with_the_clear_message(tmp_path):
     """No network (here: a hub endpoint nothing answers, an empty cache): one probe, the hub's offline mode, and the
     error paragraph, instead of about 50 s of retries and as many warning lines."""
-    env = {**os.environ, 'HF_ENDPOINT': 'http://127.0.0.1:9', 'HF_HOME': str(tmp_path / 'hf'), 'CUDA_VISIBLE_DEVICES': ''}
+    env = {**os.environ, 'HF_ENDPOINT': 'http://127.0.0.1:9', 'HF_HOME': str(tmp_path / 'hf'),
+           'CUDA_VISIBLE_DEVICES': ''}
     env.pop('HF_HUB_OFFLINE', None)
-    proc = subprocess.run([sys.executable, 'train.py', *TINY, 'teacher.name=resnet18.a1_in1k', 'teacher.pretrained=true',
-                           f'train.output_dir={tmp_path / "run"}'], cwd=ROOT, capture_output=True, text=True,
-                          env=env, timeout=300)
+    proc = subprocess.run([sys.executable, 'train.py', *TINY, 'teacher.name=resnet18.a1_in1k',
+                           'teacher.pretrained=true', f'train.output_dir={tmp_path / "run"}'], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(errors) == 1, errors[-10:]
     assert "Could not fetch timm's pretrained weights for teacher.name='resnet18.a1_in1k'" in errors[0]
