@@ -2,7 +2,7 @@
 
     python -m benchmarks.ablation                 # the quick start's protocol, 4 folds x 3 seeds x 6 methods
     python -m benchmarks.ablation --protocol short --sens-seeds 1 --out runs/ablation   # 20 epochs, lambda x T (66 min)
-    python -m benchmarks.ablation --protocol lowdata --seeds 6   # trained on one fold of 5, tested on the rest (96 min)
+    python -m benchmarks.ablation --protocol lowdata --seeds 6   # one fold of 5 trains, the rest test (~90 min)
     python -m benchmarks.ablation --protocol lowdata --pilot 0 1 --seeds 2   # its pilot: learning curves, paired sd
     python -m benchmarks.ablation --smoke         # one fold, one seed, 4 updates (tests/test_benchmarks.py runs it)
     python -m benchmarks.ablation --teacher-cache # the same runs, each fold and seed's teacher outputs written once
@@ -71,7 +71,7 @@ QUICKSTART = ['eval.interval=40', 'train.log_interval=50', 'ckpt.keep_last=1', '
               'data.num_workers=0']
 # `lowdata` (issue 28): the quick start's recipe trained on one fold of five (359-360 images) and tested on the other
 # four, where the student ends well below its teacher; DeiT's case for distillation is data efficiency. The epoch
-# count is the pilot's choice (docs/results/ablation.md, "Protocol: low data").
+# count is the pilot's choice (docs/results/ablation_notes.md, "The low-data protocol: its pilot").
 LOWDATA_EPOCHS = 150
 PROTOCOLS = {
     'quickstart': {'study': QUICKSTART, 'epochs': 40, 'methods': {**METHODS, 'none': ['loss.method=none']},

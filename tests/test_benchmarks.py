@@ -114,6 +114,9 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     args = type('A', (), {'folds': 2, 'seeds': 2, 'sens_seeds': 2, 'epochs': 1, 'protocol': 'short'})()
     text = ablation.report(summary, args, 'python -m benchmarks.ablation', 60.0)
     assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text and '| shake | loss | 3.000 | 2.000 | 1.000 |' in text
+    # shake - kd: +1 on seed 0, 0 on seed 1; shake_authors - kd: +2 on every run
+    assert 'shake - kd +0.50 [' in text and 'ahead 2/4' in text
+    assert 'shake_authors - kd +2.00 [+2.00, +2.00], ahead 4/4' in text
     args.protocol, args.folds = 'lowdata', 5
     text = ablation.report(summary, args, 'python -m benchmarks.ablation --protocol lowdata', 60.0)
     assert 'the other 4 test, so every image is tested 4 times per seed' in text
