@@ -72,6 +72,10 @@ def test_training_on_one_fold_tests_on_the_others_and_every_image_trains_once():
     assert sorted(seen) == sorted(keys(everything.train) + keys(everything.val))  # each image trains in one fold
     with pytest.raises(ConfigError, match='data.train_on_fold'):
         load_config(None, ['data.train_on_fold=true'])
+    # the trainer splits the digits alone: on another data set these keys would be ignored, so they are refused
+    for key in ('data.num_folds=5', 'data.inner_val_fraction=0.2'):
+        with pytest.raises(ConfigError, match=f"'{key.split('=')[0]}' .* only the digits are split"):
+            load_config(None, ['data.name=cifar100', key])
 
 
 def test_imagefolder_errors_name_the_problem(tmp_path, imagefolder):

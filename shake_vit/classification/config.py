@@ -65,6 +65,10 @@ def check_classification(cfg: DictConfig) -> None:
     require(d.dali_prefetch >= 1, 'data.dali_prefetch', d.dali_prefetch, 'at least 1')
     require(not d.train_on_fold or d.num_folds >= 2, 'data.train_on_fold', d.train_on_fold,
             'false unless data.num_folds >= 2 (it trains on fold data.fold of a k-fold split)')
+    if d.name != 'digits':  # the other data sets keep their own train and val splits: these keys would not touch them
+        for k, unset in (('num_folds', 0), ('train_on_fold', False), ('inner_val_fraction', 0.0)):
+            require(d[k] == unset, f'data.{k}', d[k], f'{unset} with data.name={d.name!r}: only the digits are split '
+                    "by the trainer (data.name='digits'); other data sets keep their own train and val splits")
     require(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, 'aug.scale', list(a.scale),
             'two fractions lo <= hi in (0, 1]')
     require(0 < a.crop_pct <= 1, 'aug.crop_pct', a.crop_pct, 'in (0, 1]')
