@@ -291,7 +291,7 @@ def pilot_report(out: Path, records: Dict[str, dict], folds: List[int], seeds: i
         runs = [records[f'{m}_f{f}_s{s}']['top1_cls'] for f, s in keys]
         d = [a - b for a, b in zip(runs, base)]
         sd = _std(d) if m != 'none' else float('nan')
-        need = math.ceil((1.96 * sd / 0.5) ** 2) if sd == sd else '-'
+        need = math.ceil((1.96 * sd / 0.5) ** 2) if sd == sd and len(d) > 1 else '-'  # one pair: no sd
         lines.append(f'| {m} | {_mean(runs):.2f} | {_mean(d):+.2f} | {sd:.2f} | {len(d)} | {need} |')
     return '\n'.join(lines)
 
@@ -322,6 +322,14 @@ def main() -> None:
     args.epochs = args.epochs or protocol['epochs']
     args.folds = args.folds or protocol.get('folds', 4)
     args.teacher_epochs = args.teacher_epochs or protocol.get('teacher_epochs', 12)
+    if args.folds < 2 or args.seeds < 1 or args.workers < 1:
+        p.error(f'--folds {args.folds}, --seeds {args.seeds}, --workers {args.workers}: need >= 2 folds, >= 1 seed and '
+                '>= 1 worker')
+    if args.pilot and not all(0 <= f < args.folds for f in args.pilot):
+        p.error(f'--pilot {args.pilot}: folds are numbered 0 to {args.folds - 1}')
+    unknown = set(args.pilot_methods) - set(protocol['methods'])
+    if unknown:
+        p.error(f"--pilot-methods: unknown {sorted(unknown)}; the methods are {', '.join(protocol['methods'])}")
     extra_split = protocol.get('split', [])
     args.out = args.out or f'runs/ablation_{args.protocol}'
     study = [*protocol['study'], *SMOKE] if args.smoke else [*protocol['study'], f'train.epochs={args.epochs}',
@@ -331,7 +339,8 @@ def main() -> None:
     if args.pilot:
         args.sens_seeds = 0
         study += [f'eval.interval={args.pilot_eval}']
-        protocol = {**protocol, 'methods': {m: o for m, o in protocol['methods'].items() if m in args.pilot_methods}}
+        protocol = {**protocol, 'methods': {m: o for m, o in protocol['methods'].items()
+                                        if m in args.pilot_methods or m == 'none'}}  # the pairs' reference
     out = Path(args.out).resolve()
     begin = time.perf_counter()
     # One thread per run, set before any worker imports torch: two processes with a thread pool each on 2 cores
