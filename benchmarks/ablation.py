@@ -20,7 +20,6 @@ ablation.md, ablation.json and ablation.png.
 """
 import argparse
 import json
-import math
 import multiprocessing as mp
 import os
 import statistics
@@ -31,8 +30,10 @@ from pathlib import Path
 from typing import Dict, List
 
 from benchmarks.ablation_figure import figure
+from benchmarks.ablation_pilot import pilot_report
 from benchmarks.study import (
     ROOT,
+    STALL_UPDATES,
     _cpu_name,
     _mean,
     _run,
@@ -41,6 +42,7 @@ from benchmarks.study import (
     job,
     loss_terms,
     paired,
+    stall_rule,
     stalled,
     with_teacher_caches,
 )
@@ -141,7 +143,7 @@ def report(summary: dict, args, command: str, elapsed: float, when: str = '') ->
     label = PROTOCOLS[protocol]['label']
     none_note = NONE_NOTE if protocol == 'short' else ('The `none` rows are `loss.method=none`: the classification '
                                                        'head alone on the labels, a plain DeiT.')
-    ups = round(train_images(protocol, args.folds) / (32 if protocol == 'short' else 64))  # updates per epoch
+    ups = int(train_images(protocol, args.folds) // (32 if protocol == 'short' else 64))  # updates per epoch
     lines += [f'## Protocol: {label}', '',
               f'Command: `{command}`  ', f'Machine: {os.cpu_count()} CPU cores ({_cpu_name()}), '
               f'two runs in parallel, one thread each; {when or date.today().isoformat()}; {elapsed / 60:.0f} min in '
@@ -165,9 +167,8 @@ def report(summary: dict, args, command: str, elapsed: float, when: str = '') ->
                      f"{statistics.median(r['cls']['runs']):.2f} [{min(r['cls']['runs']):.2f}] | "
                      f"{summary.get('stalled', {}).get(m, '-')} of {len(r['cls']['runs'])} | "
                      f"{ci(r['vs_none']['cls'])} | {ci(r['vs_deit_hard']['cls'])} | x{r['time_vs_kd']:.2f} |")
-    lines += ['', 'A stalled start: the cls cross-entropy had not fallen 5% below its first logged value after 300 '
-              f'updates ({300 / ups:.0f} of {args.epochs} epochs), so the student sat at chance for that long. "ahead '
-              'k/n": the method scored higher in k of the n paired runs.', '',
+    lines += ['', stall_rule(summary.get('stall_updates'), ups, args.epochs) + ' "ahead k/n": the method scored higher '
+              'in k of the n paired runs.', '',
               'Paired differences on the DeiT average of the two heads:', '',
               '| method | avg vs none (95% CI) | avg vs deit_hard (95% CI) |', '| --- | --- | --- |']
     for m, r in main.items():
@@ -269,33 +270,6 @@ def write_both(docs: Path, protocols: Dict[str, dict]) -> str:
     return text
 
 
-def pilot_report(out: Path, records: Dict[str, dict], folds: List[int], seeds: int, methods: List[str]) -> str:
-    """Each pilot run's test top-1 (cls head) at every evaluation, and each method's paired differences against
-    `none`: their mean, sd, and the pairs a 95% interval of +-0.5 points would need at that sd."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    lines = ['| run | test top-1 (cls) at each evaluation (epoch: %) | final |', '| --- | --- | --- |']
-    for name in sorted(r for r in records if not r.startswith('teacher')):
-        points = []
-        for events in sorted((out / 'runs' / name).glob('tensorboard/**/events.out.tfevents.*')):
-            acc = EventAccumulator(str(events))
-            acc.Reload()
-            if 'val/top1_cls' in acc.Tags()['scalars']:
-                points += [(p.step, p.value) for p in acc.Scalars('val/top1_cls')]
-        curve = ', '.join(f'{step}: {value:.1f}' for step, value in sorted(points))
-        lines.append(f"| {name} | {curve} (by update) | {records[name]['top1_cls']:.2f} |")
-    lines += ['', '| method | mean | vs none: mean diff | sd of the paired diffs | pairs | pairs for +-0.5 |',
-              '| --- | --- | --- | --- | --- | --- |']
-    keys = [(f, s) for f in folds for s in range(seeds)]
-    base = [records[f'none_f{f}_s{s}']['top1_cls'] for f, s in keys]
-    for m in methods:
-        runs = [records[f'{m}_f{f}_s{s}']['top1_cls'] for f, s in keys]
-        d = [a - b for a, b in zip(runs, base)]
-        sd = _std(d) if m != 'none' else float('nan')
-        need = math.ceil((1.96 * sd / 0.5) ** 2) if sd == sd and len(d) > 1 else '-'  # one pair: no sd
-        lines.append(f'| {m} | {_mean(runs):.2f} | {_mean(d):+.2f} | {sd:.2f} | {len(d)} | {need} |')
-    return '\n'.join(lines)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--protocol', choices=sorted(PROTOCOLS), default='quickstart',
@@ -380,6 +354,7 @@ def main() -> None:
         return
     summary = summarise(records, args.folds, args.seeds, args.sens_seeds)
     summary['terms'] = {m: loss_terms(out / 'runs' / f'{m}_f0_s0') for m in METHODS}
+    summary['stall_updates'] = STALL_UPDATES
     summary['stalled'] = {m: sum(stalled(out / 'runs' / f'{m}_f{f}_s{s}') for f in range(args.folds)
                                  for s in range(args.seeds)) for m in METHODS}
     summary['stalled_grid'] = {f'{lam},{T}': sum(stalled(out / 'runs' / f'grid_l{lam}_t{T}_f{f}_s{s}')

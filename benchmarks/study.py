@@ -11,7 +11,7 @@ import statistics
 import time
 from datetime import date
 from pathlib import Path
-from typing import Dict, List, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / 'configs' / 'quickstart.yaml')  # the recipe a job builds on unless it names its own
@@ -199,8 +199,9 @@ def _std(values: List[float]) -> float:
         (0.0 if len(values) <= 1 else float('nan'))
 
 
-def train_scalars(run_dir: Path) -> Dict[str, list]:
-    """Every training loss term of one run as logged to TensorBoard (means over `train.log_interval` updates)."""
+def train_series(run_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
+    """Every training loss term of one run as logged to TensorBoard, as (update, value) points. A point is the mean
+    over the updates since the last: every `train.log_interval` updates and at each epoch's end."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     series = {}
     for events in sorted(run_dir.glob('tensorboard/events.out.tfevents.*')):
@@ -208,8 +209,13 @@ def train_scalars(run_dir: Path) -> Dict[str, list]:
         acc.Reload()
         for tag in acc.Tags()['scalars']:
             if tag.startswith('train/') and tag not in ('train/lr', 'train/images_per_sec', 'train/monitor_ce'):
-                series[tag[len('train/'):]] = [e.value for e in acc.Scalars(tag)]
+                series[tag[len('train/'):]] = [(e.step, e.value) for e in acc.Scalars(tag)]
     return series
+
+
+def train_scalars(run_dir: Path) -> Dict[str, list]:
+    """The values of `train_series`, point by point."""
+    return {k: [v for _, v in points] for k, points in train_series(run_dir).items()}
 
 
 def loss_terms(run_dir: Path) -> Dict[str, list]:
@@ -217,11 +223,29 @@ def loss_terms(run_dir: Path) -> Dict[str, list]:
     return {k: [v[0], v[len(v) // 2], v[-1]] for k, v in train_scalars(run_dir).items()}
 
 
-def stalled(run_dir: Path, points: int = 6) -> bool:
-    """A stalled start: the cls head's cross-entropy has not fallen 5% below its first logged value within the first
-    `points` log points (300 updates, 7 of 20 epochs), i.e. the student sat at chance level for a third of the run."""
-    ce = train_scalars(run_dir)['ce_cls']
-    return min(ce[:points]) > 0.95 * ce[0]
+STALL_UPDATES = 300
+
+
+def stalled(run_dir: Path, updates: int = STALL_UPDATES) -> bool:
+    """A stalled start: the cls head's cross-entropy has not fallen 5% below its first logged value by update
+    `updates`, i.e. the student sat at chance level that long. (Until 2026-12-06 this read the first 6 log points,
+    which the epoch-end points made fewer updates than the 300 it meant: see `stall_rule`.)"""
+    ce = train_series(run_dir)['ce_cls']
+    return min(v for step, v in ce if step <= max(updates, ce[0][0])) > 0.95 * ce[0][1]
+
+
+def stall_rule(updates: Optional[int], per_epoch: int, epochs: int, interval: int = 50) -> str:
+    """The report's sentence defining a stalled start. `updates` None: a count made by the old rule (the first 6 log
+    points, at every `interval` updates and at each of the `per_epoch`-update epochs' ends)."""
+    if updates:
+        return (f'A stalled start: the cls cross-entropy had not fallen 5% below its first logged value after '
+                f'{updates} updates ({updates / per_epoch:.0f} of {epochs} epochs), so the student sat at chance for '
+                'that long.')
+    sixth = sorted({k * interval for k in range(1, 7)} | {k * per_epoch for k in range(1, 7)})[5]
+    return (f'A stalled start: the cls cross-entropy had not fallen 5% below its first logged value within the first '
+            f'6 log points, which (a point every {interval} updates and at each epoch\'s end) is the first {sixth} '
+            f'updates ({sixth / per_epoch:.1f} of {epochs} epochs), fewer than the 300 the rule meant. These runs\' '
+            'curves were not kept, so the count was not redone: a run counted here may have left chance soon after.')
 
 
 def _cpu_name() -> str:

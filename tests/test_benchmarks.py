@@ -117,10 +117,13 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     # shake - kd: +1 on seed 0, 0 on seed 1; shake_authors - kd: +2 on every run
     assert 'shake - kd +0.50 [' in text and 'ahead 2/4' in text
     assert 'shake_authors - kd +2.00 [+2.00, +2.00], ahead 4/4' in text
-    args.protocol, args.folds = 'lowdata', 5
+    # a count made by the old rule (the first 6 log points): 2 folds of 1,797 at batch 32 are 28 updates per epoch,
+    # log points at 28, 50, 56, 84, 100, 112
+    assert 'the first 6 log points' in text and 'is the first 112 updates (4.0 of 1 epochs)' in text
+    args.protocol, args.folds, summary['stall_updates'] = 'lowdata', 5, 300
     text = ablation.report(summary, args, 'python -m benchmarks.ablation --protocol lowdata', 60.0)
     assert 'the other 4 test, so every image is tested 4 times per seed' in text
-    assert '300 updates (50 of 1 epochs)' in text  # 359 images at batch 64: 6 updates per epoch
+    assert '300 updates (60 of 1 epochs)' in text  # 359 images at batch 64, the last partial batch dropped: 5 a epoch
     from benchmarks.ablation_figure import figure
     figure({'short': summary}, tmp_path / 'a.png', {'short': 'short'}, ablation.GRID)
     assert (tmp_path / 'a.png').stat().st_size > 1000
@@ -146,11 +149,20 @@ def test_the_ablation_report_keeps_the_other_protocol_beside_this_one(tmp_path):
 
 
 def test_a_stalled_start_is_a_cross_entropy_that_stays_at_chance(monkeypatch):
+    """Counted by update, not by log point: epochs shorter than the log interval log at each epoch's end."""
     from benchmarks import study
-    monkeypatch.setattr(study, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.25, 2.33, 2.31, 2.32, 2.30, 1.2]})
-    assert study.stalled(ROOT)  # fell by 2% at most within 6 log points, whatever came later
-    monkeypatch.setattr(study, 'train_scalars', lambda _: {'ce_cls': [2.30, 2.27, 2.23, 2.11, 2.13, 2.02]})
+
+    def logged(values, every):
+        monkeypatch.setattr(study, 'train_series', lambda _: {'ce_cls': [(every * (i + 1), v)
+                                                                         for i, v in enumerate(values)]})
+    logged([2.30, 2.25, 2.33, 2.31, 2.32, 2.30, 1.2], every=50)
+    assert study.stalled(ROOT)  # fell by 2% at most by update 300, whatever came later
+    logged([2.30, 2.27, 2.23, 2.11, 2.13, 2.02], every=50)
     assert not study.stalled(ROOT)
+    logged([2.30] * 7 + [2.0], every=5)  # 5 updates an epoch: flat for 7 epochs, then learning well before 300
+    assert not study.stalled(ROOT)
+    logged([2.30] * 60 + [2.0], every=5)  # flat until update 300, learning only at 305
+    assert study.stalled(ROOT)
 
 
 def test_ablation_pilot_report_estimates_the_pairs_a_half_point_interval_needs(tmp_path):
