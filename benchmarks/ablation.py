@@ -293,9 +293,17 @@ def main() -> None:
                    "one per fold and seed, written once, so the methods and a rerun pay for the teacher once")
     args = p.parse_args()
     protocol = PROTOCOLS[args.protocol]
-    args.epochs = args.epochs or protocol['epochs']
-    args.folds = args.folds or protocol.get('folds', 4)
-    args.teacher_epochs = args.teacher_epochs or protocol.get('teacher_epochs', 12)
+    defaults = {'epochs': protocol['epochs'], 'folds': protocol.get('folds', 4),
+                'teacher_epochs': protocol.get('teacher_epochs', 12)}
+    for k, v in defaults.items():  # None: the protocol's; a 0 given is refused below, not replaced
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    if min(args.epochs, args.teacher_epochs, args.pilot_eval) < 1 or args.sens_seeds < 0:
+        p.error(f'--epochs {args.epochs}, --teacher-epochs {args.teacher_epochs}, --pilot-eval {args.pilot_eval}, '
+                f'--sens-seeds {args.sens_seeds}: need >= 1 epoch, >= 1 teacher epoch, --pilot-eval >= 1 and '
+                '--sens-seeds >= 0')
+    if args.pilot and (args.smoke or len(set(args.pilot)) < len(args.pilot)):
+        p.error(f'--pilot {args.pilot}' + (' with --smoke: a pilot is a study of its own, run it without --smoke'
+                                           if args.smoke else ': each fold once'))
     if args.folds < 2 or args.seeds < 1 or args.workers < 1:
         p.error(f'--folds {args.folds}, --seeds {args.seeds}, --workers {args.workers}: need >= 2 folds, >= 1 seed and '
                 '>= 1 worker')

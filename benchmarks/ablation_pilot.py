@@ -28,7 +28,8 @@ def pilot_report(out: Path, records: Dict[str, dict], folds: List[int], seeds: i
     for m in methods:
         runs = [records[f'{m}_f{f}_s{s}']['top1_cls'] for f, s in keys]
         d = [a - b for a, b in zip(runs, base)]
-        sd = _std(d) if m != 'none' else float('nan')
-        need = math.ceil((1.96 * sd / 0.5) ** 2) if sd == sd and len(d) > 1 else '-'  # one pair: no sd
-        lines.append(f'| {m} | {_mean(runs):.2f} | {_mean(d):+.2f} | {sd:.2f} | {len(d)} | {need} |')
+        sd = _std(d) if m != 'none' and len(d) > 1 else float('nan')  # one pair: no sd
+        need = math.ceil((1.96 * sd / 0.5) ** 2) if sd == sd else '-'
+        spread = f'{sd:.2f}' if sd == sd else '-'
+        lines.append(f'| {m} | {_mean(runs):.2f} | {_mean(d):+.2f} | {spread} | {len(d)} | {need} |')
     return '\n'.join(lines)

@@ -115,8 +115,9 @@ def test_ablation_report_pairs_runs_and_reads_the_grid(tmp_path):
     text = ablation.report(summary, args, 'python -m benchmarks.ablation', 60.0)
     assert '| shake |' in text and 'lambda, T = 2.0,4.0' in text and '| shake | loss | 3.000 | 2.000 | 1.000 |' in text
     # shake - kd: +1 on seed 0, 0 on seed 1; shake_authors - kd: +2 on every run
-    assert 'shake - kd +0.50 [' in text and 'ahead 2/4' in text
-    assert 'shake_authors - kd +2.00 [+2.00, +2.00], ahead 4/4' in text
+    assert 'shake - kd +0.50 [-0.42, +1.42], ahead 2/4;' in text
+    assert 'shake_authors - kd +2.00 [+2.00, +2.00], ahead 4/4;' in text
+    assert 'shake_authors - shake +1.50 [+0.58, +2.42], ahead 4/4.' in text
     # a count made by the old rule (the first 6 log points): 2 folds of 1,797 at batch 32 are 28 updates per epoch,
     # log points at 28, 50, 56, 84, 100, 112
     assert 'the first 6 log points' in text and 'is the first 112 updates (4.0 of 1 epochs)' in text
@@ -174,7 +175,21 @@ def test_ablation_pilot_report_estimates_the_pairs_a_half_point_interval_needs(t
     text = ablation.pilot_report(tmp_path, records, [0], 2, ['none', 'shake'])
     assert '| shake | 92.00 | +1.50 | 0.71 | 2 | 8 |' in text, text  # diffs 1 and 2: sd 0.707, 7.7 -> 8 pairs
     text = ablation.pilot_report(tmp_path, records, [0], 1, ['none', 'shake'])
-    assert '| shake | 91.00 | +1.00 | 0.00 | 1 | - |' in text, text
+    assert '| shake | 91.00 | +1.00 | - | 1 | - |' in text, text
+
+
+@pytest.mark.parametrize('argv, says', [
+    (['--folds', '0'], '--folds 0, --seeds 3'), (['--seeds', '0'], 'need >= 2 folds, >= 1 seed'),
+    (['--epochs', '0'], '--epochs 0'), (['--protocol', 'lowdata', '--pilot', '5'], 'folds are numbered 0 to 4'),
+    (['--pilot', '0', '0'], 'each fold once'), (['--pilot', '0', '--pilot-methods', 'shak'], "unknown ['shak']"),
+    (['--smoke', '--pilot', '0'], 'with --smoke')])
+def test_ablation_refuses_a_bad_command_line_before_any_run(argv, says, monkeypatch, capsys, tmp_path):
+    from benchmarks import ablation
+    monkeypatch.setattr(sys, 'argv', ['ablation', *argv, '--out', str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        ablation.main()
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing ran
 
 
 def test_cnn_shadow_study_smoke_runs_every_method(tmp_path):

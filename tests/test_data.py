@@ -70,10 +70,12 @@ def test_training_on_one_fold_tests_on_the_others_and_every_image_trains_once():
         seen += keys(splits.train)
     everything = data.digits_splits(load_config(None, ['data.name=digits', 'data.val_fraction=0.5']))
     assert sorted(seen) == sorted(keys(everything.train) + keys(everything.val))  # each image trains in one fold
-    with pytest.raises(ConfigError, match='data.train_on_fold'):
-        load_config(None, ['data.train_on_fold=true'])
+    with pytest.raises(ConfigError, match="'data.train_on_fold' .* unless data.num_folds >= 2"):
+        load_config(None, ['data.name=digits', 'data.train_on_fold=true'])
+    with pytest.raises(ConfigError, match="'data.fold' is 3; it must be 0 unless data.num_folds >= 2"):
+        load_config(None, ['data.name=digits', 'data.fold=3'])
     # the trainer splits the digits alone: on another data set these keys would be ignored, so they are refused
-    for key in ('data.num_folds=5', 'data.inner_val_fraction=0.2'):
+    for key in ('data.num_folds=5', 'data.fold=1', 'data.train_on_fold=true', 'data.inner_val_fraction=0.2'):
         with pytest.raises(ConfigError, match=f"'{key.split('=')[0]}' .* only the digits are split"):
             load_config(None, ['data.name=cifar100', key])
 

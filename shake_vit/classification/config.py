@@ -57,18 +57,19 @@ def check_classification(cfg: DictConfig) -> None:
                               f"{who}.{'mean' if std is None else 'std'} is set.")
     a, d, t = cfg.aug, cfg.data, cfg.train
     require(d.img_size >= 8, 'data.img_size', d.img_size, 'at least 8 pixels')
+    if d.name != 'digits':  # the other data sets keep their own train and val splits: these keys would not touch them
+        for k, unset in (('num_folds', 0), ('fold', 0), ('train_on_fold', 'false'), ('inner_val_fraction', 0.0)):
+            require(str(d[k]).lower() == str(unset), f'data.{k}', d[k], f"{unset} with data.name={d.name!r}: only the "
+                    "digits are split by the trainer (data.name='digits'); other data sets keep their own train and "
+                    'val splits')
     require(d.num_folds == 0 or d.num_folds >= 2, 'data.num_folds', d.num_folds, '0 (a holdout split) or >= 2')
     require(0 <= d.inner_val_fraction < 1, 'data.inner_val_fraction', d.inner_val_fraction, 'in [0, 1)')
-    require(d.num_folds == 0 or 0 <= d.fold < d.num_folds, 'data.fold', d.fold,
-            f'in [0, data.num_folds={d.num_folds})')
+    require(0 <= d.fold < d.num_folds if d.num_folds else d.fold == 0, 'data.fold', d.fold,
+            f'in [0, data.num_folds={d.num_folds})' if d.num_folds else '0 unless data.num_folds >= 2 (a k-fold split)')
     require(d.dali_threads >= 1, 'data.dali_threads', d.dali_threads, 'at least 1')
     require(d.dali_prefetch >= 1, 'data.dali_prefetch', d.dali_prefetch, 'at least 1')
     require(not d.train_on_fold or d.num_folds >= 2, 'data.train_on_fold', d.train_on_fold,
             'false unless data.num_folds >= 2 (it trains on fold data.fold of a k-fold split)')
-    if d.name != 'digits':  # the other data sets keep their own train and val splits: these keys would not touch them
-        for k, unset in (('num_folds', 0), ('train_on_fold', False), ('inner_val_fraction', 0.0)):
-            require(d[k] == unset, f'data.{k}', d[k], f'{unset} with data.name={d.name!r}: only the digits are split '
-                    "by the trainer (data.name='digits'); other data sets keep their own train and val splits")
     require(len(a.scale) == 2 and 0 < a.scale[0] <= a.scale[1] <= 1, 'aug.scale', list(a.scale),
             'two fractions lo <= hi in (0, 1]')
     require(0 < a.crop_pct <= 1, 'aug.crop_pct', a.crop_pct, 'in (0, 1]')
