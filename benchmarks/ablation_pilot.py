@@ -4,23 +4,17 @@ import math
 from pathlib import Path
 from typing import Dict, List
 
-from benchmarks.study import _mean, _std
+from benchmarks.study import _mean, _std, logged
 
 
 def pilot_report(out: Path, records: Dict[str, dict], folds: List[int], seeds: int, methods: List[str]) -> str:
     """Each pilot run's test top-1 (cls head) at every evaluation, and each method's paired differences against
     `none`: their mean, sd, and the pairs a 95% interval of +-0.5 points would need at that sd."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    lines = ['| run | test top-1 (cls) at each evaluation (epoch: %) | final |', '| --- | --- | --- |']
+    lines = ['| run | test top-1 (cls) at each evaluation (update: %) | final |', '| --- | --- | --- |']
     for name in sorted(r for r in records if not r.startswith('teacher')):
-        points = []
-        for events in sorted((out / 'runs' / name).glob('tensorboard/**/events.out.tfevents.*')):
-            acc = EventAccumulator(str(events))
-            acc.Reload()
-            if 'val/top1_cls' in acc.Tags()['scalars']:
-                points += [(p.step, p.value) for p in acc.Scalars('val/top1_cls')]
+        points = logged(out / 'runs' / name).get('val/top1_cls', [])
         curve = ', '.join(f'{step}: {value:.1f}' for step, value in sorted(points))
-        lines.append(f"| {name} | {curve} (by update) | {records[name]['top1_cls']:.2f} |")
+        lines.append(f"| {name} | {curve} | {records[name]['top1_cls']:.2f} |")
     lines += ['', '| method | mean | vs none: mean diff | sd of the paired diffs | pairs | pairs for +-0.5 |',
               '| --- | --- | --- | --- | --- | --- |']
     keys = [(f, s) for f in folds for s in range(seeds)]

@@ -199,18 +199,23 @@ def _std(values: List[float]) -> float:
         (0.0 if len(values) <= 1 else float('nan'))
 
 
-def train_series(run_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
-    """Every training loss term of one run as logged to TensorBoard, as (update, value) points. A point is the mean
-    over the updates since the last: every `train.log_interval` updates and at each epoch's end."""
+def logged(run_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
+    """Every scalar one run logged to TensorBoard, by tag, as (update, value) points."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     series = {}
     for events in sorted(run_dir.glob('tensorboard/events.out.tfevents.*')):
         acc = EventAccumulator(str(events))
         acc.Reload()
         for tag in acc.Tags()['scalars']:
-            if tag.startswith('train/') and tag not in ('train/lr', 'train/images_per_sec', 'train/monitor_ce'):
-                series[tag[len('train/'):]] = [(e.step, e.value) for e in acc.Scalars(tag)]
+            series[tag] = [(e.step, e.value) for e in acc.Scalars(tag)]
     return series
+
+
+def train_series(run_dir: Path) -> Dict[str, List[Tuple[int, float]]]:
+    """Every training loss term of one run, as (update, value) points. A point is the mean over the updates since the
+    last: every `train.log_interval` updates and at each epoch's end."""
+    return {tag[len('train/'):]: points for tag, points in logged(run_dir).items()
+            if tag.startswith('train/') and tag not in ('train/lr', 'train/images_per_sec', 'train/monitor_ce')}
 
 
 def train_scalars(run_dir: Path) -> Dict[str, list]:

@@ -169,12 +169,12 @@ def test_a_stalled_start_is_a_cross_entropy_that_stays_at_chance(monkeypatch):
 def test_ablation_pilot_report_estimates_the_pairs_a_half_point_interval_needs(tmp_path):
     """The pilot's table on made-up records: paired differences against none, their sd, and (1.96 sd / 0.5)^2 pairs;
     with one pair there is no sd to size from."""
-    from benchmarks import ablation
+    from benchmarks.ablation_pilot import pilot_report
     records = {'none_f0_s0': {'top1_cls': 90.0}, 'none_f0_s1': {'top1_cls': 91.0},
                'shake_f0_s0': {'top1_cls': 91.0}, 'shake_f0_s1': {'top1_cls': 93.0}}
-    text = ablation.pilot_report(tmp_path, records, [0], 2, ['none', 'shake'])
+    text = pilot_report(tmp_path, records, [0], 2, ['none', 'shake'])
     assert '| shake | 92.00 | +1.50 | 0.71 | 2 | 8 |' in text, text  # diffs 1 and 2: sd 0.707, 7.7 -> 8 pairs
-    text = ablation.pilot_report(tmp_path, records, [0], 1, ['none', 'shake'])
+    text = pilot_report(tmp_path, records, [0], 1, ['none', 'shake'])
     assert '| shake | 91.00 | +1.00 | - | 1 | - |' in text, text
 
 
